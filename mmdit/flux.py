@@ -1,0 +1,200 @@
+"""FLUX.1 (dev / schnell). Module names follow the BFL checkpoints."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FluxConfig
+from .kernels import gated_residual, modulate, qk_norm_rope
+from .layers import (Fork, MLPEmbedder, attention, gelu_tanh, modulations, plan_fork, split_heads,
+                     timestep_embedding)
+
+
+def rope_angles(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (L, n_axes) -> cos, sin (L, head_dim/2); axes concatenated, computed in float64."""
+    angles = []
+    for a, d in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
+        angles.append(ids[:, a, None].double() * omega[None])  # (L, d/2)
+    phi = torch.cat(angles, dim=-1)
+    return phi.cos().float(), phi.sin().float()
+
+
+def image_ids(h: int, w: int, device) -> torch.Tensor:
+    """(h*w, 3) ids (0, row, col) of the packed grid, row-major."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()
+
+
+class QKNorm(nn.Module):
+    """Learned per-head RMSNorm scales (BFL names: query_norm.scale, key_norm.scale)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = nn.Module()
+        self.query_norm.scale = nn.Parameter(torch.ones(head_dim))
+        self.key_norm = nn.Module()
+        self.key_norm.scale = nn.Parameter(torch.ones(head_dim))
+
+    def __call__(self, q, k, cos, sin):
+        return qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, cos, sin)
+
+
+class StreamAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, h, cos, sin):
+        """h (B, L, D) -> q, k, v each (B, H, L, Dh), q and k normed and rotated."""
+        q, k, v = split_heads(self.qkv(h), self.heads)
+        q, k = self.norm(q, k, cos, sin)
+        return q, k, v.transpose(1, 2)
+
+
+class ModulationLinear(nn.Module):
+    """SiLU(vec) -> Linear(D, n*D) (BFL name: lin)."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.lin = nn.Linear(dim, n * dim)
+
+    def forward(self, vec):
+        return modulations(self.lin(F.silu(vec)), self.n)
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with their own weights, joint attention [text ; image]."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        dim, heads = config.hidden_size, config.num_heads
+        hidden = int(dim * config.mlp_ratio)
+        self.img_mod, self.txt_mod = ModulationLinear(dim, 6), ModulationLinear(dim, 6)
+        self.img_attn, self.txt_attn = StreamAttention(dim, heads), StreamAttention(dim, heads)
+        self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
+
+    def forward(self, img, txt, vec, cos, sin, fork: Fork | None = None):
+        """img (B, N, D), txt (B, L, D), vec (B, D), cos/sin (L + N, Dh/2) -> (img, txt)."""
+        L = txt.shape[1]
+        img_msa, img_mlp = self.img_mod(vec)
+        txt_msa, txt_mlp = self.txt_mod(vec)
+        qi, ki, vi = self.img_attn.qkv_heads(modulate(img, img_msa.shift, img_msa.scale), cos[L:], sin[L:])
+        qt, kt, vt = self.txt_attn.qkv_heads(modulate(txt, txt_msa.shift, txt_msa.scale), cos[:L], sin[:L])
+        a = attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2))
+        at, ai = a.split([L, img.shape[1]], dim=1)
+        img = gated_residual(img, self.img_attn.proj(ai), img_msa.gate)
+        txt = gated_residual(txt, self.txt_attn.proj(at), txt_msa.gate)
+        img_y = self.img_mlp(modulate(img, img_mlp.shift, img_mlp.scale))
+        txt_y = self.txt_mlp(modulate(txt, txt_mlp.shift, txt_mlp.scale))
+        if fork is None:
+            return gated_residual(img, img_y, img_mlp.gate), gated_residual(txt, txt_y, txt_mlp.gate)
+        return (fork.residual(img, img_y, img_mlp.gate, "image"),
+                fork.residual(txt, txt_y, txt_mlp.gate, "text"))
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [text ; image]: fused qkv + MLP-in (linear1), fused out (linear2)."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        dim, self.heads = config.hidden_size, config.num_heads
+        self.mlp_hidden = int(dim * config.mlp_ratio)
+        self.modulation = ModulationLinear(dim, 3)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // self.heads)
+
+    def forward(self, x, vec, cos, sin, text_len: int, fork: Fork | None = None):
+        """x (B, L + N, D) -> (B [+ forked], L + N, D)."""
+        (mod,) = self.modulation(vec)
+        qkv, h = self.linear1(modulate(x, mod.shift, mod.scale)).split(
+            [3 * x.shape[-1], self.mlp_hidden], dim=-1)
+        q, k, v = split_heads(qkv, self.heads)
+        q, k = self.norm(q, k, cos, sin)
+        y = self.linear2(torch.cat([attention(q, k, v.transpose(1, 2)), gelu_tanh(h)], dim=-1))
+        if fork is None:
+            return gated_residual(x, y, mod.gate)
+        return fork.residual(x, y, mod.gate, "joint", text_len=text_len)
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_features)
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # original order: (shift, scale)
+        return self.linear(modulate(x, shift, scale))
+
+
+class FluxTransformer(nn.Module):
+    """``v = model(x, sigma, context, pooled, guidance)``: x (B, 16, H, W), sigma (B,) in [0, 1].
+
+    The 2x2 packing, the position ids and the RoPE angles are internal.
+    """
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.time_in = MLPEmbedder(256, dim)
+        self.vector_in = MLPEmbedder(config.pooled_dim, dim)
+        if config.guidance_embed:
+            self.guidance_in = MLPEmbedder(256, dim)
+        self.txt_in = nn.Linear(config.context_dim, dim)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.num_double))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.num_single))
+        self.final_layer = LastLayer(dim, config.in_channels)
+        self.ma = None
+
+    def forward(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+        B, C, H, W = x.shape
+        cfg = self.config
+        if H % 2 or W % 2:
+            raise ValueError(f"FLUX latents are packed 2x2: latent size {H}x{W} must be even "
+                             "(image size a multiple of 16)")
+        if C * 4 != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels // 4} latent channels, got {C}")
+        h, w = H // 2, W // 2
+        img = x.view(B, C, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, 4 * C)  # (c, ph, pw) order
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B)
+        vec = self.time_in(timestep_embedding(1000 * sigma.to(x.dtype)).to(x.dtype))
+        if cfg.guidance_embed:
+            if guidance is None:
+                raise ValueError("this FLUX model is guidance-distilled (FLUX.1-dev): pass guidance, e.g. 3.5")
+            g = torch.as_tensor(guidance, dtype=x.dtype, device=x.device).expand(B)
+            vec = vec + self.guidance_in(timestep_embedding(1000 * g).to(x.dtype))
+        vec = vec + self.vector_in(pooled)
+        img, txt = self.img_in(img), self.txt_in(context)
+        L = txt.shape[1]
+        ids = torch.cat([torch.zeros(L, 3, device=x.device), image_ids(h, w, x.device)])
+        cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
+        plan, m = plan_fork(self.ma, sigma, disrupt, fork, B)
+        if plan is not None and not 0 <= m < cfg.total_blocks:
+            raise ValueError(f"MA block {m} outside 0..{cfg.total_blocks - 1}")
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(img, txt, vec, cos, sin, plan if i == m else None)
+            if i == m:
+                vec = plan.extend(vec)
+        joint = torch.cat([txt, img], dim=1)
+        for j, block in enumerate(self.single_blocks):
+            i = cfg.num_double + j
+            joint = block(joint, vec, cos, sin, L, plan if i == m else None)
+            if i == m:
+                vec = plan.extend(vec)
+        out = self.final_layer(joint[:, L:], vec)  # (B', h*w, 4C)
+        out = out.view(-1, h, w, C, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(-1, C, H, W)

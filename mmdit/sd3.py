@@ -1,0 +1,179 @@
+"""SD3 / SD3.5 MMDiT (and MMDiT-X). Module names follow the Stability checkpoints."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import SD3Config
+from .kernels import gated_residual, modulate, qk_norm_rope
+from .layers import (Fork, SequentialEmbedder, attention, gelu_tanh, modulations, plan_fork,
+                     split_heads, timestep_embedding)
+
+
+class RMSWeight(nn.Module):
+    """The learned weight of a per-head RMSNorm (applied by ``qk_norm_rope``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class SelfAttention(nn.Module):
+    """qkv projection (+ qk RMSNorm) and output projection of one stream."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, pre_only: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        if qk_norm:
+            self.ln_q = RMSWeight(dim // heads)
+            self.ln_k = RMSWeight(dim // heads)
+        if not pre_only:
+            self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, h: torch.Tensor):
+        """h (B, L, D) -> q, k, v each (B, H, L, Dh)."""
+        q, k, v = split_heads(self.qkv(h), self.heads)
+        if hasattr(self, "ln_q"):
+            q, k = qk_norm_rope(q, k, self.ln_q.weight, self.ln_k.weight)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return q, k, v.transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, h):
+        return self.fc2(gelu_tanh(self.fc1(h)))
+
+
+class StreamBlock(nn.Module):
+    """One stream (x_block or context_block) of a joint block: adaLN, attention, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool,
+                 pre_only: bool = False, dual: bool = False):
+        super().__init__()
+        self.pre_only, self.dual = pre_only, dual
+        self.n_mod = 2 if pre_only else 9 if dual else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
+        self.attn = SelfAttention(dim, heads, qk_norm, pre_only)
+        if dual:
+            self.attn2 = SelfAttention(dim, heads, qk_norm)
+        if not pre_only:
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def pre_attention(self, h: torch.Tensor, c: torch.Tensor):
+        """-> (q, k, v), the modulations."""
+        mods = modulations(self.adaLN_modulation(c), self.n_mod)
+        return self.attn.qkv_heads(modulate(h, mods[0].shift, mods[0].scale)), mods
+
+    def post_attention(self, h, a, mods, fork: Fork | None, stream: str):
+        """h + gate*proj(a) [+ gate2*attn2] + gate_mlp*MLP; the fork acts on the last residual."""
+        msa, mlp = mods[0], mods[1]
+        out = gated_residual(h, self.attn.proj(a), msa.gate)
+        if self.dual:
+            msa2 = mods[2]
+            q, k, v = self.attn2.qkv_heads(modulate(h, msa2.shift, msa2.scale))
+            out = gated_residual(out, self.attn2.proj(attention(q, k, v)), msa2.gate)
+        y = self.mlp(modulate(out, mlp.shift, mlp.scale))
+        if fork is None:
+            return gated_residual(out, y, mlp.gate)
+        return fork.residual(out, y, mlp.gate, stream)
+
+
+class JointBlock(nn.Module):
+    """Joint attention over [context ; image] tokens, then per-stream MLPs."""
+
+    def __init__(self, config: SD3Config, index: int):
+        super().__init__()
+        dim, heads = config.hidden_size, config.num_heads
+        last = index == config.num_layers - 1
+        self.context_block = StreamBlock(dim, heads, config.mlp_ratio, config.qk_norm, pre_only=last)
+        self.x_block = StreamBlock(dim, heads, config.mlp_ratio, config.qk_norm,
+                                   dual=index in config.dual_attention_layers)
+
+    def forward(self, ctx, x, c, fork: Fork | None = None):
+        """ctx (B, Lc, D), x (B, N, D), c (B, D) -> (ctx or None after the last block, x)."""
+        (qc, kc, vc), cmods = self.context_block.pre_attention(ctx, c)
+        (qx, kx, vx), xmods = self.x_block.pre_attention(x, c)
+        a = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))
+        ac, ax = a.split([ctx.shape[1], x.shape[1]], dim=1)
+        x = self.x_block.post_attention(x, ax, xmods, fork, "image")
+        if self.context_block.pre_only:
+            return None, x
+        return self.context_block.post_attention(ctx, ac, cmods, fork, "text"), x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D), row-major
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_features)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # original order: (shift, scale)
+        return self.linear(modulate(x, shift, scale))
+
+
+class SD3Transformer(nn.Module):
+    """``v = model(x, sigma, context, pooled)``: x (B, 16, H, W) latents, sigma (B,) in [0, 1]."""
+
+    def __init__(self, config: SD3Config):
+        super().__init__()
+        self.config = config
+        dim, p = config.hidden_size, config.patch_size
+        M = config.pos_embed_max_size
+        self.x_embedder = PatchEmbed(p, config.in_channels, dim)
+        self.register_buffer("pos_embed", torch.zeros(1, M * M, dim))  # stored in checkpoints
+        self.t_embedder = SequentialEmbedder(256, dim)
+        self.y_embedder = SequentialEmbedder(config.pooled_dim, dim)
+        self.context_embedder = nn.Linear(config.context_dim, dim)
+        self.joint_blocks = nn.ModuleList(JointBlock(config, i) for i in range(config.num_layers))
+        self.final_layer = FinalLayer(dim, p * p * config.out_channels)
+        self.ma = None
+
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """The centre (h, w) crop of the stored M x M table -> (1, h*w, D)."""
+        M = self.config.pos_embed_max_size
+        if h > M or w > M:
+            p = self.config.patch_size
+            raise ValueError(f"latent {h * p}x{w * p} is larger than this model's position table "
+                             f"({M * p}x{M * p} latent, i.e. {M * p * 8}px); use a smaller image")
+        top, left = (M - h) // 2, (M - w) // 2
+        table = self.pos_embed.view(1, M, M, -1)[:, top:top + h, left:left + w]
+        return table.reshape(1, h * w, -1)
+
+    def forward(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+        B, C, H, W = x.shape
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} must be a multiple of the patch size {p} "
+                             f"(image size a multiple of {8 * p})")
+        h, w = H // p, W // p
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B)
+        img = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
+        c = self.t_embedder(timestep_embedding(1000 * sigma).to(x.dtype)) + self.y_embedder(pooled)
+        ctx = self.context_embedder(context)
+        plan, m = plan_fork(self.ma, sigma, disrupt, fork, B)
+        if plan is not None and not 0 <= m < self.config.num_layers:
+            raise ValueError(f"MA block {m} outside 0..{self.config.num_layers - 1}")
+        for i, block in enumerate(self.joint_blocks):
+            ctx, img = block(ctx, img, c, plan if i == m else None)
+            if i == m:
+                c, ctx = plan.extend(c), plan.extend(ctx)
+        out = self.final_layer(img, c)  # (B', h*w, p*p*C) with (p, q, c) order per token
+        out = out.view(-1, h, w, p, p, self.config.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, self.config.out_channels, H, W)

@@ -1,0 +1,1 @@
+"""Flow-matching sigma schedules, the Euler loop and batched CFG / DG guidance."""

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run in the interpreter on machines without CUDA; it is read at import time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: slower end-to-end tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

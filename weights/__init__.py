@@ -1,0 +1,1 @@
+"""Safetensors checkpoints: open, detect layout and config, map keys, load strictly."""

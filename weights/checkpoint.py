@@ -1,0 +1,135 @@
+"""Open safetensors checkpoints lazily and stream them into modules built on ``meta``."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be used as asked: the message says what and how to fix it."""
+
+
+class Checkpoint(Mapping):
+    """name -> tensor over one or more safetensors files, read (mmapped) on access."""
+
+    def __init__(self, files: list[Path], weight_map: dict[str, Path] | None = None):
+        self.files = files
+        self._handles = {}
+        if weight_map is None:
+            weight_map = {}
+            for f in files:
+                for name in self._open(f).keys():
+                    weight_map[name] = f
+        self._where = weight_map
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types with terse text
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}). "
+                                      "Pass a .safetensors file, its *.index.json, or a folder holding them.") from None
+        return self._handles[path]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._open(self._where[name]).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._open(self._where[name]).get_slice(name).get_dtype()
+
+    def metadata(self) -> dict[str, str]:
+        return self._open(self.files[0]).metadata() or {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+
+def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpoint:
+    """A ``.safetensors`` file, a ``*.safetensors.index.json``, or a folder holding either.
+
+    In a folder, ``stem`` (e.g. ``diffusion_pytorch_model``) picks among several files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        indexes = sorted(path.glob(f"{stem or '*'}.safetensors.index.json"))
+        if indexes:
+            return open_checkpoint(indexes[0])
+        files = sorted(path.glob(f"{stem or '*'}.safetensors"))
+        if len(files) != 1:
+            found = [f.name for f in path.iterdir()]
+            raise CheckpointError(f"{path} holds {len(files)} candidate .safetensors files "
+                                  f"(found {found}); point at one file or its index.json")
+        return Checkpoint(files)
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path} is not a safetensors index (no weight_map: {e})") from None
+        files = {name: path.parent / shard for name, shard in weight_map.items()}
+        missing = sorted({str(f) for f in files.values() if not f.exists()})
+        if missing:
+            raise CheckpointError(f"{path} lists shards that are missing: {missing}")
+        return Checkpoint(sorted(set(files.values())), files)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path} is not a .safetensors file; only safetensors checkpoints are "
+                              "supported (convert .ckpt/.bin/.pt with safetensors.torch.save_file)")
+    return Checkpoint([path])
+
+
+def load_into(module: torch.nn.Module, tensors: Mapping[str, Callable[[], torch.Tensor]],
+              shapes: Mapping[str, tuple[int, ...]], *, dtype: torch.dtype, device, layout: str) -> None:
+    """Assign every parameter and persistent buffer of ``module`` (built on meta) strictly.
+
+    ``tensors`` maps each of the module's names to a thunk producing the tensor, ``shapes``
+    to its shape (checked before anything is read). Missing, unexpected or mis-shaped
+    keys raise one error naming them and ``layout``; nothing is assigned in that case.
+    """
+    own = dict(module.state_dict(keep_vars=True))
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [(k, tuple(own[k].shape), tuple(shapes[k])) for k in sorted(set(own) & set(tensors))
+             if tuple(own[k].shape) != tuple(shapes[k])]
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint does not match the model (detected layout: {layout})"]
+        if missing:
+            lines.append(f"missing {len(missing)} key(s): {_short(missing)}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)} key(s): {_short(unexpected)}")
+        for k, want, got in wrong[:10]:
+            lines.append(f"shape mismatch for {k}: model expects {want}, checkpoint has {got}")
+        raise CheckpointError("\n  ".join(lines))
+    for name, make in tensors.items():
+        t = make()
+        if t.dtype.is_floating_point:
+            # float8 checkpoints are upcast here, one tensor at a time
+            t = t.to(dtype=dtype)
+        _assign(module, name, t.to(device), own[name])
+
+
+def _assign(module: torch.nn.Module, name: str, value: torch.Tensor, old) -> None:
+    *path, leaf = name.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    if isinstance(old, torch.nn.Parameter):
+        setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(leaf, value, persistent=True)
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")

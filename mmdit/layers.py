@@ -119,9 +119,9 @@ class Fork:
         B = x.shape[0]
         return out[:B].index_copy(0, self.rows.nonzero().squeeze(1), out[B:])
 
-    def extend(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """Rows of a per-row tensor (vec, context) after the fork block."""
-        if t is None or not self.append:
+    def extend(self, t: torch.Tensor) -> torch.Tensor:
+        """The conditioning vector's rows after the fork block."""
+        if not self.append:
             return t
         return torch.cat([t, t[self.rows]])
 

@@ -173,7 +173,7 @@ class SD3Transformer(nn.Module):
         for i, block in enumerate(self.joint_blocks):
             ctx, img = block(ctx, img, c, plan if i == m else None)
             if i == m:
-                c, ctx = plan.extend(c), plan.extend(ctx)
+                c = plan.extend(c)  # the block itself appended the forked image/context rows
         out = self.final_layer(img, c)  # (B', h*w, p*p*C) with (p, q, c) order per token
         out = out.view(-1, h, w, p, p, self.config.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, self.config.out_channels, H, W)

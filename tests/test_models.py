@@ -1,0 +1,89 @@
+"""Model-level behaviour that needs no peer: presets, shapes, row independence, errors."""
+import pytest
+import torch
+
+import mmdit
+
+# Learned parameter counts of the official checkpoints (REFERENCE.md 1.1), pos_embed excluded.
+OFFICIAL_PARAMS = {
+    "sd3-medium": 2_028_328_000,
+    "sd3.5-medium": 2_243_171_520,
+    "sd3.5-large": 8_056_627_520,
+    "flux.1-dev": 11_901_408_320,
+    "flux.1-schnell": 11_891_178_560,
+}
+TINY = {
+    "sd3": dict(name="sd3.5-medium", num_layers=3, num_heads=2, head_dim=16, context_dim=24,
+                pooled_dim=20, pos_embed_max_size=16, dual_attention_layers=(0,)),
+    "flux": dict(name="flux.1-dev", num_double=2, num_single=2, num_heads=2, head_dim=16,
+                 axes_dim=(4, 6, 6), context_dim=24, pooled_dim=20),
+}
+TOL = 1e-5  # fp32, same computation path
+
+
+def tiny(family, **extra):
+    kw = dict(TINY[family], **extra)
+    torch.manual_seed(0)
+    model = mmdit.build_transformer(kw.pop("name"), **kw).eval()
+    for p in model.parameters():  # torch's zero/one inits would hide wiring mistakes
+        p.data.normal_(0, 0.1)
+    return model
+
+
+def inputs(model, B=3, H=12, W=10, L=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(B, 16, H, W, generator=g)
+    sigma = torch.rand(B, generator=g)
+    ctx = torch.randn(B, L, cfg.context_dim, generator=g)
+    pooled = torch.randn(B, cfg.pooled_dim, generator=g)
+    guidance = torch.full((B,), 3.5) if getattr(cfg, "guidance_embed", False) else None
+    return x, sigma, ctx, pooled, guidance
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_preset_parameter_counts_match_official(name):
+    model = mmdit.build_transformer(name, device="meta")
+    learned = sum(p.numel() for p in model.parameters())
+    assert learned == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_rows_are_independent_and_shapes_follow_latents(family):
+    model = tiny(family)
+    x, sigma, ctx, pooled, g = inputs(model)
+    with torch.no_grad():
+        full = model(x, sigma, ctx, pooled, guidance=g)
+        one = model(x[1:2], sigma[1:2], ctx[1:2], pooled[1:2], guidance=None if g is None else g[1:2])
+    assert full.shape == x.shape
+    err = (full[1:2] - one).abs().max() / one.abs().max()
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_odd_latent_size_is_a_clear_error(family):
+    model = tiny(family)
+    x, sigma, ctx, pooled, g = inputs(model, H=11)
+    with pytest.raises(ValueError, match="multiple of 16|multiple of the patch size"):
+        model(x, sigma, ctx, pooled, guidance=g)
+
+
+def test_flux_dev_without_guidance_is_a_clear_error():
+    model = tiny("flux")
+    x, sigma, ctx, pooled, _ = inputs(model)
+    with pytest.raises(ValueError, match="pass guidance"):
+        model(x, sigma, ctx, pooled)
+
+
+def test_sd3_latent_larger_than_position_table_is_a_clear_error():
+    model = tiny("sd3")
+    x, sigma, ctx, pooled, _ = inputs(model, H=34, W=10)
+    with pytest.raises(ValueError, match="larger than this model's position table"):
+        model(x, sigma, ctx, pooled)
+
+
+def test_unknown_preset_and_field_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown preset"):
+        mmdit.build_transformer("sd4")
+    with pytest.raises(ValueError, match="unknown config field"):
+        mmdit.build_transformer("sd3-medium", depth=2)

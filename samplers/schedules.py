@@ -73,4 +73,4 @@ def flux_sigmas(steps: int, image_seq_len: int, base_shift: float = 0.5, max_shi
 
 def flux_seq_len(height: int, width: int) -> int:
     """Packed image tokens for an image of ``height x width`` pixels (VAE /8, then 2x2 packing)."""
-    return (2 * math.ceil(height / 16) // 2) * (2 * math.ceil(width / 16) // 2)
+    return math.ceil(height / 16) * math.ceil(width / 16)

@@ -1,0 +1,164 @@
+"""The batched Euler sampler equals a hand-written loop of separate branch calls."""
+import pytest
+import torch
+
+import mmdit
+from mmdit.samplers import sample, sd3_sigmas
+from mmdit.samplers.guidance import Guidance
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and much faster when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class FakeModel:
+    """A nonlinear stand-in with the model's signature; ``disrupt`` / ``fork`` rows use a
+    different ("degraded") function, forked rows are appended after the batch."""
+
+    ma = mmdit.MASpec(channels=(0,), block=0)
+
+    def __init__(self, C=4, L=3, Dc=5, Dp=6):
+        g = torch.Generator().manual_seed(0)
+        self.wc = torch.randn(Dc, C, generator=g)
+        self.wp = torch.randn(Dp, C, generator=g)
+
+    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+        bias = context.mean(1) @ self.wc + pooled @ self.wp  # (B, C)
+        g = 0.0 if guidance is None else guidance[:, None, None, None]
+        v = torch.tanh(x * (1 + sigma[:, None, None, None]) + bias[:, :, None, None]) + 0.1 * g
+        degraded = 0.5 * v + 0.2 * x.roll(1, dims=-1)
+        if disrupt is not None:
+            return torch.where(disrupt[:, None, None, None], degraded, v)
+        if fork is not None:
+            return torch.cat([v, degraded[fork]])
+        return v
+
+
+class Recorder:
+    """Counts calls and records each call's batch size and fork mask."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    @property
+    def ma(self):
+        return self.model.ma
+
+    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+        self.calls.append((x.shape[0], None if fork is None else fork.tolist()))
+        return self.model(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork)
+
+
+def reference_loop(model, x, sigmas, cond, uncond, cfg, dg, cfg_interval=(0, 1), dg_interval=(0, 1),
+                   guidance=None):
+    """Separate cond / uncond / disrupted calls, combined and stepped by hand (intervals in float32)."""
+    B = x.shape[0]
+    cfg_interval, dg_interval = [[torch.tensor(float(v)).item() for v in iv] for iv in (cfg_interval, dg_interval)]
+    g = None if guidance is None else torch.full((B,), float(guidance))
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        sig = torch.full((B,), s)
+        v_c = model(x, sig, cond["context"], cond["pooled"], guidance=g)
+        v = v_c
+        if uncond is not None and cfg != 1 and cfg_interval[0] <= s <= cfg_interval[1]:
+            v_u = model(x, sig, uncond["context"], uncond["pooled"], guidance=g)
+            v = v_u + cfg * (v_c - v_u)
+        if dg != 0 and dg_interval[0] <= s <= dg_interval[1]:
+            v_m = model(x, sig, cond["context"], cond["pooled"], guidance=g,
+                        disrupt=torch.ones(B, dtype=torch.bool))
+            v = v + dg * (v_c - v_m)
+        x = x + (s_next - s) * v
+    return x
+
+
+def _conds(B, L, Dc, Dp, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cond = {"context": torch.randn(B, L, Dc, generator=g), "pooled": torch.randn(B, Dp, generator=g)}
+    uncond = {"context": torch.randn(B, L, Dc, generator=g), "pooled": torch.randn(B, Dp, generator=g)}
+    return cond, uncond
+
+
+@pytest.mark.parametrize("cfg,dg,use_uncond", [(1.0, 0.0, False), (4.5, 0.0, True), (1.0, 2.0, False),
+                                               (4.5, 2.0, True), (4.5, 2.0, False), (1.0, 2.0, True)])
+def test_fake_model_matches_reference(cfg, dg, use_uncond):
+    model = Recorder(FakeModel())
+    B, steps = 2, 6
+    cond, uncond = _conds(B, 3, 5, 6)
+    uncond = uncond if use_uncond else None
+    noise = torch.randn(B, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    sigmas = sd3_sigmas(steps)
+    out = sample(model, noise, sigmas, cond, uncond, cfg=cfg, dg=dg)
+    ref = reference_loop(model.model, noise, sigmas, cond, uncond, cfg, dg)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert len(model.calls) == steps  # one call per step
+    n_in = B * (2 if (use_uncond and cfg != 1) else 1)
+    assert all(rows == n_in for rows, _ in model.calls)
+    fork = [False] * (n_in - B) + [True] * B if dg else None
+    assert all(f == fork for _, f in model.calls)
+
+
+def test_intervals_drop_branches():
+    model = Recorder(FakeModel())
+    B = 3
+    cond, uncond = _conds(B, 3, 5, 6)
+    noise = torch.randn(B, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    sigmas = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    kw = dict(cfg=3.0, dg=1.5, cfg_interval=(0.5, 1.0), dg_interval=(0.2, 0.6))
+    out = sample(model, noise, sigmas, cond, uncond, **kw)
+    ref = reference_loop(model.model, noise, sigmas, cond, uncond, 3.0, 1.5, (0.5, 1.0), (0.2, 0.6))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    # sigma: 1.0 (u), 0.8 (u), 0.6 (u + m: both ends inclusive), 0.4 (m), 0.2 (m)
+    assert [rows for rows, _ in model.calls] == [2 * B, 2 * B, 2 * B, B, B]
+    assert [f is not None for _, f in model.calls] == [False, False, True, True, True]
+    assert model.calls[2][1] == [False] * B + [True] * B
+
+
+def test_dtype_noise_shape_and_errors():
+    model = FakeModel()
+    cond, _ = _conds(1, 3, 5, 6)
+    out = sample(model, (2, 4, 6, 6), sd3_sigmas(3), cond, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 4, 6, 6) and out.dtype == torch.float32  # one cond row broadcasts
+    half = sample(model, torch.randn(1, 4, 6, 6).bfloat16(), sd3_sigmas(2), cond)
+    assert half.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="start"):
+        Guidance(dg_interval=(0.9, 0.1))
+    with pytest.raises(ValueError, match="same length"):
+        sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(2), cond,
+               {"context": torch.randn(1, 7, 5), "pooled": torch.randn(1, 6)}, cfg=2.0)
+    with pytest.raises(ValueError, match="pooled"):
+        sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(2), {"context": cond["context"]})
+    model.ma = None
+    with pytest.raises(ValueError, match="MA spec"):
+        sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(2), cond, dg=1.0)
+
+
+TINY = {
+    "sd3": ("sd3.5-medium", dict(num_layers=3, num_heads=2, head_dim=16, context_dim=32, pooled_dim=24)),
+    "flux": ("flux.1-dev", dict(num_double=1, num_single=2, num_heads=2, head_dim=16, axes_dim=(4, 6, 6),
+                                context_dim=32, pooled_dim=24)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_real_tiny_model_matches_reference(family):
+    torch.manual_seed(0)
+    name, kw = TINY[family]
+    model = mmdit.build_transformer(name, **kw).eval()
+    model.ma = mmdit.MASpec(channels=(3, 17), block=1)
+    rec = Recorder(model)
+    B, steps = 2, 4
+    cond, uncond = _conds(B, 5, 32, 24, seed=4)
+    noise = torch.randn(B, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    sigmas = sd3_sigmas(steps)
+    g = 3.5 if family == "flux" else None
+    kw = dict(cfg=4.0, dg=2.0, dg_interval=(0.0, 0.99))
+    with torch.no_grad():
+        out = sample(rec, noise, sigmas, cond, uncond, guidance=g, **kw)
+        ref = reference_loop(model, noise, sigmas, cond, uncond, 4.0, 2.0, dg_interval=(0.0, 0.99), guidance=g)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert [rows for rows, _ in rec.calls] == [2 * B] * steps
+    assert [f is not None for _, f in rec.calls] == [False] + [True] * (steps - 1)  # sigma 1.0 is outside

@@ -1,0 +1,62 @@
+"""``describe``: what a checkpoint is, from its header alone (no model is built, no tensor read)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import Counter
+
+from .detect import detect
+from .hub import resolve
+
+# safetensors dtype tags -> torch names
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+           "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+           "U8": "uint8", "BOOL": "bool"}
+_BUFFERS = ("pos_embed",)  # stored tables that are not learned parameters
+
+
+def describe(source: str | os.PathLike, *, revision: str | None = None, token=None) -> str:
+    """A few lines: source, files and size, layout, family, matched preset, config, dtypes, counts."""
+    src = resolve(source, revision=revision, token=token)
+    ckpt = src.open()
+    det = detect(ckpt, src.config_json, where=str(src.path))
+    n_params = n_buffers = 0
+    dtypes: Counter = Counter()
+    for k in det.keys:
+        n = math.prod(ckpt.shape(k))
+        if k[len(det.prefix):] in _BUFFERS or k[len(det.prefix):] == "pos_embed.pos_embed":
+            n_buffers += n
+        else:
+            n_params += n
+        dtypes[_DTYPES.get(ckpt.dtype(k), ckpt.dtype(k))] += 1
+    size = ckpt.nbytes()
+    cfg = det.config
+    fields = " ".join(f"{f.name}={_short(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg) if f.init)
+    rows = [
+        ("source", str(source) + (f" -> {src.path}" if str(src.path) != str(source) else "")),
+        ("files", f"{len(ckpt.files)} file{'s' * (len(ckpt.files) != 1)}, {_bytes(size)}"),
+        ("layout", det.layout + (f" (prefix {det.prefix!r})" if det.prefix else "")),
+        ("family", {"sd3": "SD3 / SD3.5 (MMDiT)", "flux": "FLUX.1"}[det.family]),
+        ("preset", det.preset or "none (custom config)"),
+        ("config", f"from {det.config_source}: hidden={cfg.hidden_size} {fields}"),
+        ("dtype", ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())),
+        ("parameters", f"{n_params:,}" + (f" (+ {n_buffers:,} in the stored pos_embed table)" if n_buffers else "")),
+        ("tensors", str(len(det.keys))),
+    ]
+    if det.ignored:
+        rows.append(("also in file", ", ".join(f"{p.rstrip('.')} ({n} tensors)" for p, n in det.ignored.items())))
+    return "\n".join(f"{name + ':':<13} {value}" for name, value in rows)
+
+
+def _short(v):
+    if isinstance(v, tuple) and len(v) > 4 and v == tuple(range(v[0], v[0] + len(v))):
+        return f"({v[0]}..{v[-1]})"
+    return v
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024

@@ -1,0 +1,100 @@
+"""``load_transformer``: any official SD3 / SD3.5 / FLUX.1 transformer checkpoint -> our model.
+
+resolve (hub / local) -> open (mmap) -> detect layout + config -> build on ``meta`` ->
+check every key and shape in the checkpoint's own names -> stream tensors in one at a
+time (cast per tensor, fp8 upcast), so peak host memory stays near one copy.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+from torch import nn
+
+from .. import ma as _ma
+from ..config import FluxConfig, SD3Config
+from ..models import transformer_for
+from . import keymaps
+from .checkpoint import Checkpoint, CheckpointError, load_into
+from .detect import Detected, detect
+from .hub import resolve
+
+
+def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
+                     revision: str | None = None, token: str | bool | None = None,
+                     config: SD3Config | FluxConfig | dict | None = None) -> nn.Module:
+    """Load a transformer from a hub repo id, a diffusers folder (or its ``transformer/``), an
+    ``*.index.json``, or one ``.safetensors`` file in the original or the diffusers layout.
+
+    ``config``: a full config to use instead of the inferred one, or a dict of overrides
+    (e.g. ``{"axes_dim": (8, 28, 28)}`` for a FLUX-like file with head_dim 64).
+    The model comes back in eval mode, with ``model.config``, ``model.detected`` (layout,
+    prefix, preset) and ``model.source_files`` (the files read, for content hashing).
+    """
+    src = resolve(source, revision=revision, token=token)
+    ckpt = src.open()
+    det = detect(ckpt, src.config_json, config, where=str(src.path))
+    with torch.device("meta"):
+        model = transformer_for(det.config)
+    hidden = det.config.hidden_size
+    check_keys(model, ckpt, det, where=str(src.path))
+    recipes = keymaps.recipes_for(det.keys, det.layout, det.family, det.prefix)
+    thunks = {k: partial(_read, ckpt, r, dtype, hidden) for k, r in recipes.items()}
+    shapes = {k: keymaps.combined_shape(r.op, [ckpt.shape(s) for s in r.keys]) for k, r in recipes.items()}
+    load_into(model, thunks, shapes, dtype=dtype, device=device, layout=_describe_layout(det))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer the model must compute itself: a model-side bug, not the file's
+        raise RuntimeError(f"{type(model).__name__} still has tensors on meta after loading: {left[:8]}")
+    model.eval()
+    model.detected = det
+    model.source_files = [str(f) for f in ckpt.files]
+    if hasattr(_ma, "spec_for_checkpoint"):  # a calibrated MA spec keyed by the checkpoint's content
+        spec = _ma.spec_for_checkpoint(src.path)  # a file, an index.json or a transformer folder
+        if spec is not None:
+            model.ma = spec
+    return model
+
+
+def _read(ckpt: Checkpoint, recipe: keymaps.Recipe, dtype: torch.dtype, hidden: int) -> torch.Tensor:
+    def read(name):
+        t = ckpt[name]
+        # cast each part before combining: float8 has no cat, and it halves the peak for bf16 -> fp32
+        return t.to(dtype) if t.dtype.is_floating_point else t
+    return keymaps.materialize(recipe, read, hidden)
+
+
+def _describe_layout(det: Detected) -> str:
+    prefix = f", prefix {det.prefix!r}" if det.prefix else ""
+    return f"{det.layout}{prefix}, {det.family}, config from {det.config_source}"
+
+
+def check_keys(model: nn.Module, ckpt: Checkpoint, det: Detected, where: str) -> None:
+    """Every tensor the model needs is in the checkpoint with the right shape, and nothing else
+    is, all compared in the checkpoint's own names. One error lists every problem."""
+    own = model.state_dict()  # meta tensors: names and shapes only
+    expected = {k: tuple(v.shape) for k, v in keymaps.to_layout(
+        own, det.layout, det.family, det.config.hidden_size, det.prefix).items()}
+    found = {k: ckpt.shape(k) for k in det.keys}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [(k, expected[k], found[k]) for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"{where} does not match the transformer inferred from it "
+             f"(layout: {_describe_layout(det)}; config: {det.config})"]
+    if missing:
+        lines.append(f"missing {len(missing)} key(s): " + _listing([(k, expected[k]) for k in missing]))
+    if unexpected:
+        lines.append(f"unexpected {len(unexpected)} key(s): " + _listing([(k, found[k]) for k in unexpected]))
+    for k, want, got in wrong[:10]:
+        lines.append(f"shape mismatch for {k}: model expects {want}, checkpoint has {got}")
+    if len(wrong) > 10:
+        lines.append(f"... and {len(wrong) - 10} more shape mismatches")
+    lines.append("If the inferred config is wrong, pass config=... ; if the file is damaged, download it again.")
+    raise CheckpointError("\n  ".join(lines))
+
+
+def _listing(items: list[tuple[str, tuple]], n: int = 8) -> str:
+    shown = ", ".join(f"{k} {tuple(s)}" for k, s in items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")

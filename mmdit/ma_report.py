@@ -236,15 +236,16 @@ def _pair(c) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def trajectory_samples(model: nn.Module, conds: Mapping, sigmas, *, height: int = 1024, width: int = 1024,
                        seed: int = 0, uncond: tuple | None = None, cfg: float = 1.0,
-                       guidance: float | None = None, every: int = 1) -> dict:
+                       guidance: float | None = None, every: int = 1, latent_shape: tuple | None = None) -> dict:
     """{(prompt, sigma): (x, context, pooled[, guidance])} along one Euler trajectory per prompt.
 
     conds: {prompt: (context (1, L, Dc), pooled (1, Dp))} (or {"context", "pooled"} dicts);
     uncond likewise, for CFG along the trajectory (cfg != 1). The same seeded noise for every
     prompt, so prompts are the only difference at a given sigma. ``every``: keep every n-th step.
+    latent_shape: (C, h, w) of the latents (default: 16 channels at height/8 x width/8).
     """
     param = next(model.parameters())
-    shape = (1, 16, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
+    shape = (1, *latent_shape) if latent_shape else (1, 16, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
     sigmas = [float(s) for s in sigmas]
     un = None if uncond is None else dict(zip(("context", "pooled"), _pair(uncond)))
     out = {}
@@ -261,24 +262,25 @@ def trajectory_samples(model: nn.Module, conds: Mapping, sigmas, *, height: int 
 
 def run_analyze(model: nn.Module, conds: Mapping, out_dir, *, steps: int = 28, height: int = 1024,
                 width: int = 1024, seed: int = 0, uncond=None, cfg: float = 1.0,
-                guidance: float | None = None, every: int = 1, sigmas=None, **analyze_kw) -> dict:
+                guidance: float | None = None, every: int = 1, sigmas=None, latent_shape=None,
+                **analyze_kw) -> dict:
     """Prompts -> trajectories -> ``analyze``. conds / uncond: encoded prompts (see
     trajectory_samples); uncond (the empty prompt) is always probed, used for CFG if cfg != 1.
     sigmas: the schedule (default: ``default_sigmas``; a pipeline passes ``pipe.sigmas(...)``)."""
     sigmas = default_sigmas(model, steps, height, width) if sigmas is None else sigmas
     samples = trajectory_samples(model, conds, sigmas, height=height, width=width, seed=seed,
-                                 uncond=uncond, cfg=cfg, guidance=guidance, every=every)
+                                 uncond=uncond, cfg=cfg, guidance=guidance, every=every, latent_shape=latent_shape)
     return analyze(model, samples, out_dir, uncond=uncond, **analyze_kw)
 
 
 def run_calibrate(model: nn.Module, conds: Mapping, *, key: str | None = None, steps: int = 28,
                   height: int = 1024, width: int = 1024, seed: int = 0, guidance: float | None = None,
-                  every: int = 4, sigmas=None, **calibrate_kw) -> ma.Calibration:
+                  every: int = 4, sigmas=None, latent_shape=None, **calibrate_kw) -> ma.Calibration:
     """Prompts -> cond-only trajectories -> ``ma.find_massive``; saved under ``key`` if given
     (``ma.checkpoint_hash(weights)``, which the loader's ``ma.spec_for_checkpoint`` looks up)."""
     sigmas = default_sigmas(model, steps, height, width) if sigmas is None else sigmas
     samples = trajectory_samples(model, conds, sigmas, height=height, width=width, seed=seed,
-                                 guidance=guidance, every=every)
+                                 guidance=guidance, every=every, latent_shape=latent_shape)
     rows = [(x, s, c, p, *g) for (_, s), (x, c, p, *g) in samples.items()]
     cal = ma.find_massive(model, rows, **calibrate_kw)
     if key is not None:

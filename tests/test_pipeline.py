@@ -1,0 +1,159 @@
+"""End to end: a tiny diffusers pipeline folder gives the same image through mmdit.Pipeline."""
+import json
+
+import pytest
+import torch
+
+import mmdit
+from helpers_encoders import write_clip_tokenizer, write_t5_tokenizer
+from peers import randomize
+
+PIXEL_TOL = 1e-3  # per pixel in [0, 1], the issue's bound for the whole pipeline
+PROMPTS = ["a photo of an astronaut riding a horse on mars!", "the quick brown fox"]
+T5_LEN = 12  # max_sequence_length, short to keep the test fast
+H, W = 32, 24  # pixels; the tiny VAE downsamples 2x, so 16x12 latents
+
+
+def clip(width, projection, vocab, seed):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=width,
+                         hidden_act="quick_gelu" if projection else "gelu", bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return randomize(cls(cfg).eval(), seed, std=0.2)
+
+
+def t5(d_model, vocab, seed):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+    return randomize(T5EncoderModel(cfg).eval(), seed, std=0.2)
+
+
+def vae(scaling, shift, seed):
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                          scaling_factor=scaling, shift_factor=shift)
+    return randomize(model.eval(), seed, std=0.1)
+
+
+def tokenizer_files(root, names_pads):
+    for name, pad in names_pads:
+        write_clip_tokenizer(root / name, pad=pad) if pad else write_t5_tokenizer(root / name)
+
+
+def sd3_folder(root):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    tokenizer_files(root / "tok", [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"), ("tokenizer_3", None)])
+    toks = [CLIPTokenizer.from_pretrained(root / "tok/tokenizer"), CLIPTokenizer.from_pretrained(root / "tok/tokenizer_2"),
+            T5TokenizerFast.from_pretrained(root / "tok/tokenizer_3")]
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
+                                        num_attention_heads=2, joint_attention_dim=80, caption_projection_dim=32,
+                                        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=12,
+                                        dual_attention_layers=(0,), qk_norm="rms_norm")
+    pipe = StableDiffusion3Pipeline(
+        transformer=randomize(transformer.eval(), 1), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae(1.5305, 0.0609, 2), text_encoder=clip(32, True, len(toks[0]), 3), tokenizer=toks[0],
+        text_encoder_2=clip(32, True, len(toks[1]), 4), tokenizer_2=toks[1],
+        text_encoder_3=t5(80, len(toks[2]), 5), tokenizer_3=toks[2])
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe", pipe
+
+
+def flux_folder(root):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    tokenizer_files(root / "tok", [("tokenizer", "<|endoftext|>"), ("tokenizer_2", None)])
+    toks = [CLIPTokenizer.from_pretrained(root / "tok/tokenizer"), T5TokenizerFast.from_pretrained(root / "tok/tokenizer_2")]
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=40,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=randomize(transformer.eval(), 1), scheduler=scheduler,
+                        vae=vae(0.3611, 0.1159, 2), text_encoder=clip(32, False, len(toks[0]), 3), tokenizer=toks[0],
+                        text_encoder_2=t5(40, len(toks[1]), 5), tokenizer_2=toks[1])
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe", pipe
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> (folder, diffusers pipeline), each built once for the module."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = (sd3_folder if family == "sd3" else flux_folder)(tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get
+
+
+def pack(latents):
+    B, C, h, w = latents.shape
+    return latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), 4 * C)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_pipeline_matches_diffusers(saved, monkeypatch, family):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, peer = saved(family)
+    ours = mmdit.Pipeline.from_pretrained(folder)
+    latents = torch.randn(len(PROMPTS), 16, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
+    if family == "sd3":
+        kw = dict(steps=3, cfg=4.5)
+        ref = peer(PROMPTS, negative_prompt="", num_inference_steps=3, guidance_scale=4.5, height=H, width=W,
+                   latents=latents.clone(), max_sequence_length=T5_LEN, output_type="np").images
+    else:
+        kw = dict(steps=3, cfg=1.0, guidance=3.5)
+        ref = peer(PROMPTS, num_inference_steps=3, guidance_scale=3.5, height=H, width=W,
+                   latents=pack(latents.clone()), max_sequence_length=T5_LEN, output_type="np").images
+    images = ours(PROMPTS, height=H, width=W, latents=latents, max_sequence_length=T5_LEN, output="np", **kw)
+    assert images.shape == ref.shape == (len(PROMPTS), H, W, 3)
+    err = abs(images - ref).max()
+    assert err <= PIXEL_TOL, f"max pixel error {err:.2e}"
+    assert ref.std() > 0.01  # the comparison is not between two flat images
+
+
+def test_pipeline_runs_dg_and_cfg_in_one_call_per_step(saved, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, _ = saved("sd3")
+    pipe = mmdit.Pipeline.from_pretrained(folder)
+    calls = []
+    pipe.transformer.register_forward_hook(lambda m, a, kw, out: calls.append(out.shape[0]), with_kwargs=True)
+    pipe.transformer.ma = mmdit.MASpec(channels=(1, 5), block=1)
+    latents = torch.randn(1, 16, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
+    plain = pipe(PROMPTS[:1], height=H, width=W, latents=latents, steps=2, cfg=4.5, output="np",
+                 max_sequence_length=T5_LEN)
+    calls.clear()
+    guided = pipe(PROMPTS[:1], height=H, width=W, latents=latents, steps=2, cfg=4.5, dg=2.0, output="np",
+                  max_sequence_length=T5_LEN)
+    assert calls == [3, 3]  # [uncond | cond | cond disrupted] in one call per step
+    assert abs(guided - plain).max() > 1e-4
+
+
+def test_pipeline_errors_are_clear(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        mmdit.Pipeline.from_pretrained("someone/missing-model")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="no model_index.json"):
+        mmdit.Pipeline.from_pretrained(tmp_path / "folder")
+    folder, _ = saved("sd3")
+    pipe = mmdit.Pipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pipe("x", height=30, width=24)
+    with pytest.raises(ValueError, match="calibrate-ma"):
+        pipe("x", height=H, width=W, dg=2.0, steps=1)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"

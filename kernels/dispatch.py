@@ -1,7 +1,22 @@
-"""Pick the Triton kernel or the torch reference for a call."""
+"""Pick the Triton kernel or the torch reference for a call, plus launch helpers.
+
+``MMDIT_KERNELS`` is read when a call is made (under ``torch.compile``: when it is traced,
+so set it before the first compiled call).
+"""
 import os
+import types
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only: elsewhere the kernels are defined but never run
+    triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=None, next_power_of_2=None)
+    tl = types.SimpleNamespace(constexpr=object)
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
 
 
 def backend() -> str:
@@ -18,5 +33,27 @@ def use_triton(x: torch.Tensor) -> bool:
     if mode == "torch":
         return False
     if mode == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("MMDIT_KERNELS=triton but triton is not installed")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("MMDIT_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
+                               "set before mmdit.kernels is imported")
         return True
-    return x.is_cuda
+    return x.is_cuda and HAS_TRITON
+
+
+def block_size(n: int) -> int:
+    """Next power of two >= n (Triton tile sizes must be powers of two; masks cover the rest)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def num_warps(block: int) -> int:
+    """Warps for a tile of ``block`` elements, as in the Triton layer-norm tutorial."""
+    return min(max(block // 256, 1), 8)
+
+
+def num_programs(device: torch.device) -> int:
+    """How many programs a reduction kernel should use: a few per SM (4 on the CPU)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

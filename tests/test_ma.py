@@ -16,15 +16,6 @@ PLANTED = 41  # channel of the 64-wide hidden state
 BIAS = 300.0  # typical |h| of the random model is ~1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(family, plant=True):
     torch.manual_seed(0)
     name, kw = TINY[family]

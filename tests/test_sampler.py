@@ -7,15 +7,6 @@ from mmdit.samplers import sample, sd3_sigmas
 from mmdit.samplers.guidance import Guidance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FakeModel:
     """A nonlinear stand-in with the model's signature; ``disrupt`` / ``fork`` rows use a
     different ("degraded") function, forked rows are appended after the batch."""

@@ -1,0 +1,177 @@
+"""A procedural captioned dataset: one textured shape of a named colour on a plain background.
+
+Every image is 64x64 RGB in [-1, 1]: a circle, square or triangle of one of 8 palette
+colours, at a random position and size, filled with fine stripes, a checkerboard or noise
+(the "detail" that Detail Guidance should sharpen), on a background of a different palette
+colour with faint noise. Captions read "a {colour} {shape} on a {background} background"
+or a close paraphrase. Everything is drawn from one seeded generator with batched torch ops,
+so ``batch(n, seed)`` is the same on every machine and costs about a millisecond per image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Saturated, well separated colours (min pairwise RGB distance ~ 0.39 in [0, 1] units, red vs
+# orange) so that a nearest-palette classifier can name a pixel even with texture on it.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (245, 225, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "purple": (140, 40, 190),
+    "orange": (250, 140, 10),
+}
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+TEXTURES: tuple[str, ...] = ("stripes", "checker", "noise")
+TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape} on a {background} background",
+    "a {colour} {shape} on a {background} background",  # the canonical form, twice as likely
+    "a {colour} {shape} against a {background} background",
+    "{colour} {shape} on {background} background",
+    "a {colour} {shape} over a {background} background",
+    "a {colour} {shape}, {background} background",
+)
+SIZE = 64
+TEXTURE_AMPLITUDE = 0.22  # peak texture offset in [-1, 1] units; keeps pixels nearest their palette colour
+BACKGROUND_NOISE = 0.03
+
+
+def palette_tensor() -> torch.Tensor:
+    """(8, 3) float32 palette in [-1, 1], in ``COLOURS`` order."""
+    return torch.tensor([PALETTE[c] for c in COLOURS], dtype=torch.float32) / 127.5 - 1
+
+
+@dataclass
+class Batch:
+    """images: (B, 3, 64, 64) float32 in [-1, 1]; captions: B strings; the labels as indices
+    into COLOURS / SHAPES (colour, shape, background: (B,) long) and the shape masks (B, 64, 64)."""
+
+    images: torch.Tensor
+    captions: list[str]
+    colour: torch.Tensor
+    shape: torch.Tensor
+    background: torch.Tensor
+    mask: torch.Tensor
+
+
+def caption(colour: str, shape: str, background: str, template: int = 0) -> str:
+    """The caption of template ``template`` (0 = canonical) for these names."""
+    text = TEMPLATES[template].format(colour=colour, shape=shape, background=background)
+    return text.replace("a orange", "an orange")
+
+
+def all_words() -> list[str]:
+    """Every word any caption can contain, sorted (the word-level tokenizer's vocabulary)."""
+    from .wordtok import split_words
+
+    words = set(COLOURS) | set(SHAPES)
+    for t in TEMPLATES:
+        words |= set(split_words(t.format(colour="orange", shape="circle", background="orange")))
+    words.add("an")
+    return sorted(words)
+
+
+def _coverage(sdf: torch.Tensor) -> torch.Tensor:
+    """Anti-aliased inside-ness from a signed distance in pixels (negative inside)."""
+    return (0.5 - sdf).clamp(0, 1)
+
+
+def render(colour: torch.Tensor, shape: torch.Tensor, background: torch.Tensor, cx: torch.Tensor,
+           cy: torch.Tensor, radius: torch.Tensor, texture: torch.Tensor, period: torch.Tensor,
+           angle: torch.Tensor, generator: torch.Generator, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw a batch from explicit parameters, each (B,): -> images (B, 3, S, S), masks (B, S, S).
+
+    cx, cy, radius in pixels; texture indexes TEXTURES; period (pixels) and angle (radians)
+    set the stripes; the noise textures draw from ``generator``.
+    """
+    B = colour.shape[0]
+    ax = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = ax.view(1, size, 1), ax.view(1, 1, size)  # pixel centres
+    dx, dy = torch.broadcast_tensors(xx - cx.view(B, 1, 1), yy - cy.view(B, 1, 1))  # (B, S, S)
+    r = radius.view(B, 1, 1)
+    circle = dx.hypot(dy) - r
+    square = torch.maximum(dx.abs(), dy.abs()) - 0.85 * r  # same area scale as the circle
+    # Upward equilateral triangle (circumradius 1.2 r, a little larger to match the others' area):
+    # three half-planes, apex at -r, base at +r/2.
+    s3 = math.sqrt(3) / 2
+    r = 1.2 * r
+    triangle = torch.stack([dy - r / 2, -s3 * dx - dy / 2 - r / 2, s3 * dx - dy / 2 - r / 2]).amax(0)
+    r = radius.view(B, 1, 1)
+    sdf = torch.stack([circle, square, triangle], 1)[torch.arange(B), shape]  # (B, S, S)
+    mask = _coverage(sdf)
+
+    # Texture in [-1, 1] per pixel: stripes along ``angle``, a checkerboard, or pixel noise.
+    a = angle.view(B, 1, 1)
+    u = (xx * torch.cos(a) + yy * torch.sin(a)) / period.view(B, 1, 1)
+    stripes = torch.sign(torch.sin(2 * math.pi * u))
+    cell = period.view(B, 1, 1) / 2
+    checker = 1 - 2 * ((torch.floor(xx / cell) + torch.floor(yy / cell)) % 2)
+    noise = (torch.rand(B, size, size, generator=generator) * 2 - 1)
+    pattern = torch.stack([stripes, checker, noise], 1)[torch.arange(B), texture]  # (B, S, S)
+
+    pal = palette_tensor()
+    fg = pal[colour].view(B, 3, 1, 1) + TEXTURE_AMPLITUDE * pattern.unsqueeze(1)  # lighter / darker, grey axis
+    bg = pal[background].view(B, 3, 1, 1) + BACKGROUND_NOISE * torch.randn(B, 3, size, size, generator=generator)
+    m = mask.unsqueeze(1)
+    return (m * fg + (1 - m) * bg).clamp(-1, 1), mask
+
+
+def batch(n: int, seed: int, size: int = SIZE) -> Batch:
+    """``n`` random captioned images; the same (n, seed) gives the same batch everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.randint(len(COLOURS), (n,), generator=g)
+    # A background of a different colour: add 1..7 modulo 8.
+    background = (colour + torch.randint(1, len(COLOURS), (n,), generator=g)) % len(COLOURS)
+    shape = torch.randint(len(SHAPES), (n,), generator=g)
+    radius = torch.empty(n).uniform_(0.2 * size, 0.34 * size, generator=g)
+    margin = radius * 0.85
+    cx = margin + torch.rand(n, generator=g) * (size - 2 * margin)
+    cy = margin + torch.rand(n, generator=g) * (size - 2 * margin)
+    texture = torch.randint(len(TEXTURES), (n,), generator=g)
+    period = torch.empty(n).uniform_(3.0, 6.0, generator=g)
+    angle = torch.rand(n, generator=g) * math.pi
+    template = torch.randint(len(TEMPLATES), (n,), generator=g)
+    images, mask = render(colour, shape, background, cx, cy, radius, texture, period, angle, g, size)
+    captions = [caption(COLOURS[c], SHAPES[s], COLOURS[b], t)
+                for c, s, b, t in zip(colour.tolist(), shape.tolist(), background.tolist(), template.tolist())]
+    return Batch(images, captions, colour, shape, background, mask)
+
+
+def stream(batch_size: int, seed: int = 0, size: int = SIZE):
+    """An endless iterator of batches: batch i is ``batch(batch_size, seed * 1_000_003 + i)``."""
+    i = 0
+    while True:
+        yield batch(batch_size, seed * 1_000_003 + i, size)
+        i += 1
+
+
+def classify(images: torch.Tensor) -> torch.Tensor:
+    """Nearest palette colour of every pixel: (B, 3, H, W) in [-1, 1] -> (B, H, W) long."""
+    pal = palette_tensor().to(images.device)
+    d = (images.float().unsqueeze(1) - pal.view(1, -1, 3, 1, 1)).square().sum(2)  # (B, 8, H, W)
+    return d.argmin(1)
+
+
+def read_colours(images: torch.Tensor, border: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(background, shape) colour indices (B,) read off images (B, 3, H, W) in [-1, 1].
+
+    background = the most frequent palette class on a ``border``-pixel frame;
+    shape = the most frequent other class over the whole image (-1 if there is none).
+    """
+    cls = classify(images)  # (B, H, W)
+    B, H, W = cls.shape
+    frame = torch.ones(H, W, dtype=torch.bool)
+    frame[border:H - border, border:W - border] = False
+    k = len(COLOURS)
+    counts_border = torch.nn.functional.one_hot(cls[:, frame], k).sum(1)  # (B, 8)
+    background = counts_border.argmax(1)
+    counts = torch.nn.functional.one_hot(cls.flatten(1), k).sum(1)  # (B, 8)
+    counts[torch.arange(B), background] = -1
+    shape = torch.where(counts.amax(1) > 0, counts.argmax(1), -1)
+    return background, shape

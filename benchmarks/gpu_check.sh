@@ -38,6 +38,23 @@ step "gpu tests" 180 "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider
 step "kernel benchmarks" 180 "$PY" benchmarks/kernels.py --json "$RESULTS/kernels.json"
 
 # ==== latency benchmark: the lead appends it here (budget left: ~100 s) ====
+# Ours vs diffusers on the same random weights: SD3.5-medium, SD3.5-large, FLUX.1-dev at full
+# width and depth, 1024x1024, bf16; forward, CFG step, CFG+DG step; TFLOP/s and MFU. One process
+# for the three (one torch/diffusers import). If it runs out of time, the last preset is cut:
+# add "--num-layers N" (printed in its header line). Skipped when diffusers is not installed.
+if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('diffusers') is None)"; then
+  step "latency vs diffusers" 100 "$PY" -u - "$RESULTS" <<'PYEOF'
+import sys
+sys.path.insert(0, "benchmarks")
+import latency
+for preset in ("sd3.5-medium", "sd3.5-large", "flux.1-dev"):
+    latency.main(["--preset", preset, "--resolution", "1024", "--dtype", "bf16", "--warmup", "1",
+                  "--iters", "3", "--json", f"{sys.argv[1]}/latency_{preset}.json"])
+    print(flush=True)
+PYEOF
+else
+  echo "=== latency vs diffusers: SKIPPED (diffusers not installed; ship its wheel in .whl/) ==="
+fi
 # ==== end of latency benchmark ====
 
 exit $status

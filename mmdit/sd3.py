@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import SD3Config
@@ -40,6 +41,19 @@ class SelfAttention(nn.Module):
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         return q, k, v.transpose(1, 2)
 
+    def kv_heads(self, h: torch.Tensor):
+        """h (B, L, D) -> k, v each (B, H, L, Dh), for tokens that are never queried.
+
+        Only the k and v rows of the qkv weight are used (a view, no copy).
+        """
+        B, L, D = h.shape
+        k, v = F.linear(h, self.qkv.weight[D:], self.qkv.bias[D:]).view(B, L, 2, self.heads, -1).unbind(2)
+        if hasattr(self, "ln_k"):
+            k, _ = qk_norm_rope(k, k, self.ln_k.weight, self.ln_k.weight)  # the op takes a (q, k) pair
+        else:
+            k = k.transpose(1, 2)
+        return k, v.transpose(1, 2)
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -67,9 +81,11 @@ class StreamBlock(nn.Module):
             self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def pre_attention(self, h: torch.Tensor, c: torch.Tensor):
-        """-> (q, k, v), the modulations."""
+        """-> (q, k, v), the modulations; (k, v) only for a pre_only stream (its queries'
+        outputs would be discarded)."""
         mods = modulations(self.adaLN_modulation(c), self.n_mod)
-        return self.attn.qkv_heads(modulate(h, mods[0].shift, mods[0].scale)), mods
+        h = modulate(h, mods[0].shift, mods[0].scale)
+        return (self.attn.kv_heads(h) if self.pre_only else self.attn.qkv_heads(h)), mods
 
     def post_attention(self, h, a, mods, fork: Fork | None, stream: str):
         """h + gate*proj(a) [+ gate2*attn2] + gate_mlp*MLP; the fork acts on the last residual."""
@@ -98,13 +114,16 @@ class JointBlock(nn.Module):
 
     def forward(self, ctx, x, c, fork: Fork | None = None):
         """ctx (B, Lc, D), x (B, N, D), c (B, D) -> (ctx or None after the last block, x)."""
-        (qc, kc, vc), cmods = self.context_block.pre_attention(ctx, c)
+        cqkv, cmods = self.context_block.pre_attention(ctx, c)
         (qx, kx, vx), xmods = self.x_block.pre_attention(x, c)
+        if self.context_block.pre_only:  # last block: context tokens are keys/values only
+            kc, vc = cqkv
+            ax = attention(qx, torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))
+            return None, self.x_block.post_attention(x, ax, xmods, fork, "image")
+        qc, kc, vc = cqkv
         a = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))
         ac, ax = a.split([ctx.shape[1], x.shape[1]], dim=1)
         x = self.x_block.post_attention(x, ax, xmods, fork, "image")
-        if self.context_block.pre_only:
-            return None, x
         return self.context_block.post_attention(ctx, ac, cmods, fork, "text"), x
 
 
@@ -114,7 +133,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D), row-major
+        # (B, h*w, D), row-major tokens; contiguous, or the whole residual stream would inherit
+        # the conv's channel-major strides (every LayerNorm then copies, every add is strided)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class FinalLayer(nn.Module):

@@ -1,0 +1,414 @@
+"""Shared pieces of the benchmarks: configs, the diffusers peer with our weights, inputs,
+FLOP counts, device facts.
+
+diffusers is a benchmark-only peer: it is imported here, never by the library.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+
+import mmdit  # noqa: E402
+from mmdit.config import FluxConfig, SD3Config  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# Known MA channels (PAPER.md); used modulo the hidden size for narrower test configs.
+MA_HINTS = {1536: (810, 676), 2432: (676,), 3072: (154, 1446)}
+# Dense peak tensor/FP throughput in TFLOP/s, by a substring of the device name and dtype.
+PEAK_TFLOPS = [
+    ("H200", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9}),
+    ("H100 PCIe", {torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 51.2}),
+    ("H100", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9}),
+    ("A100", {torch.bfloat16: 312.0, torch.float16: 312.0, torch.float32: 19.5}),
+]
+
+
+# ---- command line -------------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser, preset: str = "sd3.5-medium") -> None:
+    p.add_argument("--preset", default=preset, help=f"one of {sorted(mmdit.PRESETS)} (default {preset})")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="blocks to keep (full depth by default; FLUX: the total, split like the original)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set num_heads=2 --set head_dim=16 (repeatable)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+
+
+def config_from_args(args) -> SD3Config | FluxConfig:
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    if args.num_layers is not None:
+        overrides["num_layers"] = args.num_layers
+    return mmdit.preset(args.preset, **overrides)
+
+
+def config_dict(config) -> dict:
+    return {"family": config.family, **dataclasses.asdict(config)}
+
+
+# ---- the diffusers peer and our model with the same weights --------------------------------
+
+def peer_kwargs(config) -> dict:
+    """diffusers constructor arguments for one of our configs (REFERENCE.md 1.1)."""
+    if isinstance(config, SD3Config):
+        return dict(sample_size=128, patch_size=config.patch_size, in_channels=config.in_channels,
+                    out_channels=config.out_channels, num_layers=config.num_layers,
+                    attention_head_dim=config.head_dim, num_attention_heads=config.num_heads,
+                    joint_attention_dim=config.context_dim, caption_projection_dim=config.hidden_size,
+                    pooled_projection_dim=config.pooled_dim, pos_embed_max_size=config.pos_embed_max_size,
+                    dual_attention_layers=config.dual_attention_layers,
+                    qk_norm="rms_norm" if config.qk_norm else None)
+    return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
+                num_single_layers=config.num_single, attention_head_dim=config.head_dim,
+                num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
+                pooled_projection_dim=config.pooled_dim, guidance_embeds=config.guidance_embed,
+                axes_dims_rope=config.axes_dim)
+
+
+def build_peer(config, device, dtype, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised diffusers transformer for ``config``, built on ``device``."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # its note on casting with .to() is about fp16 checkpoints
+    cls = SD3Transformer2DModel if isinstance(config, SD3Config) else FluxTransformer2DModel
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: full-size FLUX is 48 GB in fp32
+    try:
+        with torch.device(device):
+            peer = cls(**peer_kwargs(config))
+    finally:
+        torch.set_default_dtype(default)
+    return peer.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def ours_from_peer(peer: torch.nn.Module, config) -> torch.nn.Module:
+    """Our transformer holding the peer's weights (shared storage where the layouts agree)."""
+    from mmdit.weights import keymaps
+
+    sd = keymaps.from_diffusers(peer.state_dict(), config.family, config.hidden_size)
+    model = mmdit.build_transformer(config, device="meta")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def ours_loader():
+    """``mmdit.load_transformer`` (found in mmdit.weights.transformer until it is exported)."""
+    load = getattr(mmdit, "load_transformer", None)
+    if load is None:
+        from mmdit.weights.transformer import load_transformer as load
+    return load
+
+
+def ma_channels(config) -> tuple[int, ...]:
+    D = config.hidden_size
+    return tuple(sorted({c % D for c in MA_HINTS.get(D, (810, 676))}))
+
+
+# ---- inputs and the peer in our call convention --------------------------------------------
+
+@dataclasses.dataclass
+class Inputs:
+    x: torch.Tensor  # (B, 16, h, w) latents
+    sigma: torch.Tensor  # (B,)
+    context: torch.Tensor  # (B, L, context_dim)
+    pooled: torch.Tensor  # (B, pooled_dim)
+    guidance: torch.Tensor | None  # (B,) for FLUX-dev
+
+    def repeat(self, n: int) -> "Inputs":
+        """n copies of the rows, e.g. [uncond | cond] (the prompts' content doesn't matter here)."""
+        def r(t):
+            return None if t is None else torch.cat([t] * n)
+        return Inputs(r(self.x), r(self.sigma), r(self.context), r(self.pooled), r(self.guidance))
+
+
+def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, device, dtype,
+                seed: int = 1) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    C = config.in_channels if isinstance(config, SD3Config) else config.latent_channels
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    guidance = None
+    if isinstance(config, FluxConfig) and config.guidance_embed:
+        guidance = torch.full((batch,), 3.5, device=device, dtype=dtype)
+    sigma = torch.rand(batch, generator=g).to(device)
+    return Inputs(randn(batch, C, h, w), sigma, randn(batch, text_len, config.context_dim),
+                  randn(batch, config.pooled_dim), guidance)
+
+
+class PeerRunner:
+    """Calls the diffusers model the way its pipelines do, in our convention (B, C, H, W) -> same.
+
+    FLUX: packing and the position ids are prepared once per input shape (as a pipeline does
+    once per generation) and are not part of a timed call; unpacking the output is.
+    """
+
+    def __init__(self, peer, config):
+        self.peer, self.config = peer, config
+        self.flux = isinstance(config, FluxConfig)
+        self._ids = {}
+        self.hook = None  # the DG hook's handle (see build_cases)
+
+    def prepare(self, inp: Inputs) -> dict:
+        if not self.flux:
+            # SD3 pipelines pass the scheduler's fp32 timesteps; FLUX ones cast sigma to the latents' dtype
+            return dict(hidden_states=inp.x, encoder_hidden_states=inp.context,
+                        pooled_projections=inp.pooled, timestep=1000 * inp.sigma)
+        B, C, H, W = inp.x.shape
+        h, w = H // 2, W // 2
+        packed = inp.x.view(B, C, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, 4 * C)
+        key = (h, w, inp.context.shape[1])
+        if key not in self._ids:
+            dev = inp.x.device
+            rows = torch.arange(h, device=dev).repeat_interleave(w)
+            cols = torch.arange(w, device=dev).repeat(h)
+            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], 1).float()
+            self._ids[key] = (img_ids, torch.zeros(inp.context.shape[1], 3, device=dev))
+        img_ids, txt_ids = self._ids[key]
+        return dict(hidden_states=packed, encoder_hidden_states=inp.context, pooled_projections=inp.pooled,
+                    timestep=inp.sigma.to(inp.x.dtype), img_ids=img_ids, txt_ids=txt_ids,
+                    guidance=inp.guidance)
+
+    def __call__(self, prepared: dict, shape) -> torch.Tensor:
+        out = self.peer(**prepared, return_dict=False)[0]
+        if not self.flux:
+            return out
+        B, C, H, W = shape
+        B = out.shape[0]
+        return out.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
+    def block(self, m: int) -> torch.nn.Module:
+        """The peer's block with global index m (FLUX: double blocks, then single blocks)."""
+        if self.flux and m >= self.config.num_double:
+            return self.peer.single_transformer_blocks[m - self.config.num_double]
+        return self.peer.transformer_blocks[m]
+
+
+def zero_ma_hook(batch: int, channels: torch.Tensor):
+    """A forward hook zeroing ``channels`` of the image tokens of the last ``batch`` rows at a
+    block's output, in calls of 3 * batch rows ([uncond | cond | cond to disrupt]) only.
+
+    It stays registered: the batch size, not Python state, switches it on, so a compiled peer
+    sees the same hook in every call (dynamo does not notice submodule hooks added later).
+    Every diffusers SD3 / FLUX block (joint, double, single) returns (context, image).
+    """
+    def hook(module, args, output):
+        image = output[1]
+        if image.shape[0] == 3 * batch:
+            image[2 * batch:, :, channels] = 0
+        return output
+    return hook
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------
+
+def forward_flops(config, n_img: int, n_txt: int, batch: int, fork_block: int | None = None,
+                  n_fork: int = 0) -> int:
+    """Multiply-adds x 2 of one forward: every matmul plus attention (QK^T and PV).
+
+    With a fork at block m, blocks <= m run on ``batch`` rows and the rest (and the final
+    layer) on ``batch + n_fork``. Elementwise work (norms, gates, GELU, RoPE) is left out.
+    """
+    D = config.hidden_size
+    F = int(D * config.mlp_ratio)
+    N, T = n_img, n_txt
+
+    def rows(i):
+        return batch + (n_fork if fork_block is not None and i > fork_block else 0)
+
+    def attn(q_len, k_len):
+        return 4 * q_len * k_len * D  # QK^T and PV over all heads
+
+    total = 0
+    if isinstance(config, SD3Config):
+        p = config.patch_size
+        head = N * config.in_channels * p * p * D + T * config.context_dim * D
+        head += 256 * D + D * D + config.pooled_dim * D + D * D
+        total += 2 * batch * head
+        for i in range(config.num_layers):
+            last = i == config.num_layers - 1
+            dual = i in config.dual_attention_layers
+            x = (9 if dual else 6) * D * D + N * (3 * D * D + D * D + 2 * D * F)
+            x += N * 4 * D * D if dual else 0  # attn2: its own qkv + proj
+            c = (2 if last else 6) * D * D + T * 3 * D * D + (0 if last else T * (D * D + 2 * D * F))
+            a = attn(N + T, N + T) + (attn(N, N) if dual else 0)
+            total += rows(i) * (2 * (x + c) + a)
+        final = 2 * D * D + N * D * p * p * config.out_channels
+        total += 2 * rows(config.num_layers) * final
+        return total
+    head = N * config.in_channels * D + T * config.context_dim * D
+    head += (256 * D + D * D) * (2 if config.guidance_embed else 1) + config.pooled_dim * D + D * D
+    total += 2 * batch * head
+    L = N + T
+    for i in range(config.num_double):
+        per = 2 * 6 * D * D + L * (3 * D * D + D * D + 2 * D * F)  # both streams
+        total += rows(i) * (2 * per + attn(L, L))
+    for j in range(config.num_single):
+        i = config.num_double + j
+        per = 3 * D * D + L * (D * (3 * D + F) + (D + F) * D)
+        total += rows(i) * (2 * per + attn(L, L))
+    final = 2 * D * D + N * D * config.in_channels
+    total += 2 * rows(config.total_blocks) * final
+    return total
+
+
+def tokens(config, latent_hw: tuple[int, int]) -> int:
+    h, w = latent_hw
+    p = config.patch_size if isinstance(config, SD3Config) else 2
+    return (h // p) * (w // p)
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    for key, table in PEAK_TFLOPS:
+        if key in device_name:
+            return table.get(dtype)
+    return None
+
+
+# ---- environment and timing ----------------------------------------------------------------
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        else:
+            name = platform.processor() or platform.machine()
+    except OSError:
+        name = platform.processor() or platform.machine()
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def environment(device) -> dict:
+    try:
+        import diffusers
+        dv = diffusers.__version__
+    except ImportError:
+        dv = None
+    return {"device": device_name(device), "torch": torch.__version__, "diffusers": dv,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> tuple[float, float, object]:
+    """(wall seconds, process CPU seconds, result) of one call, synchronized before and after.
+
+    On a CPU shared with other jobs the process CPU time (all threads) varies less than the
+    wall time, which includes waiting for a core.
+    """
+    synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# ---- the timed cases -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Case:
+    """One step both ways: ``ours()`` and ``peer()`` each return the guided velocity."""
+
+    name: str
+    rows_ours: str  # batch rows, for the table
+    rows_peer: str
+    flops_ours: int
+    flops_peer: int
+    ours: object
+    peer: object
+
+
+def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
+                dg: float = 2.0, names=("forward", "cfg", "cfg_dg")) -> list[Case]:
+    """forward (B rows); CFG step ([uncond | cond], 2B rows); CFG+DG step: ours one call with
+    ``fork`` ([uncond | cond] forked at block m into [uncond | cond | cond_disrupted]); the
+    diffusers way a batch of 3B rows with a forward hook on block m zeroing the MA channels of
+    the last B rows' image tokens at that block's output (registered here on the peer)."""
+    B = inp.x.shape[0]
+    shape = tuple(inp.x.shape)
+    n_img, n_txt = tokens(config, shape[2:]), inp.context.shape[1]
+    channels = ma_channels(config)
+    ours.ma = mmdit.MASpec(channels, block=fork_block)
+    ch = torch.tensor(channels, device=inp.x.device)
+    if runner.hook is not None:
+        runner.hook.remove()
+    runner.hook = runner.block(fork_block).register_forward_hook(zero_ma_hook(B, ch))
+    out = []
+
+    def call(model, i: Inputs, **kw):
+        return model(i.x, i.sigma, i.context, i.pooled, guidance=i.guidance, **kw)
+
+    if "forward" in names:
+        prep = runner.prepare(inp)
+        flops = forward_flops(config, n_img, n_txt, B)
+        out.append(Case("forward", f"{B}", f"{B}", flops, flops,
+                        lambda: call(ours, inp), lambda: runner(prep, shape)))
+    two = inp.repeat(2)
+    if "cfg" in names:
+        prep2 = runner.prepare(two)
+        flops = forward_flops(config, n_img, n_txt, 2 * B)
+
+        def ours_cfg():
+            vu, vc = call(ours, two).chunk(2)
+            return vu + cfg * (vc - vu)
+
+        def peer_cfg():
+            vu, vc = runner(prep2, shape).chunk(2)
+            return vu + cfg * (vc - vu)
+        out.append(Case("cfg", f"{2 * B}", f"{2 * B}", flops, flops, ours_cfg, peer_cfg))
+    if "cfg_dg" in names:
+        prep3 = runner.prepare(inp.repeat(3))
+        fork = torch.tensor([False] * B + [True] * B, device=inp.x.device)
+
+        def ours_dg():
+            vu, vc, vd = call(ours, two, fork=fork).chunk(3)
+            return vu + cfg * (vc - vu) + dg * (vc - vd)
+
+        def peer_dg():  # the hook on block m disrupts the last B rows
+            vu, vc, vd = runner(prep3, shape).chunk(3)
+            return vu + cfg * (vc - vu) + dg * (vc - vd)
+        out.append(Case("cfg_dg", f"{2 * B}->{3 * B}", f"{3 * B}",
+                        forward_flops(config, n_img, n_txt, 2 * B, fork_block, B),
+                        forward_flops(config, n_img, n_txt, 3 * B), ours_dg, peer_dg))
+    return out

@@ -1,0 +1,84 @@
+"""Smoke tests of benchmarks/latency.py and benchmarks/memory.py on tiny configs.
+
+They check that the scripts run end to end (diffusers peer with our weights, the DG hook,
+the fork, fresh-process loads) and that the JSON has its fields; not the timings.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import latency  # noqa: E402
+
+TINY = {
+    "sd3": ["--preset", "sd3.5-medium", "--num-layers", "2", "--set", "pos_embed_max_size=16",
+            "--set", "dual_attention_layers=(0,)"],
+    "flux": ["--preset", "flux.1-dev", "--num-layers", "3", "--set", "axes_dim=(4,6,6)"],
+}
+SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--set", "pooled_dim=20",
+         "--device", "cpu", "--dtype", "fp32"]
+CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all_ms", "flops_ours",
+               "flops_diffusers", "tflops_ours", "tflops_diffusers", "max_rel_err", "rows_ours", "rows_diffusers"}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_path, capsys):
+    path = tmp_path / "latency.json"
+    latency.main(TINY[family] + SMALL + ["--resolution", "128x96", "--text-len", "5", "--warmup", "0",
+                                         "--iters", "2", "--json", str(path)])
+    out = json.loads(path.read_text())
+    for key in ("device", "torch", "diffusers", "date", "config", "dtype", "resolution", "batch", "text_len",
+                "fork_block", "ma_channels", "results", "dg_overhead", "peak_tflops", "compile"):
+        assert key in out, key
+    assert out["fork_block"] == 1  # total_blocks // 2; FLUX 1+2 blocks: single block 0
+    assert set(out["results"]) == {"forward", "cfg", "cfg_dg"}
+    for name, r in out["results"].items():
+        assert CASE_FIELDS <= set(r), (name, CASE_FIELDS - set(r))
+        assert len(r["ours_all_ms"]) == len(r["diffusers_all_ms"]) == 2
+        assert r["max_rel_err"] < 1e-4, (name, r["max_rel_err"])  # same weights, same guidance
+        assert {"ours_cpu_ms", "diffusers_cpu_ms", "cpu_ratio"} <= set(r)  # CPU runs add process CPU time
+    assert out["results"]["cfg_dg"]["rows_ours"] == "2->3" and out["results"]["cfg_dg"]["rows_diffusers"] == "3"
+    o = out["dg_overhead"]
+    assert o["flop_model_diffusers"] == pytest.approx(1.5, rel=1e-6)
+    assert 1.0 < o["flop_model_ours"] < 1.5
+    assert "DG overhead" in capsys.readouterr().out
+
+
+def test_forward_flops_match_hand_count():
+    import common
+    import mmdit
+    cfg = mmdit.preset("sd3-medium", num_layers=1, num_heads=1, head_dim=4, context_dim=3, pooled_dim=2)
+    D, F, N, T = 4, 16, 6, 5
+    head = N * 16 * 4 * D + T * 3 * D + 256 * D + D * D + 2 * D + D * D
+    block = 6 * D * D + N * (4 * D * D + 2 * D * F) + 2 * D * D + T * 3 * D * D  # last block: pre_only ctx
+    final = 2 * D * D + N * D * 64
+    want = 2 * (head + block + final) + 4 * (N + T) ** 2 * D
+    assert common.forward_flops(cfg, N, T, 1) == want
+    assert common.forward_flops(cfg, N, T, 2) == 2 * want
+
+
+def test_memory_script_loads_both_ways_in_fresh_processes(tmp_path):
+    path = tmp_path / "memory.json"
+    cmd = [sys.executable, str(BENCH / "memory.py")] + TINY["sd3"] + SMALL + [
+        "--repeats", "1", "--dir", str(tmp_path), "--json", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(path.read_text())
+    for key in ("device", "torch", "diffusers", "date", "config", "checkpoint_mb", "load", "ratio"):
+        assert key in out, key
+    for impl in ("ours", "diffusers"):
+        s = out["load"][impl]
+        assert {"peak_rss_mb", "import_rss_mb", "load_rss_mb", "load_s", "params"} <= set(s)
+        assert s["peak_rss_mb"] > 0 and s["load_s"] > 0
+    assert out["load"]["ours"]["params"] == out["load"]["diffusers"]["params"]
+    # same weights read back both ways
+    assert out["load"]["ours"]["runs"][0]["checksum"] == pytest.approx(out["load"]["diffusers"]["runs"][0]["checksum"],
+                                                                      rel=1e-5)
+    assert {"peak_rss_mb", "load_rss_mb", "load_s"} <= set(out["ratio"])
+    assert "ours/diff" in proc.stdout

@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, note failures, carr
 }
 
 step "gpu tests" 180 "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider
-step "kernel benchmarks" 180 "$PY" benchmarks/kernels.py --json "$RESULTS/kernels.json"
+step "kernel benchmarks" 180 "$PY" benchmarks/kernel_speed.py --json "$RESULTS/kernels.json"
 
 # ==== latency benchmark: the lead appends it here (budget left: ~100 s) ====
 # Ours vs diffusers on the same random weights: SD3.5-medium, SD3.5-large, FLUX.1-dev at full

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import SD3Config
@@ -41,19 +40,6 @@ class SelfAttention(nn.Module):
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         return q, k, v.transpose(1, 2)
 
-    def kv_heads(self, h: torch.Tensor):
-        """h (B, L, D) -> k, v each (B, H, L, Dh), for tokens that are never queried.
-
-        Only the k and v rows of the qkv weight are used (a view, no copy).
-        """
-        B, L, D = h.shape
-        k, v = F.linear(h, self.qkv.weight[D:], self.qkv.bias[D:]).view(B, L, 2, self.heads, -1).unbind(2)
-        if hasattr(self, "ln_k"):
-            k, _ = qk_norm_rope(k, k, self.ln_k.weight, self.ln_k.weight)  # the op takes a (q, k) pair
-        else:
-            k = k.transpose(1, 2)
-        return k, v.transpose(1, 2)
-
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -84,8 +70,8 @@ class StreamBlock(nn.Module):
         """-> (q, k, v), the modulations; (k, v) only for a pre_only stream (its queries'
         outputs would be discarded)."""
         mods = modulations(self.adaLN_modulation(c), self.n_mod)
-        h = modulate(h, mods[0].shift, mods[0].scale)
-        return (self.attn.kv_heads(h) if self.pre_only else self.attn.qkv_heads(h)), mods
+        q, k, v = self.attn.qkv_heads(modulate(h, mods[0].shift, mods[0].scale))
+        return ((k, v) if self.pre_only else (q, k, v)), mods
 
     def post_attention(self, h, a, mods, fork: Fork | None, stream: str):
         """h + gate*proj(a) [+ gate2*attn2] + gate_mlp*MLP; the fork acts on the last residual."""

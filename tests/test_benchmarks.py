@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(BENCH))  # appended: nothing in benchmarks/ may shadow an installed module
 
 import latency  # noqa: E402
 

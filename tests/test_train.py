@@ -49,7 +49,9 @@ def step(model, batch, lr=0.1):
     model.zero_grad(set_to_none=True)
     loss = model(x0, ids, sigma, noise)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # a parameter that gets no gradient (the last block's unused context ln_q) has None on the
+    # torch path and zeros from the Triton backward: count both as zeros
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:

@@ -1,7 +1,7 @@
 """Fused Triton kernels vs the eager torch reference and torch.compile of the reference.
 
-    python benchmarks/kernels.py                      # SD3.5-large and FLUX shapes, bf16, CUDA
-    python benchmarks/kernels.py --small --no-compile # CPU smoke test (Triton interpreter)
+    python benchmarks/kernel_speed.py                      # SD3.5-large and FLUX shapes, bf16, CUDA
+    python benchmarks/kernel_speed.py --small --no-compile # CPU smoke test (Triton interpreter)
 
 For each kernel, shape and pass (fwd, fwd+bwd): the median time over --iters runs after
 --warmup runs (CUDA synchronized), GB/s = bytes the pass must move / time, and the speed-up

@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import FluxConfig
 from .kernels import gated_residual, modulate, qk_norm_rope
-from .layers import (Fork, MLPEmbedder, attention, gelu_tanh, modulations, plan_fork, split_heads,
+from .layers import (FinalLayer, Fork, MLPEmbedder, attention, gelu_tanh, modulations, plan_fork, split_heads,
                      timestep_embedding)
 
 
@@ -128,17 +128,6 @@ class SingleStreamBlock(nn.Module):
         return fork.residual(x, y, mod.gate, "joint", text_len=text_len)
 
 
-class LastLayer(nn.Module):
-    def __init__(self, dim: int, out_features: int):
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, out_features)
-
-    def forward(self, x, vec):
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # original order: (shift, scale)
-        return self.linear(modulate(x, shift, scale))
-
-
 class FluxTransformer(nn.Module):
     """``v = model(x, sigma, context, pooled, guidance)``: x (B, 16, H, W), sigma (B,) in [0, 1].
 
@@ -157,7 +146,7 @@ class FluxTransformer(nn.Module):
         self.txt_in = nn.Linear(config.context_dim, dim)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.num_double))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.num_single))
-        self.final_layer = LastLayer(dim, config.in_channels)
+        self.final_layer = FinalLayer(dim, config.in_channels)
         self.ma = None
 
     def forward(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):

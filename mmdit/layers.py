@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import gated_residual
+from .kernels import gated_residual, modulate
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -40,6 +40,19 @@ class SequentialEmbedder(nn.Module):
 
     def forward(self, x):
         return self.mlp(x)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear projection to the output features."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_features)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # original order: (shift, scale)
+        return self.linear(modulate(x, shift, scale))
 
 
 @dataclass

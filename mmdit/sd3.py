@@ -6,7 +6,7 @@ from torch import nn
 
 from .config import SD3Config
 from .kernels import gated_residual, modulate, qk_norm_rope
-from .layers import (Fork, SequentialEmbedder, attention, gelu_tanh, modulations, plan_fork,
+from .layers import (FinalLayer, Fork, SequentialEmbedder, attention, gelu_tanh, modulations, plan_fork,
                      split_heads, timestep_embedding)
 
 
@@ -122,17 +122,6 @@ class PatchEmbed(nn.Module):
         # (B, h*w, D), row-major tokens; contiguous, or the whole residual stream would inherit
         # the conv's channel-major strides (every LayerNorm then copies, every add is strided)
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, dim: int, out_features: int):
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, out_features)
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # original order: (shift, scale)
-        return self.linear(modulate(x, shift, scale))
 
 
 class SD3Transformer(nn.Module):

@@ -9,6 +9,7 @@ import argparse
 import ast
 import dataclasses
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -412,3 +413,9 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
                         forward_flops(config, n_img, n_txt, 2 * B, fork_block, B),
                         forward_flops(config, n_img, n_txt, 3 * B), ours_dg, peer_dg))
     return out
+
+
+def write_json(path, out: dict) -> None:
+    """The result dict as indented JSON at ``path`` (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")

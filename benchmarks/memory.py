@@ -208,8 +208,7 @@ def main(argv=None):
     out = run(args)
     print(report(out))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        common.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -419,3 +419,10 @@ def write_json(path, out: dict) -> None:
     """The result dict as indented JSON at ``path`` (folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def describe_model(out: dict) -> str:
+    """'sd3.5-medium (hidden 1536, 4 blocks), float32' from a result dict's preset and config."""
+    c = out["config"]
+    depth = c["num_layers"] if c["family"] == "sd3" else f"{c['num_double']}+{c['num_single']}"
+    return f"{out['preset']} (hidden {c['num_heads'] * c['head_dim']}, {depth} blocks), {out['dtype']}"

@@ -113,9 +113,7 @@ def run(args) -> dict:
 
 
 def report(out: dict) -> str:
-    c = out["config"]
-    depth = c["num_layers"] if c["family"] == "sd3" else f"{c['num_double']}+{c['num_single']}"
-    lines = [f"{out['preset']} (hidden {c['num_heads'] * c['head_dim']}, {depth} blocks), {out['dtype']}, "
+    lines = [common.describe_model(out) + f", "
              f"{out['resolution'][0]}x{out['resolution'][1]} ({out['image_tokens']} image + {out['text_len']} "
              f"text tokens), batch {out['batch']}, fork block {out['fork_block']}"
              f"{', torch.compile' if out['compile'] else ''}",

@@ -176,9 +176,7 @@ def run(args) -> dict:
 
 
 def report(out: dict) -> str:
-    c = out["config"]
-    depth = c["num_layers"] if c["family"] == "sd3" else f"{c['num_double']}+{c['num_single']}"
-    lines = [f"{out['preset']} (hidden {c['num_heads'] * c['head_dim']}, {depth} blocks), {out['dtype']} checkpoint "
+    lines = [common.describe_model(out) + f" checkpoint "
              f"of {out['checkpoint_mb']:.0f} MiB; device: {out['device']}; torch {out['torch']}, "
              f"diffusers {out['diffusers']}; median of {out['repeats']} fresh-process loads each",
              f"{'':10s} {'peak RSS MiB':>13s} {'after imports':>14s} {'added by load':>14s} {'load s':>8s}"]

@@ -22,13 +22,7 @@ export PATH="$PWD/$venv/bin:$PATH" VIRTUAL_ENV="$PWD/$venv"  # as `activate` wou
 cmd="${1:-}"
 shift || true
 case "$cmd" in
-    test)
-        # The Triton-interpreter tests run first, each module in a fresh process: once diffusers'
-        # peers module has been imported, the interpreter's qk-norm backward launches fail
-        # ("ValueError: vector::reserve"). Not root-caused; see the README's "Known issues".
-        fresh=(tests/test_kernels.py tests/test_triton_models.py tests/test_train.py)
-        for t in "${fresh[@]}"; do "$venv/bin/python" -m pytest -q "$t" "$@"; done
-        exec "$venv/bin/python" -m pytest -q tests "${fresh[@]/#/--ignore=}" "$@" ;;
+    test) exec "$venv/bin/python" -m pytest -q tests "$@" ;;
     generate|inspect|analyze-ma|calibrate-ma|train) exec "$venv/bin/mmdit" "$cmd" "$@" ;;
     *) echo "usage: bash run.sh test [pytest args] | bash run.sh generate|inspect|analyze-ma|calibrate-ma|train [args]" >&2; exit 2 ;;
 esac

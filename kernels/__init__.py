@@ -3,8 +3,18 @@
 Each op lives in its own file with its Triton kernels, its torch reference and its
 autograd.Function; ``dispatch`` decides which one runs (``MMDIT_KERNELS=torch|triton``).
 """
-from .gated_residual import gated_residual
-from .modulate import modulate
-from .qk_norm_rope import qk_norm_rope
+if __name__ != "mmdit.kernels":
+    # This folder was imported as a top-level ``kernels`` (a checkout's root on sys.path):
+    # transformers does that when it probes for Hugging Face's ``kernels`` package. Running
+    # these files a second time would re-register the mmdit:: custom ops, which makes torch
+    # destroy the first registrations and leaves mmdit.kernels calling freed operators.
+    import importlib
+    import sys
 
-__all__ = ["modulate", "gated_residual", "qk_norm_rope"]
+    sys.modules[__name__] = importlib.import_module("mmdit.kernels")
+else:
+    from .gated_residual import gated_residual
+    from .modulate import modulate
+    from .qk_norm_rope import qk_norm_rope
+
+    __all__ = ["modulate", "gated_residual", "qk_norm_rope"]

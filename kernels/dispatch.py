@@ -6,6 +6,10 @@ so set it before the first compiled call).
 import os
 import types
 
+if not __name__.startswith("mmdit."):
+    raise ImportError(f"{__name__} is mmdit's kernels folder imported under another name; import "
+                      "mmdit.kernels instead (a second copy would re-register the mmdit:: custom ops)")
+
 import torch
 
 try:

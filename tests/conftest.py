@@ -13,7 +13,6 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
-    config.addinivalue_line("markers", "slow: slower end-to-end tests")
 
 
 def pytest_collection_modifyitems(config, items):

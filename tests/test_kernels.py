@@ -5,6 +5,8 @@ shapes stay small and odd: D=80 pads to BLOCK_D=128, N=37 splits into uneven row
 GPU tests (bf16, torch.compile) use the rule max|kernel - ref32| <= 2 max|torch_lowp - ref32| + atol.
 """
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +213,30 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("MMDIT_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MMDIT_KERNELS"):
         dispatch.use_triton(x)
+
+
+def test_checkout_folder_imported_as_kernels_is_mmdit_kernels(monkeypatch):
+    """transformers probes for Hugging Face's ``kernels`` package with import_module("kernels"),
+    which from a checkout's root finds this folder. It must get mmdit.kernels back: a second
+    copy would re-register the mmdit:: custom ops, and torch then frees the first ones."""
+    from torch._library.custom_ops import OPDEF_TO_LIB
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    registered = {name: lib for name, lib in OPDEF_TO_LIB.items() if name.startswith("mmdit::")}
+    assert len(registered) == 6, sorted(registered)
+
+    assert importlib.import_module("kernels") is importlib.import_module("mmdit.kernels")
+    with pytest.raises(ImportError, match="import mmdit.kernels instead"):
+        importlib.import_module("kernels.qk_norm_rope")
+    now = {name: lib for name, lib in OPDEF_TO_LIB.items() if name.startswith("mmdit::")}
+    assert all(now[name] is lib for name, lib in registered.items()), "an mmdit:: op was registered again"
+
+    monkeypatch.setenv("MMDIT_KERNELS", "triton")  # the ops still run, forward and backward
+    q = torch.randn(1, 3, 2, 8, requires_grad=True)
+    q_out, k_out = qk_norm_rope(q, q.detach(), torch.ones(8), torch.ones(8))
+    q_out.sum().backward()
+    assert torch.allclose(q_out, qk_formula(q.detach().double(), torch.ones(8)).float(), atol=1e-5)
 
 
 # ---- low precision (rule of STYLE.md) ------------------------------------------------------

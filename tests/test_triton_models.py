@@ -35,13 +35,7 @@ def count_triton_calls(monkeypatch) -> Counter:
     return counts
 
 
-# Known issue (README): in some processes the interpreter's qk-norm launch for the SD3 model
-# fails with "ValueError: vector::reserve" (seen on a fresh clone, not in the dev tree); not
-# root-caused, so that case may fail without failing the suite until it is.
-FLAKY = pytest.mark.xfail(strict=False, raises=ValueError, reason="Triton interpreter: vector::reserve")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=FLAKY) if n.startswith("sd3") else n for n in sorted(PEERS)])
+@pytest.mark.parametrize("name", sorted(PEERS))
 def test_triton_forced_model_matches_diffusers(name, tmp_path, monkeypatch):
     counts = count_triton_calls(monkeypatch)
     peer = PEERS[name]()

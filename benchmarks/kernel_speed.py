@@ -20,7 +20,6 @@ import torch
 
 if not torch.cuda.is_available():  # the interpreter must be chosen before triton.jit runs
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["MMDIT_KERNELS"] = "triton"  # the public ops take the Triton path, even on CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 from mmdit.kernels import gated_residual, modulate, qk_norm_rope  # noqa: E402
@@ -158,6 +157,7 @@ def main(argv=None):
     p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = p.parse_args(argv)
+    os.environ["MMDIT_KERNELS"] = "triton"  # the public ops take the Triton path, even on CPU
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = args.shapes or (["small"] if args.small or device.type == "cpu" else ["sd3.5-large", "flux"])

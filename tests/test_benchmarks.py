@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/latency.py and benchmarks/memory.py on tiny configs.
+"""Smoke tests of benchmarks/latency.py, memory.py and kernel_speed.py on tiny configs.
 
 They check that the scripts run end to end (diffusers peer with our weights, the DG hook,
 the fork, fresh-process loads) and that the JSON has its fields; not the timings.
@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.append(str(BENCH))  # appended: nothing in benchmarks/ may shadow an installed module
 
+import kernel_speed  # noqa: E402
 import latency  # noqa: E402
 
 TINY = {
@@ -82,3 +83,17 @@ def test_memory_script_loads_both_ways_in_fresh_processes(tmp_path):
                                                                       rel=1e-5)
     assert {"peak_rss_mb", "load_rss_mb", "load_s"} <= set(out["ratio"])
     assert "ours/diff" in proc.stdout
+
+
+def test_kernel_speed_script_times_every_kernel_and_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMDIT_KERNELS", "auto")  # the script forces triton; restored after
+    out = tmp_path / "kernels.json"
+    kernel_speed.main(["--small", "--no-compile", "--warmup", "0", "--iters", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    cases = {(r["kernel"], r["pass"]) for r in rows}
+    assert cases == {(k, p) for k in ("modulate", "gated_residual", "gated_residual+fork", "qk_norm_rope")
+                     for p in ("fwd", "fwd+bwd")}
+    assert {r["impl"] for r in rows} == {"triton", "eager"} and len(rows) == 16
+    for r in rows:
+        assert r["ms"] > 0 and r["GB/s"] == pytest.approx(r["bytes"] / r["ms"] / 1e6)

@@ -61,3 +61,12 @@ def num_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+@triton.jit
+def program_row(N, D, BLOCK_D: tl.constexpr):
+    """For kernels with one program per (b, n) row: the row (int64), b, n, the column offsets
+    and their mask (BLOCK_D >= D)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    return row, row // N, row % N, offs, offs < D

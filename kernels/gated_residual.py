@@ -17,7 +17,7 @@ outside C gives a bit-identical copy. dgate sums in fp32.
 """
 import torch
 
-from .dispatch import block_size, num_programs, num_warps, tl, triton, use_triton
+from .dispatch import block_size, num_programs, num_warps, program_row, tl, triton, use_triton
 
 
 @triton.jit
@@ -30,11 +30,7 @@ def _gated_residual_fwd_kernel(
     HAS_FORK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per source row (b, n): writes out[b, n] and, if b forks, out[fork_row[b], n]."""
-    row = tl.program_id(0).to(tl.int64)
-    b = row // N
-    n = row % N
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
+    row, b, n, offs, mask = program_row(N, D, BLOCK_D)
 
     x = tl.load(x_ptr + b * stride_xb + n * stride_xn + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + b * stride_yb + n * stride_yn + offs * stride_yd, mask=mask, other=0.0).to(tl.float32)

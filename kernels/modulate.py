@@ -15,7 +15,15 @@ fp32, and the result is rounded once to x.dtype. mean/rstd are recomputed in the
 import torch
 import torch.nn.functional as F
 
-from .dispatch import block_size, num_programs, num_warps, tl, triton, use_triton
+from .dispatch import block_size, num_programs, num_warps, program_row, tl, triton, use_triton
+
+
+@triton.jit
+def _centre(x, mask, D, eps):
+    """x - mean(x) and 1 / std(x) of one fp32 row; two passes (the centred sum avoids
+    E[x^2] - E[x]^2 cancellation)."""
+    xc = tl.where(mask, x - tl.sum(x, axis=0) / D, 0.0)
+    return xc, 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
 
 
 @triton.jit
@@ -28,17 +36,10 @@ def _modulate_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One program per (b, n) row; the row lives in registers (BLOCK_D >= D, masked)."""
-    row = tl.program_id(0).to(tl.int64)
-    b = row // N
-    n = row % N
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
+    row, b, n, offs, mask = program_row(N, D, BLOCK_D)
 
     x = tl.load(x_ptr + b * stride_xb + n * stride_xn + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
-    # Two-pass statistics in fp32 (the centred sum avoids E[x^2] - E[x]^2 cancellation).
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    xc, rstd = _centre(x, mask, D, eps)
 
     shift = tl.load(shift_ptr + b * stride_shift_b + offs * stride_shift_d, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * stride_scale_b + offs * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
@@ -69,9 +70,7 @@ def _modulate_bwd_kernel(
     n_end = tl.minimum(n_start + rows_per_program, N)
     for n in range(n_start, n_end):
         x = tl.load(x_ptr + b * stride_xb + n * stride_xn + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / D
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+        xc, rstd = _centre(x, mask, D, eps)
         xhat = xc * rstd
 
         g = tl.load(dout_ptr + b * stride_gb + n * stride_gn + offs * stride_gd, mask=mask, other=0.0).to(tl.float32)

@@ -63,6 +63,14 @@ def num_programs(device: torch.device) -> int:
     return 4
 
 
+def row_chunks(B: int, N: int, device: torch.device) -> tuple[int, int]:
+    """(chunks, rows_per_program) for a (B, chunks) grid whose program walks rows of one batch
+    entry and adds one partial sum: enough programs to fill the device, no empty chunk."""
+    chunks = max(1, min(N, triton.cdiv(num_programs(device), B)))
+    rows_per_program = triton.cdiv(N, chunks)
+    return triton.cdiv(N, rows_per_program), rows_per_program
+
+
 @triton.jit
 def program_row(N, D, BLOCK_D: tl.constexpr):
     """For kernels with one program per (b, n) row: the row (int64), b, n, the column offsets
@@ -70,3 +78,15 @@ def program_row(N, D, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     return row, row // N, row % N, offs, offs < D
+
+
+@triton.jit
+def program_chunk(N, D, rows_per_program, BLOCK_D: tl.constexpr):
+    """For the (B, chunks) grid of ``row_chunks``: b (int64), the chunk, the column offsets and
+    their mask, the chunk's rows [n_start, n_end), and where its partial row goes."""
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_D)
+    n_start = chunk * rows_per_program
+    part = (b * tl.num_programs(1) + chunk) * D
+    return b, offs, offs < D, n_start, tl.minimum(n_start + rows_per_program, N), part

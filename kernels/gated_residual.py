@@ -17,7 +17,7 @@ outside C gives a bit-identical copy. dgate sums in fp32.
 """
 import torch
 
-from .dispatch import block_size, num_programs, num_warps, program_row, tl, triton, use_triton
+from .dispatch import block_size, num_warps, program_chunk, program_row, row_chunks, tl, triton, use_triton
 
 
 @triton.jit
@@ -58,10 +58,7 @@ def _gated_residual_bwd_kernel(
 ):
     """Program (b, chunk) walks rows n of one chunk of batch b: folds the fork row's gradient
     into dval, writes dx and dy, and one fp32 partial sum of dgate for the chunk."""
-    b = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
+    b, offs, mask, n_start, n_end, part = program_chunk(N, D, rows_per_program, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + offs * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     if HAS_FORK:
@@ -69,8 +66,6 @@ def _gated_residual_bwd_kernel(
         rho = tl.load(rho_ptr + b)
         chan = tl.load(chan_ptr + offs, mask=mask, other=0) != 0
     dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    n_start = chunk * rows_per_program
-    n_end = tl.minimum(n_start + rows_per_program, N)
     for n in range(n_start, n_end):
         g = tl.load(dout_ptr + b * stride_gb + n * stride_gn + offs * stride_gd, mask=mask, other=0.0).to(tl.float32)
         if HAS_FORK:
@@ -83,7 +78,7 @@ def _gated_residual_bwd_kernel(
         tl.store(dy_ptr + (b * N + n) * D + offs, (gate * g).to(dy_ptr.dtype.element_ty), mask=mask)
         dgate += g * y
 
-    tl.store(dgate_part_ptr + (b * tl.num_programs(1) + chunk) * D + offs, dgate, mask=mask)
+    tl.store(dgate_part_ptr + part + offs, dgate, mask=mask)
 
 
 def _fork_tables(x, fork_idx, channels, rho, token_start, token_mask):
@@ -125,9 +120,7 @@ def _backward(dout, y, gate, fork_idx, channels, rho, token_start, token_mask):
     B, N, D = y.shape
     dx = torch.empty((B, N, D), dtype=dout.dtype, device=y.device)
     dy = torch.empty_like(dx, dtype=y.dtype)
-    chunks = max(1, min(N, triton.cdiv(num_programs(y.device), B)))
-    rows_per_program = triton.cdiv(N, chunks)
-    chunks = triton.cdiv(N, rows_per_program)
+    chunks, rows_per_program = row_chunks(B, N, y.device)
     dgate_part = torch.zeros((B, chunks, D), dtype=torch.float32, device=y.device)
     if dx.numel() > 0:
         tables = _fork_tables(y, fork_idx, channels, rho, token_start, token_mask)

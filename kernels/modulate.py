@@ -15,7 +15,7 @@ fp32, and the result is rounded once to x.dtype. mean/rstd are recomputed in the
 import torch
 import torch.nn.functional as F
 
-from .dispatch import block_size, num_programs, num_warps, program_row, tl, triton, use_triton
+from .dispatch import block_size, num_warps, program_chunk, program_row, row_chunks, tl, triton, use_triton
 
 
 @triton.jit
@@ -58,16 +58,11 @@ def _modulate_bwd_kernel(
 ):
     """Program (b, chunk) walks rows n of one chunk of batch b; it writes dx for each row and
     one fp32 partial sum of dshift / dscale for the chunk (summed over chunks by torch)."""
-    b = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
+    b, offs, mask, n_start, n_end, part = program_chunk(N, D, rows_per_program, BLOCK_D)
 
     scale = tl.load(scale_ptr + b * stride_scale_b + offs * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
     dshift = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dscale = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    n_start = chunk * rows_per_program
-    n_end = tl.minimum(n_start + rows_per_program, N)
     for n in range(n_start, n_end):
         x = tl.load(x_ptr + b * stride_xb + n * stride_xn + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
         xc, rstd = _centre(x, mask, D, eps)
@@ -80,7 +75,6 @@ def _modulate_bwd_kernel(
         dshift += g
         dscale += g * xhat
 
-    part = (b * tl.num_programs(1) + chunk) * D
     tl.store(dshift_part_ptr + part + offs, dshift, mask=mask)
     tl.store(dscale_part_ptr + part + offs, dscale, mask=mask)
 
@@ -103,10 +97,7 @@ def _backward(dout, x, scale, eps):
     """-> dx (B, N, D) in x.dtype; dshift, dscale (B, D) in fp32."""
     B, N, D = x.shape
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    # Enough (b, chunk) programs to fill the device; each chunk adds one partial row.
-    chunks = max(1, min(N, triton.cdiv(num_programs(x.device), B)))
-    rows_per_program = triton.cdiv(N, chunks)
-    chunks = triton.cdiv(N, rows_per_program)
+    chunks, rows_per_program = row_chunks(B, N, x.device)
     dshift_part = torch.zeros((B, chunks, D), dtype=torch.float32, device=x.device)
     dscale_part = torch.zeros((B, chunks, D), dtype=torch.float32, device=x.device)
     if dx.numel() > 0:

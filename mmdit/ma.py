@@ -51,10 +51,6 @@ class MASpec:
 # ---------------------------------------------------------------------------------------------
 # Where the hooks go
 
-# Hints from the paper and the authors' code (PAPER.md); calibration is what decides.
-KNOWN_CHANNELS = {"sd3-medium": (810,), "sd3.5": (676,), "flux.1": (154, 1446)}
-
-
 def default_block(config) -> int:
     """The fork block m when none is given: FLUX block 28 of 57 (single block 9), SD3 the
     middle joint block (12 of 24); scaled to the model's depth (PAPER.md, "ours")."""
@@ -379,6 +375,12 @@ def spec_to_json(spec: MASpec) -> dict:
             "streams": list(spec.streams)}
 
 
+def spec_from_json(data: dict) -> MASpec:
+    """The inverse of ``spec_to_json``."""
+    return MASpec(channels=tuple(data["channels"]), block=data["block"], rho=data["rho"],
+                  streams=tuple(data["streams"]))
+
+
 def save_spec(spec: MASpec, key: str, *, calibration: Calibration | None = None) -> Path:
     """Write the spec (and the calibration table, if given) to ``cache_dir()/<key>.json``."""
     data = {"format": FORMAT, "key": key, "spec": spec_to_json(spec)}
@@ -401,8 +403,7 @@ def load_spec(key: str) -> MASpec | None:
     if data.get("format") != FORMAT:
         raise ValueError(f"{path} is not an MA spec of format {FORMAT} (found {data.get('format')!r}); "
                          "delete it and run `mmdit calibrate-ma` again")
-    s = data["spec"]
-    return MASpec(channels=tuple(s["channels"]), block=s["block"], rho=s["rho"], streams=tuple(s["streams"]))
+    return spec_from_json(data["spec"])
 
 
 def spec_for_checkpoint(path_or_hash: str | os.PathLike) -> MASpec | None:

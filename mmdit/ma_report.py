@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import ma
-from .samplers import flux_sigmas, sample, sd3_sigmas
+from .samplers import flux_seq_len, flux_sigmas, sample, sd3_sigmas
 
 
 def _mean_rows(rec: ma.Activations) -> dict[str, torch.Tensor]:
@@ -224,7 +224,7 @@ def default_sigmas(model: nn.Module, steps: int, height: int, width: int) -> tor
     """The family's schedule for an image of height x width pixels (FLUX-dev shifted, schnell not)."""
     if model.config.family == "sd3":
         return sd3_sigmas(steps)
-    return flux_sigmas(steps, math.ceil(height / 16) * math.ceil(width / 16),
+    return flux_sigmas(steps, flux_seq_len(height, width),
                        shift=model.config.guidance_embed)
 
 

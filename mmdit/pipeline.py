@@ -210,10 +210,6 @@ class Pipeline:
             guidance = defaults["guidance"] if guidance is None else guidance
         else:
             guidance = None
-        if dg and self.transformer.ma is None:
-            raise ValueError("dg > 0 needs the transformer's massive-activation spec; run "
-                             "`mmdit calibrate-ma MODEL` once (it is cached per checkpoint) or set "
-                             "pipe.transformer.ma = mmdit.MASpec(channels=..., block=...)")
         x = sample(self.transformer, latents.to(device=device, dtype=dtype), self.sigmas(steps, h, w),
                    cond, uncond, cfg=cfg, dg=dg, cfg_interval=cfg_interval, dg_interval=dg_interval,
                    guidance=guidance, progress=progress)

@@ -67,11 +67,9 @@ class StreamBlock(nn.Module):
             self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def pre_attention(self, h: torch.Tensor, c: torch.Tensor):
-        """-> (q, k, v), the modulations; (k, v) only for a pre_only stream (its queries'
-        outputs would be discarded)."""
+        """-> (q, k, v), the modulations."""
         mods = modulations(self.adaLN_modulation(c), self.n_mod)
-        q, k, v = self.attn.qkv_heads(modulate(h, mods[0].shift, mods[0].scale))
-        return ((k, v) if self.pre_only else (q, k, v)), mods
+        return self.attn.qkv_heads(modulate(h, mods[0].shift, mods[0].scale)), mods
 
     def post_attention(self, h, a, mods, fork: Fork | None, stream: str):
         """h + gate*proj(a) [+ gate2*attn2] + gate_mlp*MLP; the fork acts on the last residual."""
@@ -100,13 +98,11 @@ class JointBlock(nn.Module):
 
     def forward(self, ctx, x, c, fork: Fork | None = None):
         """ctx (B, Lc, D), x (B, N, D), c (B, D) -> (ctx or None after the last block, x)."""
-        cqkv, cmods = self.context_block.pre_attention(ctx, c)
+        (qc, kc, vc), cmods = self.context_block.pre_attention(ctx, c)
         (qx, kx, vx), xmods = self.x_block.pre_attention(x, c)
         if self.context_block.pre_only:  # last block: context tokens are keys/values only
-            kc, vc = cqkv
             ax = attention(qx, torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))
             return None, self.x_block.post_attention(x, ax, xmods, fork, "image")
-        qc, kc, vc = cqkv
         a = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))
         ac, ax = a.split([ctx.shape[1], x.shape[1]], dim=1)
         x = self.x_block.post_attention(x, ax, xmods, fork, "image")

@@ -29,7 +29,7 @@ from torch import nn
 
 from .clip import CLIPConfig, CLIPTextEncoder
 from .config import SD3Config
-from .ma import MASpec
+from .ma import MASpec, spec_from_json, spec_to_json
 from .sd3 import SD3Transformer
 from .wordtok import WordTokenizer
 
@@ -185,7 +185,6 @@ def save_tiny(folder: str | os.PathLike, transformer: SD3Transformer, conditione
               dtype: torch.dtype = torch.float16) -> Path:
     """Write the four files of a tiny-model folder; weights are stored in ``dtype`` (fp16 halves
     the size; the pos_embed table and the rest load back as float32)."""
-    from .ma import spec_to_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -238,8 +237,7 @@ def load_tiny(folder: str | os.PathLike | None = None, *, device: str | torch.de
         module.load_state_dict(state, strict=True, assign=True)
     ma = config.get("ma")
     if ma is not None:
-        transformer.ma = MASpec(channels=tuple(ma["channels"]), block=ma["block"], rho=ma["rho"],
-                                streams=tuple(ma["streams"]))
+        transformer.ma = spec_from_json(ma)
     known = {f.name for f in dataclasses.fields(ImageSettings)}
     settings = ImageSettings(**{k: v for k, v in config["image"].items() if k in known})
     meta = {k: v for k, v in config.items()

@@ -39,8 +39,8 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     """
     rule = Guidance(float(cfg), float(dg), tuple(cfg_interval), tuple(dg_interval))
     if rule.dg != 0.0 and getattr(model, "ma", True) is None:
-        raise ValueError("dg needs the model's MA spec: calibrate one (`mmdit calibrate-ma`) "
-                         "or set model.ma = mmdit.MASpec(channels=..., block=...)")
+        raise ValueError("dg needs the model's MA spec: run `mmdit calibrate-ma MODEL` once (it is "
+                         "cached per checkpoint) or set model.ma = mmdit.MASpec(channels=..., block=...)")
     if not isinstance(noise, torch.Tensor):
         noise = torch.randn(tuple(noise), generator=generator)
     sigmas = [float(s) for s in sigmas]

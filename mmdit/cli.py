@@ -161,7 +161,7 @@ def _add_calibrate(sub) -> None:
 
         pipe, conds, common = _ma_inputs(args)
         files = getattr(pipe.transformer, "source_files", None)
-        key = ma.checkpoint_hash(Path(files[0]).parent if len(files or []) > 1 else files[0]) if files else None
+        key = ma.checkpoint_hash(files) if files else None
         cal = run_calibrate(pipe.transformer, conds, key=key, every=args.every or 4, rho=args.rho, **common)
         print(cal.summary())
         print(f"spec: channels {list(cal.spec.channels)} at block {cal.spec.block}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -332,28 +332,18 @@ def cache_dir() -> Path:
     return Path(root) / "ma"
 
 
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        if (path / "transformer").is_dir():
-            return _weight_files(path / "transformer")
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        files = _weight_files(indexes[0]) if indexes else sorted(path.glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"{path} holds no .safetensors files")
-        return files
-    if path.name.endswith(".index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
-        return sorted({path.parent / f for f in weight_map.values()})
-    return [path]
-
-
-def checkpoint_hash(path: str | os.PathLike, probe_bytes: int = 1 << 16) -> str:
+def checkpoint_hash(source: str | os.PathLike | Sequence[str | os.PathLike], probe_bytes: int = 1 << 16) -> str:
     """sha256 over each weight file's safetensors header, size, and three ``probe_bytes``
     slices of its data (start, middle, end): cheap (no full read), yet a fine-tune with the
-    same shapes gets a new key. ``path``: a file, an index.json, or a folder (a diffusers
-    repo's ``transformer/``)."""
+    same shapes gets a new key. ``source``: the weight files (a loaded model's
+    ``source_files``), or anything ``load_transformer`` accepts, whose files are found the
+    same way the loader finds them."""
+    if isinstance(source, (str, os.PathLike)):
+        from .weights.hub import resolve
+
+        source = resolve(source).open().files
     h = hashlib.sha256()
-    for f in _weight_files(Path(path)):
+    for f in source:
         size = os.path.getsize(f)
         with open(f, "rb") as fh:
             head = fh.read(8)
@@ -406,9 +396,9 @@ def load_spec(key: str) -> MASpec | None:
     return spec_from_json(data["spec"])
 
 
-def spec_for_checkpoint(path_or_hash: str | os.PathLike) -> MASpec | None:
-    """The cached MASpec of a checkpoint (a weight file, index.json or folder, or its hash)."""
-    text = str(path_or_hash)
+def spec_for_checkpoint(source: str | os.PathLike | Sequence[str | os.PathLike]) -> MASpec | None:
+    """The cached MASpec of a checkpoint: its hash, or what ``checkpoint_hash`` takes."""
+    text = str(source)
     if len(text) == 64 and all(ch in "0123456789abcdef" for ch in text) and not os.path.exists(text):
         return load_spec(text)
-    return load_spec(checkpoint_hash(path_or_hash))
+    return load_spec(checkpoint_hash(source))

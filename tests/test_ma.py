@@ -119,6 +119,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     ckpt = tmp_path / "model.safetensors"
     save_file({"a": torch.randn(300, 300), "b": torch.zeros(3)}, str(ckpt))
     key = ma.checkpoint_hash(ckpt)
+    assert ma.checkpoint_hash([ckpt]) == key  # the file list a loaded model keeps
     assert ma.spec_for_checkpoint(ckpt) is None
     spec = mmdit.MASpec(channels=(154, 1446), block=28, rho=0.25)
     path = ma.save_spec(spec, key)
@@ -133,6 +134,8 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a safetensors"):
+        ma.checkpoint_hash([bad])
+    with pytest.raises(ValueError, match="not a readable safetensors"):  # the loader's own check
         ma.checkpoint_hash(bad)
 
 

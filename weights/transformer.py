@@ -49,10 +49,9 @@ def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float
     model.eval()
     model.detected = det
     model.source_files = [str(f) for f in ckpt.files]
-    if hasattr(_ma, "spec_for_checkpoint"):  # a calibrated MA spec keyed by the checkpoint's content
-        spec = _ma.spec_for_checkpoint(src.path)  # a file, an index.json or a transformer folder
-        if spec is not None:
-            model.ma = spec
+    spec = _ma.spec_for_checkpoint(ckpt.files)  # a calibrated MA spec keyed by the files' content
+    if spec is not None:
+        model.ma = spec
     return model
 
 

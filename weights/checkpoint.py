@@ -93,12 +93,14 @@ def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpo
 
 
 def load_into(module: torch.nn.Module, tensors: Mapping[str, Callable[[], torch.Tensor]],
-              shapes: Mapping[str, tuple[int, ...]], *, dtype: torch.dtype, device, layout: str) -> None:
+              shapes: Mapping[str, tuple[int, ...]], *, dtype: torch.dtype | Callable[[str], torch.dtype],
+              device, layout: str) -> None:
     """Assign every parameter and persistent buffer of ``module`` (built on meta) strictly.
 
     ``tensors`` maps each of the module's names to a thunk producing the tensor, ``shapes``
     to its shape (checked before anything is read). Missing, unexpected or mis-shaped
     keys raise one error naming them and ``layout``; nothing is assigned in that case.
+    Floating tensors are cast to ``dtype``, or to ``dtype(name)`` if it is a function.
     """
     own = dict(module.state_dict(keep_vars=True))
     missing = sorted(set(own) - set(tensors))
@@ -118,7 +120,7 @@ def load_into(module: torch.nn.Module, tensors: Mapping[str, Callable[[], torch.
         t = make()
         if t.dtype.is_floating_point:
             # float8 checkpoints are upcast here, one tensor at a time
-            t = t.to(dtype=dtype)
+            t = t.to(dtype=dtype(name) if callable(dtype) else dtype)
         _assign(module, name, t.to(device), own[name])
 
 

@@ -126,12 +126,12 @@ def load_text_encoder(source: str | os.PathLike, dtype: torch.dtype = torch.floa
         shapes = {ours: ckpt.shape(theirs) for ours, theirs in names.items()}
         with torch.device("meta"):
             model = T5Encoder(_t5_config(shapes, cj, where))
-    _load(model, ckpt, names, shapes, dtype, device, f"{layout} in {where}")
-    if family == "t5" and dtype == torch.float16:  # re-read wo in fp32 rather than upcasting fp16 values
-        for i, block in enumerate(model.encoder["block"]):
-            wo = block.layer[1].DenseReluDense.wo
-            name = f"encoder.block.{i}.layer.1.DenseReluDense.wo.weight"
-            wo.weight = torch.nn.Parameter(ckpt[names[name]].to(device=device, dtype=torch.float32))
+    cast = dtype
+    if family == "t5" and dtype == torch.float16:  # wo read in fp32 (as keep_wo_fp32 keeps it), not upcast
+
+        def cast(name):
+            return torch.float32 if name.endswith("DenseReluDense.wo.weight") else torch.float16
+    _load(model, ckpt, names, shapes, cast, device, f"{layout} in {where}")
     return model.eval()
 
 

@@ -103,19 +103,10 @@ def load_into(module: torch.nn.Module, tensors: Mapping[str, Callable[[], torch.
     Floating tensors are cast to ``dtype``, or to ``dtype(name)`` if it is a function.
     """
     own = dict(module.state_dict(keep_vars=True))
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = [(k, tuple(own[k].shape), tuple(shapes[k])) for k in sorted(set(own) & set(tensors))
-             if tuple(own[k].shape) != tuple(shapes[k])]
-    if missing or unexpected or wrong:
-        lines = [f"checkpoint does not match the model (detected layout: {layout})"]
-        if missing:
-            lines.append(f"missing {len(missing)} key(s): {_short(missing)}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)} key(s): {_short(unexpected)}")
-        for k, want, got in wrong[:10]:
-            lines.append(f"shape mismatch for {k}: model expects {want}, checkpoint has {got}")
-        raise CheckpointError("\n  ".join(lines))
+    problems = mismatches({k: v.shape for k, v in own.items()}, {k: shapes[k] for k in tensors})
+    if problems:
+        raise CheckpointError("\n  ".join([f"checkpoint does not match the model (detected layout: {layout})",
+                                            *problems]))
     for name, make in tensors.items():
         t = make()
         if t.dtype.is_floating_point:
@@ -133,5 +124,24 @@ def _assign(module: torch.nn.Module, name: str, value: torch.Tensor, old) -> Non
         owner.register_buffer(leaf, value, persistent=True)
 
 
-def _short(keys: list[str], n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+def mismatches(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Lines naming the missing, unexpected and mis-shaped keys (with shapes); [] if none."""
+    expected = {k: tuple(v) for k, v in expected.items()}
+    found = {k: tuple(v) for k, v in found.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [(k, expected[k], found[k]) for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
+    lines = []
+    if missing:
+        lines.append(f"missing {len(missing)} key(s): " + _listing(missing, expected))
+    if unexpected:
+        lines.append(f"unexpected {len(unexpected)} key(s): " + _listing(unexpected, found))
+    lines += [f"shape mismatch for {k}: model expects {want}, checkpoint has {got}" for k, want, got in wrong[:10]]
+    if len(wrong) > 10:
+        lines.append(f"... and {len(wrong) - 10} more shape mismatches")
+    return lines
+
+
+def _listing(keys: list[str], shapes: Mapping[str, tuple[int, ...]], n: int = 8) -> str:
+    shown = ", ".join(f"{k} {shapes[k]}" for k in keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")

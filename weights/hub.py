@@ -33,7 +33,6 @@ class Source:
     path: Path
     stem: str | None = None  # in a folder: the file stem to open, e.g. "diffusion_pytorch_model"
     config_json: dict | None = None  # the diffusers transformer config, when there is one
-    repo: str | None = None  # the hub repo it came from
 
     def open(self):
         return open_checkpoint(self.path, self.stem)
@@ -129,9 +128,8 @@ def _hub(text: str, revision: str | None, token) -> Source:
         path = folder / filename
         if not path.exists():
             raise CheckpointError(f"{repo} has no file {filename!r} in the local cache ({folder})")
-        return Source(path, None, None, repo)
-    src = _local(folder)
-    return Source(src.path, src.stem, src.config_json, repo)
+        return Source(path, None, None)
+    return _local(folder)
 
 
 def _cached_snapshot(repo: str, revision: str | None, token, patterns: list[str]) -> Path:

@@ -13,7 +13,7 @@ from .hub import resolve
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
            "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
            "U8": "uint8", "BOOL": "bool"}
-_BUFFERS = ("pos_embed",)  # stored tables that are not learned parameters
+_BUFFERS = ("pos_embed", "pos_embed.pos_embed")  # stored tables (original, diffusers names), not learned
 
 
 def describe(source: str | os.PathLike, *, revision: str | None = None, token=None) -> str:
@@ -25,7 +25,7 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
     dtypes: Counter = Counter()
     for k in det.keys:
         n = math.prod(ckpt.shape(k))
-        if k[len(det.prefix):] in _BUFFERS or k[len(det.prefix):] == "pos_embed.pos_embed":
+        if k[len(det.prefix):] in _BUFFERS:
             n_buffers += n
         else:
             n_params += n

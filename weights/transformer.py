@@ -16,7 +16,7 @@ from .. import ma as _ma
 from ..config import FluxConfig, SD3Config
 from ..models import transformer_for
 from . import keymaps
-from .checkpoint import Checkpoint, CheckpointError, load_into
+from .checkpoint import Checkpoint, CheckpointError, load_into, mismatches
 from .detect import Detected, detect
 from .hub import resolve
 
@@ -72,28 +72,11 @@ def check_keys(model: nn.Module, ckpt: Checkpoint, det: Detected, where: str) ->
     """Every tensor the model needs is in the checkpoint with the right shape, and nothing else
     is, all compared in the checkpoint's own names. One error lists every problem."""
     own = model.state_dict()  # meta tensors: names and shapes only
-    expected = {k: tuple(v.shape) for k, v in keymaps.to_layout(
+    expected = {k: v.shape for k, v in keymaps.to_layout(
         own, det.layout, det.family, det.config.hidden_size, det.prefix).items()}
-    found = {k: ckpt.shape(k) for k in det.keys}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [(k, expected[k], found[k]) for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
-    if not (missing or unexpected or wrong):
-        return
-    lines = [f"{where} does not match the transformer inferred from it "
-             f"(layout: {_describe_layout(det)}; config: {det.config})"]
-    if missing:
-        lines.append(f"missing {len(missing)} key(s): " + _listing([(k, expected[k]) for k in missing]))
-    if unexpected:
-        lines.append(f"unexpected {len(unexpected)} key(s): " + _listing([(k, found[k]) for k in unexpected]))
-    for k, want, got in wrong[:10]:
-        lines.append(f"shape mismatch for {k}: model expects {want}, checkpoint has {got}")
-    if len(wrong) > 10:
-        lines.append(f"... and {len(wrong) - 10} more shape mismatches")
-    lines.append("If the inferred config is wrong, pass config=... ; if the file is damaged, download it again.")
-    raise CheckpointError("\n  ".join(lines))
-
-
-def _listing(items: list[tuple[str, tuple]], n: int = 8) -> str:
-    shown = ", ".join(f"{k} {tuple(s)}" for k, s in items[:n])
-    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+    problems = mismatches(expected, {k: ckpt.shape(k) for k in det.keys})
+    if problems:
+        raise CheckpointError("\n  ".join([
+            f"{where} does not match the transformer inferred from it "
+            f"(layout: {_describe_layout(det)}; config: {det.config})", *problems,
+            "If the inferred config is wrong, pass config=... ; if the file is damaged, download it again."]))

@@ -1,7 +1,6 @@
 """Text to image: text encoders -> transformer sampled with CFG / DG -> VAE decoder."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from .samplers import flux_sigmas, sample, sd3_sigmas
 from .tokenizers import load_tokenizer
-from .weights.checkpoint import CheckpointError
+from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
 from .weights.transformer import load_transformer
@@ -112,7 +111,7 @@ class Pipeline:
         them off the GPU.
         """
         root = _pipeline_folder(source, revision, token)
-        index = json.loads((root / "model_index.json").read_text())
+        index = read_json(root / "model_index.json")
         transformer = load_transformer(root / "transformer", dtype=dtype, device=device)
         family = transformer.config.family
         text_device = text_device or device
@@ -134,7 +133,7 @@ class Pipeline:
         else:
             text = FluxText(tuple(tokenizers), tuple(encoders))
         vae = load_vae(root / "vae", dtype=dtype, device=device, family=family)
-        scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
+        scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
         return cls(transformer, text, vae, family, scheduler)
 
     # --- pieces, usable on their own --------------------------------------------------------
@@ -228,10 +227,6 @@ def to_pil(images: np.ndarray):
 def _where(module) -> tuple[torch.device, torch.dtype]:
     p = next(module.parameters())
     return p.device, p.dtype
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _pipeline_folder(source, revision, token) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -56,6 +57,24 @@ class Checkpoint(Mapping):
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
+
+
+def count_indexed(keys, pattern: str) -> int:
+    """Blocks in a checkpoint: 1 + the largest n with a key starting with ``pattern.format(n)``
+    (e.g. ``"joint_blocks.{}."``), 0 if none."""
+    rx = re.compile(re.escape(pattern).replace(r"\{\}", r"(\d+)"))
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON in ``path``; None if there is no such file; one clear error if it is not JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
 def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpoint:

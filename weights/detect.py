@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..config import PRESETS, FluxConfig, SD3Config
 from . import keymaps
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, count_indexed
 
 # Other components that all-in-one files carry beside the transformer; never loaded here.
 OTHER_COMPONENTS = ("text_encoders.", "first_stage_model.", "vae.", "conditioner.", "cond_stage_model.")
@@ -131,12 +130,6 @@ def _what_is_it(shapes: Mapping) -> str:
     return f"{kind}; first keys: {keys[:3]}"
 
 
-def _count(keys, pattern: str) -> int:
-    rx = re.compile(re.escape(pattern).replace(r"\{\}", r"(\d+)"))
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
-
-
 def _need(shapes: Mapping, key: str, where: str, family: str) -> tuple[int, ...]:
     if key not in shapes:
         raise CheckpointError(f"{where} looks like a {family} transformer but has no {key!r} "
@@ -156,7 +149,7 @@ def _sd3_fields(s: Mapping, where: str) -> dict:
     M = math.isqrt(n_pos)
     if M * M != n_pos:
         raise CheckpointError(f"{where}: pos_embed has {n_pos} rows, not a square M*M table")
-    return dict(num_layers=_count(s, "joint_blocks.{}."), num_heads=H // head_dim, head_dim=head_dim,
+    return dict(num_layers=count_indexed(s, "joint_blocks.{}."), num_heads=H // head_dim, head_dim=head_dim,
                 patch_size=p, in_channels=c_in, out_channels=need("final_layer.linear.weight")[0] // (p * p),
                 pos_embed_max_size=M, context_dim=need("context_embedder.weight")[1],
                 pooled_dim=need("y_embedder.mlp.0.weight")[1], qk_norm=qk,
@@ -176,7 +169,7 @@ def _flux_fields(s: Mapping, where: str) -> dict:
     if out != c_in:
         raise CheckpointError(f"{where}: FLUX output width {out} differs from input width {c_in}; "
                               "only out_channels == in_channels is supported")
-    fields = dict(num_double=_count(s, "double_blocks.{}."), num_single=_count(s, "single_blocks.{}."),
+    fields = dict(num_double=count_indexed(s, "double_blocks.{}."), num_single=count_indexed(s, "single_blocks.{}."),
                   num_heads=H // head_dim, head_dim=head_dim, in_channels=c_in,
                   context_dim=need("txt_in.weight")[1], pooled_dim=need("vector_in.in_layer.weight")[1],
                   guidance_embed="guidance_in.in_layer.weight" in s)

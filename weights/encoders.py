@@ -13,7 +13,6 @@ or mis-shaped key is one :class:`CheckpointError` naming the keys and the detect
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ import torch
 from ..clip import CLIPConfig, CLIPTextEncoder
 from ..t5 import T5Config, T5Encoder
 from ..vae import VAE, VAE_PRESETS, VAEConfig
-from .checkpoint import Checkpoint, CheckpointError, load_into, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, count_indexed, load_into, open_checkpoint, read_json
 
 TEXT_ENCODER_PREFIXES = {  # kind -> prefix inside Stability all-in-one files
     "clip_l": "text_encoders.clip_l.transformer.",
@@ -126,13 +125,14 @@ def load_text_encoder(source: str | os.PathLike, dtype: torch.dtype = torch.floa
         shapes = {ours: ckpt.shape(theirs) for ours, theirs in names.items()}
         with torch.device("meta"):
             model = T5Encoder(_t5_config(shapes, cj, where))
-    cast = dtype
-    if family == "t5" and dtype == torch.float16:  # wo read in fp32 (as keep_wo_fp32 keeps it), not upcast
-
-        def cast(name):
-            return torch.float32 if name.endswith("DenseReluDense.wo.weight") else torch.float16
+    cast = _t5_fp16 if family == "t5" and dtype == torch.float16 else dtype
     _load(model, ckpt, names, shapes, cast, device, f"{layout} in {where}")
     return model.eval()
+
+
+def _t5_fp16(name: str) -> torch.dtype:
+    """fp16 T5: wo in fp32 (as ``T5Encoder.keep_wo_fp32`` keeps it), read as fp32, not upcast."""
+    return torch.float32 if name.endswith("DenseReluDense.wo.weight") else torch.float16
 
 
 def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu",
@@ -154,7 +154,7 @@ def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in ckpt)), "")
     keys = [k[len(prefix):] for k in ckpt if k.startswith(prefix)]
     if any(k.startswith("encoder.down_blocks.") for k in keys):
-        layout, levels = "diffusers VAE", _count(keys, "encoder.down_blocks.{}.")
+        layout, levels = "diffusers VAE", count_indexed(keys, "encoder.down_blocks.{}.")
         names = {(vae_key(k, levels, "ldm") or k): prefix + k for k in keys}
     elif "encoder.conv_in.weight" in keys and any(k.startswith("encoder.down.") for k in keys):
         layout, names = "LDM VAE", {k: prefix + k for k in keys}
@@ -189,11 +189,8 @@ def _open(path: Path, stem: str) -> tuple[Checkpoint, dict | None, str]:
         stem = None  # a folder of other file names: open_checkpoint lists what it finds
     ckpt = open_checkpoint(path, stem if path.is_dir() else None)
     cj = None
-    if (folder / "config.json").is_file() and (path.is_dir() or path.name.startswith(("model", "diffusion_pytorch"))):
-        try:
-            cj = json.loads((folder / "config.json").read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+    if path.is_dir() or path.name.startswith(("model", "diffusion_pytorch")):
+        cj = read_json(folder / "config.json")
     return ckpt, cj, str(path)
 
 
@@ -201,10 +198,10 @@ def _pipeline_text_encoder(root: Path, kind: str | None) -> Path:
     """text_encoder/ is CLIP-L; the next CLIP is bigG (SD3 text_encoder_2); the T5 is t5xxl."""
     found, clips = {}, 0
     for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        cfg = root / sub / "config.json"
-        if not cfg.is_file():
+        cfg = read_json(root / sub / "config.json")
+        if cfg is None:
             continue
-        is_t5 = json.loads(cfg.read_text()).get("model_type") == "t5"
+        is_t5 = cfg.get("model_type") == "t5"
         found["t5xxl" if is_t5 else ("clip_l", "clip_g")[min(clips, 1)]] = root / sub
         clips += not is_t5
     if kind in found:
@@ -280,19 +277,11 @@ def _need(shapes: Mapping, key: str, where: str) -> tuple[int, ...]:
     return shapes[key]
 
 
-def _count(keys, pattern: str) -> int:
-    """How many consecutive indices n = 0, 1, ... have a key starting with ``pattern.format(n)``."""
-    n, keys = 0, list(keys)
-    while any(k.startswith(pattern.format(n)) for k in keys):
-        n += 1
-    return n
-
-
 def _clip_config(shapes: Mapping, cj: dict | None, where: str) -> CLIPConfig:
     vocab, width = _need(shapes, "embeddings.token_embedding.weight", where)
     fields = dict(vocab_size=vocab, width=width,
                   max_positions=_need(shapes, "embeddings.position_embedding.weight", where)[0],
-                  num_layers=_count(shapes, "encoder.layers.{}."),
+                  num_layers=count_indexed(shapes, "encoder.layers.{}."),
                   mlp_dim=_need(shapes, "encoder.layers.0.mlp.fc1.weight", where)[0],
                   num_heads=max(width // 64, 1),  # 64-wide heads in both CLIP-L and bigG
                   activation="quick_gelu" if width == 768 else "gelu",  # OpenAI CLIP-L vs OpenCLIP
@@ -317,7 +306,7 @@ def _t5_config(shapes: Mapping, cj: dict | None, where: str) -> T5Config:
                               "(gated-gelu, as in SD3 / FLUX) is supported")
     vocab, d_model = _need(shapes, "shared.weight", where)
     buckets, heads = _need(shapes, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", where)
-    fields = dict(vocab_size=vocab, d_model=d_model, num_layers=_count(shapes, "encoder.block.{}."),
+    fields = dict(vocab_size=vocab, d_model=d_model, num_layers=count_indexed(shapes, "encoder.block.{}."),
                   num_heads=heads, num_buckets=buckets,
                   d_kv=_need(shapes, "encoder.block.0.layer.0.SelfAttention.q.weight", where)[0] // heads,
                   d_ff=_need(shapes, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", where)[0])
@@ -331,10 +320,10 @@ def _t5_config(shapes: Mapping, cj: dict | None, where: str) -> T5Config:
 
 
 def _vae_config(shapes: Mapping, cj: dict | None, family: str | None, prefix: str, where: str) -> VAEConfig:
-    levels = _count(shapes, "encoder.down.{}.")
+    levels = count_indexed(shapes, "encoder.down.{}.")
     fields = dict(channels=tuple(_need(shapes, f"encoder.down.{i}.block.0.conv1.weight", where)[0]
                                  for i in range(levels)),
-                  layers_per_block=_count(shapes, "encoder.down.0.block.{}."),
+                  layers_per_block=count_indexed(shapes, "encoder.down.0.block.{}."),
                   in_channels=_need(shapes, "encoder.conv_in.weight", where)[1],
                   latent_channels=_need(shapes, "decoder.conv_in.weight", where)[1],
                   out_channels=_need(shapes, "decoder.conv_out.weight", where)[0],

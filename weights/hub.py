@@ -6,7 +6,6 @@ restricts that to the local cache.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub import errors as hf_errors
 
-from .checkpoint import CheckpointError, open_checkpoint
+from .checkpoint import CheckpointError, open_checkpoint, read_json
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 TRANSFORMER_FILES = ["transformer/*.json", "transformer/*.safetensors"]  # of a diffusers repo
@@ -75,14 +74,8 @@ def _local(path: Path) -> Source:
 
 def _config_json(folder: Path) -> dict | None:
     """The diffusers transformer config in ``folder``, if there is one."""
-    f = folder / "config.json"
-    if not f.is_file():
-        return None
-    try:
-        cj = json.loads(f.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{f} is not valid JSON ({e})") from None
-    return cj if cj.get("_class_name") in TRANSFORMER_CLASSES else None
+    cj = read_json(folder / "config.json")
+    return cj if cj is not None and cj.get("_class_name") in TRANSFORMER_CLASSES else None
 
 
 def offline() -> bool:

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import mmdit  # noqa: E402
+from mmdit import flux  # noqa: E402
 from mmdit.config import FluxConfig, SD3Config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -114,14 +115,6 @@ def ours_from_peer(peer: torch.nn.Module, config) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def ours_loader():
-    """``mmdit.load_transformer`` (found in mmdit.weights.transformer until it is exported)."""
-    load = getattr(mmdit, "load_transformer", None)
-    if load is None:
-        from mmdit.weights.transformer import load_transformer as load
-    return load
-
-
 def ma_channels(config) -> tuple[int, ...]:
     D = config.hidden_size
     return tuple(sorted({c % D for c in MA_HINTS.get(D, (810, 676))}))
@@ -180,14 +173,11 @@ class PeerRunner:
                         pooled_projections=inp.pooled, timestep=1000 * inp.sigma)
         B, C, H, W = inp.x.shape
         h, w = H // 2, W // 2
-        packed = inp.x.view(B, C, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, 4 * C)
+        packed = flux.pack(inp.x)
         key = (h, w, inp.context.shape[1])
         if key not in self._ids:
             dev = inp.x.device
-            rows = torch.arange(h, device=dev).repeat_interleave(w)
-            cols = torch.arange(w, device=dev).repeat(h)
-            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], 1).float()
-            self._ids[key] = (img_ids, torch.zeros(inp.context.shape[1], 3, device=dev))
+            self._ids[key] = (flux.image_ids(h, w, dev), torch.zeros(inp.context.shape[1], 3, device=dev))
         img_ids, txt_ids = self._ids[key]
         return dict(hidden_states=packed, encoder_hidden_states=inp.context, pooled_projections=inp.pooled,
                     timestep=inp.sigma.to(inp.x.dtype), img_ids=img_ids, txt_ids=txt_ids,

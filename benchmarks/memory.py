@@ -76,7 +76,7 @@ def child(args) -> dict:
         def load():
             return cls.from_pretrained(args.path, torch_dtype=dtype).to(device)
     else:
-        load_transformer = common.ours_loader()  # imported before the baseline, like diffusers
+        load_transformer = common.mmdit.load_transformer  # imported before the baseline, like diffusers
         mode = {}
 
         def load():

@@ -28,6 +28,12 @@ def image_ids(h: int, w: int, device) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()
 
 
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """Latents (B, C, 2h, 2w) -> tokens (B, h*w, 4C) of 2x2 patches, in (c, ph, pw) order."""
+    B, C, H, W = x.shape
+    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, 4 * C)
+
+
 class QKNorm(nn.Module):
     """Learned per-head RMSNorm scales (BFL names: query_norm.scale, key_norm.scale)."""
 
@@ -158,7 +164,7 @@ class FluxTransformer(nn.Module):
         if C * 4 != cfg.in_channels:
             raise ValueError(f"expected {cfg.in_channels // 4} latent channels, got {C}")
         h, w = H // 2, W // 2
-        img = x.view(B, C, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, 4 * C)  # (c, ph, pw) order
+        img = pack(x)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B)
         vec = self.time_in(timestep_embedding(1000 * sigma.to(x.dtype)).to(x.dtype))
         if cfg.guidance_embed:

@@ -85,6 +85,12 @@ def inputs(peer, B=3, H=12, W=10, L=7, seed=1):
     return x, sigma, ctx, pooled, guid
 
 
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, 2h, 2w) latents -> diffusers' packed FLUX tokens (B, h*w, 4C)."""
+    B, C, H, W = latents.shape
+    return latents.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, 4 * C)
+
+
 @torch.no_grad()
 def run_peer(peer, x, sigma, context, pooled, guidance=None) -> torch.Tensor:
     """The peer's velocity for our inputs, as (B, 16, H, W)."""
@@ -93,7 +99,7 @@ def run_peer(peer, x, sigma, context, pooled, guidance=None) -> torch.Tensor:
                     pooled_projections=pooled, return_dict=False)[0]
     B, C, H, W = x.shape
     h, w = H // 2, W // 2
-    packed = x.view(B, C, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, 4 * C)
+    packed = pack(x)
     img_ids = torch.zeros(h, w, 3)
     img_ids[..., 1] = torch.arange(h)[:, None]
     img_ids[..., 2] = torch.arange(w)[None, :]

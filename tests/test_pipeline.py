@@ -6,7 +6,7 @@ import torch
 
 import mmdit
 from helpers_encoders import write_clip_tokenizer, write_t5_tokenizer
-from peers import randomize
+from peers import pack, randomize
 
 PIXEL_TOL = 1e-3  # per pixel in [0, 1], the bound for the whole pipeline
 PROMPTS = ["a photo of an astronaut riding a horse on mars!", "the quick brown fox"]
@@ -97,11 +97,6 @@ def saved(tmp_path_factory):
         return cache[family]
 
     return get
-
-
-def pack(latents):
-    B, C, h, w = latents.shape
-    return latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), 4 * C)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

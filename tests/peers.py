@@ -85,6 +85,16 @@ def inputs(peer, B=3, H=12, W=10, L=7, seed=1):
     return x, sigma, ctx, pooled, guid
 
 
+def parity(model, peer, seed: int = 1, **shape) -> float:
+    """max|ours - peer| / max|peer| of the velocities for ``inputs(peer, seed=seed, **shape)``."""
+    x, sigma, ctx, pooled, guid = inputs(peer, seed=seed, **shape)
+    want = run_peer(peer, x, sigma, ctx, pooled, guid)
+    with torch.no_grad():
+        got = model(x, sigma, ctx, pooled, guidance=guid)
+    assert got.shape == want.shape == x.shape
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, 2h, 2w) latents -> diffusers' packed FLUX tokens (B, h*w, 4C)."""
     B, C, H, W = latents.shape

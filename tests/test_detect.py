@@ -11,18 +11,15 @@ import peers
 PRESETS = list(peers.FULL)
 
 
-def fam(name):
-    return "sd3" if name.startswith("sd3") else "flux"
-
-
 def variants(name):
     """(layout, prefix, {key: shape}) for the official files of ``name``: diffusers folder, the
     original single file (SD3: prefixed, with text encoders and VAE; FLUX: BFL, no prefix), and
     a ComfyUI-style prefixed FLUX file."""
     dsd, _ = peers.full_size(name)
-    ours = keymaps.from_diffusers(dsd, fam(name), mmdit.preset(name).hidden_size)
+    cfg = mmdit.preset(name)
+    ours = keymaps.from_diffusers(dsd, cfg.family, cfg.hidden_size)
     out = [("diffusers", "", {k: tuple(v.shape) for k, v in dsd.items()})]
-    if fam(name) == "sd3":
+    if cfg.family == "sd3":
         orig = {"model.diffusion_model." + k: tuple(v.shape) for k, v in ours.items()}
         orig.update({k: s for k, s in peers.EXTRAS.items()})
         out.append(("original", "model.diffusion_model.", orig))
@@ -38,7 +35,7 @@ def variants(name):
 def test_every_official_variant_is_classified(name):
     for layout, prefix, shapes in variants(name):
         det = detect(shapes)
-        assert (det.layout, det.prefix, det.family) == (layout, prefix, fam(name)), (layout, prefix)
+        assert (det.layout, det.prefix, det.family) == (layout, prefix, mmdit.PRESETS[name].family), (layout, prefix)
         assert det.config == mmdit.PRESETS[name]
         assert det.preset == name
         assert det.config_source == "shapes"

@@ -14,10 +14,6 @@ TENSOR_COUNTS = {"sd3-medium": (491, 683), "sd3.5-medium": (665, 909), "sd3.5-la
                  "flux.1-dev": (780, 1160), "flux.1-schnell": (776, 1156)}
 
 
-def fam(name):
-    return "sd3" if name.startswith("sd3") else "flux"
-
-
 def shapes(sd):
     return {k: tuple(v.shape) for k, v in sd.items()}
 
@@ -29,11 +25,11 @@ def test_full_size_maps_match_our_model_and_diffusers_converter(name):
     original-layout names into the same diffusers state dict."""
     dsd, _ = peers.full_size(name)
     cfg = mmdit.preset(name)
-    ours = keymaps.from_diffusers(dsd, fam(name), cfg.hidden_size)
+    ours = keymaps.from_diffusers(dsd, cfg.family, cfg.hidden_size)
     model = mmdit.build_transformer(name, device="meta")
     assert shapes(ours) == shapes(model.state_dict())
-    assert shapes(keymaps.to_diffusers(ours, fam(name), cfg.hidden_size)) == shapes(dsd)
-    converted = peers.diffusers_convert(keymaps.to_original(ours), fam(name))
+    assert shapes(keymaps.to_diffusers(ours, cfg.family, cfg.hidden_size)) == shapes(dsd)
+    converted = peers.diffusers_convert(keymaps.to_original(ours), cfg.family)
     assert shapes(converted) == shapes(dsd)
     assert (len(ours), len(dsd)) == TENSOR_COUNTS[name]
 
@@ -59,8 +55,8 @@ def random_ours(name):
 @pytest.mark.parametrize("name", PRESETS)
 def test_ours_to_diffusers_to_ours_is_identity(name):
     ours, cfg = random_ours(name)
-    there = keymaps.to_diffusers(ours, fam(name), cfg.hidden_size)
-    back = keymaps.from_diffusers(there, fam(name), cfg.hidden_size)
+    there = keymaps.to_diffusers(ours, cfg.family, cfg.hidden_size)
+    back = keymaps.from_diffusers(there, cfg.family, cfg.hidden_size)
     assert back.keys() == ours.keys()
     assert all(torch.equal(back[k], ours[k]) for k in ours)
     # and the original layout is ours with a prefix

@@ -72,15 +72,6 @@ def make_peer(family, cfg, seed=0):
     return (peers.sd3_peer if family == "sd3" else peers.flux_peer)(**cfg, seed=seed)
 
 
-def rel_err(model, peer, seed=1):
-    x, sigma, ctx, pooled, guid = peers.inputs(peer, seed=seed)
-    want = peers.run_peer(peer, x, sigma, ctx, pooled, guid)
-    with torch.no_grad():
-        got = model(x, sigma, ctx, pooled, guidance=guid)
-    assert got.shape == want.shape == x.shape
-    return ((got - want).abs().max() / want.abs().max()).item()
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_match_diffusers_for_every_layout(case, tmp_path):
     family, cfg, write, dtype = CASES[case]
@@ -90,7 +81,7 @@ def test_outputs_match_diffusers_for_every_layout(case, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.state_dict().values())
     assert model.config.family == family
     reference = peers.rounded(peer, dtype) if dtype is not None else peer
-    err = rel_err(model, reference)
+    err = peers.parity(model, reference)
     print(f"\n{case}: max abs err / max abs out = {err:.2e}")
     assert err <= TOL
 
@@ -118,7 +109,7 @@ def test_flux_with_other_head_dim_loads_with_axes_given(tmp_path):
     path = write_bfl(peer, tmp_path, None)
     with pytest.raises(CheckpointError, match="axes_dim"):
         load_transformer(path)
-    assert rel_err(load_transformer(path, config={"axes_dim": (8, 28, 28)}), peer) <= TOL
+    assert peers.parity(load_transformer(path, config={"axes_dim": (8, 28, 28)}), peer) <= TOL
 
 
 def test_calibrated_ma_spec_is_attached(tmp_path, monkeypatch):
@@ -152,7 +143,7 @@ def test_hub_repo_loads_from_the_offline_cache(tmp_path, offline_cache):
     peers.fake_hub_cache(offline_cache, "org/sd35-tiny", files,
                          not_downloaded=("text_encoder/model.safetensors", "sd35_tiny.safetensors"))
     model = load_transformer("org/sd35-tiny")
-    assert rel_err(model, peer) <= TOL
+    assert peers.parity(model, peer) <= TOL
     assert model.detected.config_source == "config.json" and len(model.source_files) > 1
     # a single-file download from a repo that also has transformer/ (BFL style): the transformer
     # file is picked, ae.safetensors is not
@@ -161,8 +152,8 @@ def test_hub_repo_loads_from_the_offline_cache(tmp_path, offline_cache):
     peers.fake_hub_cache(offline_cache, "org/flux-tiny", {"flux1-tiny.safetensors": bfl,
                                                           "ae.safetensors": tmp_path / "junk.safetensors"},
                          not_downloaded=("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"))
-    assert rel_err(load_transformer("org/flux-tiny"), peer) <= TOL
-    assert rel_err(load_transformer("org/flux-tiny/flux1-tiny.safetensors"), peer) <= TOL
+    assert peers.parity(load_transformer("org/flux-tiny"), peer) <= TOL
+    assert peers.parity(load_transformer("org/flux-tiny/flux1-tiny.safetensors"), peer) <= TOL
 
 
 def test_every_way_to_point_at_a_diffusers_checkpoint(tmp_path):
@@ -172,7 +163,7 @@ def test_every_way_to_point_at_a_diffusers_checkpoint(tmp_path):
     for source in (folder, folder / "transformer", index, str(index)):
         model = load_transformer(source)
         assert model.detected.config_source == "config.json"
-        assert rel_err(model, peer) <= TOL
+        assert peers.parity(model, peer) <= TOL
 
 
 def test_hub_repo_not_in_the_offline_cache_is_one_clear_error(offline_cache):
@@ -193,7 +184,7 @@ def test_hub_online_downloads_only_transformer_files(tmp_path, monkeypatch):
         "vae/diffusion_pytorch_model.safetensors", "flux1-schnell.safetensors", "ae.safetensors"])
     monkeypatch.setattr(hub.huggingface_hub, "snapshot_download",
                         lambda repo, **kw: calls.append((repo, kw)) or str(folder))
-    assert rel_err(load_transformer("org/flux-schnell-tiny", revision="v1", token="tok"), peer) <= TOL
+    assert peers.parity(load_transformer("org/flux-schnell-tiny", revision="v1", token="tok"), peer) <= TOL
     (repo, kw), = calls
     assert repo == "org/flux-schnell-tiny" and kw["revision"] == "v1" and kw["token"] == "tok"
     assert kw["allow_patterns"] == ["transformer/*.json", "transformer/*.safetensors"]

@@ -3,10 +3,9 @@ import sys
 from collections import Counter
 
 import pytest
-import torch
 
 import mmdit
-from peers import flux_peer, inputs, run_peer, save_diffusers_folder, sd3_peer
+from peers import flux_peer, parity, save_diffusers_folder, sd3_peer
 
 PARITY = 1e-4  # max abs err / max abs output, fp32 (DESIGN.md)
 # Small enough for the Triton interpreter: 1-2 blocks, 2 heads, a 4x4 latent, 3 text tokens.
@@ -40,11 +39,7 @@ def test_triton_forced_model_matches_diffusers(name, tmp_path, monkeypatch):
     counts = count_triton_calls(monkeypatch)
     peer = PEERS[name]()
     model = mmdit.load_transformer(save_diffusers_folder(peer, tmp_path / name))
-    x, sigma, ctx, pooled, g = inputs(peer, B=2, H=4, W=4, L=3)
-    with torch.no_grad():
-        ref = run_peer(peer, x, sigma, ctx, pooled, g)
-        monkeypatch.setenv("MMDIT_KERNELS", "triton")
-        ours = model(x, sigma, ctx, pooled, guidance=g)
-    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    monkeypatch.setenv("MMDIT_KERNELS", "triton")  # our model only; the peer is diffusers
+    err = parity(model, peer, B=2, H=4, W=4, L=3)
     assert err <= PARITY, f"{name}: {err:.2e}"
     assert all(counts[op] > 0 for op in OPS), counts  # every block op really ran in Triton

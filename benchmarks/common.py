@@ -48,7 +48,14 @@ def add_model_args(p: argparse.ArgumentParser, preset: str = "sd3.5-medium") -> 
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-len", type=int, default=None,
+                   help="text tokens (default: 333 for SD3 = 77 CLIP + 256 T5, 512 for FLUX-dev)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+
+
+def text_len(args, config) -> int:
+    """--text-len, or the family's usual length."""
+    return args.text_len or (333 if config.family == "sd3" else 512)
 
 
 def config_from_args(args) -> SD3Config | FluxConfig:

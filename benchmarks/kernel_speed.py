@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before trito
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
+import common  # noqa: E402
 from mmdit.kernels import gated_residual, modulate, qk_norm_rope  # noqa: E402
 from mmdit.kernels.gated_residual import gated_residual_reference  # noqa: E402
 from mmdit.kernels.modulate import modulate_reference  # noqa: E402
@@ -98,15 +99,10 @@ def cases(s: Shape, dtype, device, compiled):
     ]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def median_ms(fn, device, warmup, iters):
     for _ in range(warmup):
         fn()
-    sync(device)
+    common.synchronize(device)
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -163,7 +159,7 @@ def main(argv=None):
     shapes = args.shapes or (["small"] if args.small or device.type == "cpu" else ["sd3.5-large", "flux"])
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     iters = args.iters if args.iters is not None else (20 if device.type == "cuda" else 2)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = common.DTYPES[args.dtype]
     compiled = None if args.no_compile else (lambda fn: torch.compile(fn, dynamic=False))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype} | median of {iters} after {warmup} warm-up")

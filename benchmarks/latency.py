@@ -25,8 +25,6 @@ def parse(argv=None):
     common.add_model_args(p)
     p.add_argument("--resolution", default="1024", help="image size in pixels, N or HxW (latent = /8)")
     p.add_argument("--batch", type=int, default=1, help="images per step (B)")
-    p.add_argument("--text-len", type=int, default=None,
-                   help="text tokens (default: 333 for SD3 = 77 CLIP + 256 T5, 512 for FLUX-dev)")
     p.add_argument("--fork-block", type=int, default=None, help="MA block m (default: total_blocks // 2)")
     p.add_argument("--cfg", type=float, default=4.5)
     p.add_argument("--dg", type=float, default=2.0)
@@ -44,7 +42,7 @@ def run(args) -> dict:
     H, W = int(H), int(W or H)
     if H % 16 or W % 16:
         raise SystemExit(f"--resolution {args.resolution}: height and width must be multiples of 16")
-    text_len = args.text_len or (333 if config.family == "sd3" else 512)
+    text_len = common.text_len(args, config)
     m = config.total_blocks // 2 if args.fork_block is None else args.fork_block
 
     peer = common.build_peer(config, device, dtype, args.seed)

@@ -36,7 +36,6 @@ def parse(argv=None):
     p.add_argument("--dir", type=Path, default=None, help="where to save the checkpoint (default: a temp dir)")
     p.add_argument("--repeats", type=int, default=3, help="loads per implementation (fresh process each)")
     p.add_argument("--resolution", type=int, default=1024, help="image size for the GPU step memory")
-    p.add_argument("--text-len", type=int, default=None)
     p.add_argument("--no-steps", action="store_true", help="skip the GPU step memory")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--path", type=Path, help=argparse.SUPPRESS)
@@ -45,20 +44,26 @@ def parse(argv=None):
 
 # ---- one load, in a fresh process ----------------------------------------------------------
 
+def _status_mb(field: str) -> float | None:
+    """A field of /proc/self/status (VmRSS, VmHWM) in MiB; None without /proc (not Linux)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
 def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    rss = _status_mb("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 def _peak_rss_mb() -> float:
     """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
     child would report its parent's peak at fork time."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB; no /proc (not Linux)
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
 
 
 def child(args) -> dict:
@@ -114,7 +119,7 @@ def step_memory(config, args) -> dict:
     peer = common.build_peer(config, device, dtype, args.seed)
     ours = common.ours_from_peer(peer, config)
     runner = common.PeerRunner(peer, config)
-    text_len = args.text_len or (333 if config.family == "sd3" else 512)
+    text_len = common.text_len(args, config)
     latent = args.resolution // 8
     inp = common.make_inputs(config, 1, (latent, latent), text_len, device, dtype)
     cases = common.build_cases(ours, runner, config, inp, config.total_blocks // 2)

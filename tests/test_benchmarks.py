@@ -4,7 +4,6 @@ They check that the scripts run end to end (diffusers peer with our weights, the
 the fork, fresh-process loads) and that the JSON has its fields; not the timings.
 """
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ sys.path.append(str(BENCH))  # appended: nothing in benchmarks/ may shadow an in
 
 import kernel_speed  # noqa: E402
 import latency  # noqa: E402
+import memory  # noqa: E402
 
 TINY = {
     "sd3": ["--preset", "sd3.5-medium", "--num-layers", "2", "--set", "pos_embed_max_size=16",
@@ -64,12 +64,9 @@ def test_forward_flops_match_hand_count():
     assert common.forward_flops(cfg, N, T, 2) == 2 * want
 
 
-def test_memory_script_loads_both_ways_in_fresh_processes(tmp_path):
+def test_memory_script_loads_both_ways_in_fresh_processes(tmp_path, capsys):
     path = tmp_path / "memory.json"
-    cmd = [sys.executable, str(BENCH / "memory.py")] + TINY["sd3"] + SMALL + [
-        "--repeats", "1", "--dir", str(tmp_path), "--json", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    memory.main(TINY["sd3"] + SMALL + ["--repeats", "1", "--dir", str(tmp_path), "--json", str(path)])
     out = json.loads(path.read_text())
     for key in ("device", "torch", "diffusers", "date", "config", "checkpoint_mb", "load", "ratio"):
         assert key in out, key
@@ -82,7 +79,7 @@ def test_memory_script_loads_both_ways_in_fresh_processes(tmp_path):
     assert out["load"]["ours"]["runs"][0]["checksum"] == pytest.approx(out["load"]["diffusers"]["runs"][0]["checksum"],
                                                                       rel=1e-5)
     assert {"peak_rss_mb", "load_rss_mb", "load_s"} <= set(out["ratio"])
-    assert "ours/diff" in proc.stdout
+    assert "ours/diff" in capsys.readouterr().out
 
 
 def test_kernel_speed_script_times_every_kernel_and_pass(tmp_path, monkeypatch):

@@ -72,15 +72,10 @@ def test_two_ranks_match_one_process(tmp_path, mode):
     mp.spawn(worker, args=(mode, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = make_model()
-        start = full_state(single)
-        run_steps(single, slice(0, BATCH), single.parameters())
-        expected = full_state(single)
-    finally:
-        torch.set_num_threads(before)
+    single = make_model()  # one thread, as in the workers (conftest sets it here)
+    start = full_state(single)
+    run_steps(single, slice(0, BATCH), single.parameters())
+    expected = full_state(single)
 
     assert ranks[0].keys() == expected.keys()
     moved = max((expected[k] - start[k]).abs().max().item() for k in expected)

@@ -300,7 +300,7 @@ def mini_block(x, mod, wqkv, qw, kw, cos, sin, fork, rho, H=2):
                           token_start=2)
 
 
-def compile_check(backend, device, compiler):
+def compile_check(device, compiler):
     g = torch.Generator().manual_seed(6)
     B, N, D, H = 3, 7, 16, 2
     angle = torch.randn(N, D // H // 2, generator=g).to(device)
@@ -323,7 +323,7 @@ def test_compile_fullgraph(monkeypatch, backend):
     CPU test fast (inductor runs in the GPU test)."""
     monkeypatch.setenv("MMDIT_KERNELS", backend)
     torch._dynamo.reset()
-    compile_check(backend, "cpu", "aot_eager")
+    compile_check("cpu", "aot_eager")
 
 
 # ---- GPU: bf16, eager and torch.compile (inductor) -----------------------------------------
@@ -345,4 +345,4 @@ def test_gpu_bf16(monkeypatch, compiled, Dh):
 def test_gpu_compile_block(monkeypatch):
     monkeypatch.delenv("MMDIT_KERNELS", raising=False)
     torch._dynamo.reset()
-    compile_check("triton", "cuda", "inductor")
+    compile_check("cuda", "inductor")

@@ -14,15 +14,6 @@ SMALL = dict(num_layers=1, num_heads=2, head_dim=16, context_dim=32, pooled_dim=
 SMALL_TEXT = dict(width=32, num_heads=2, mlp_dim=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared, busy CPU it is faster than two fighting for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_model(seed=0, **overrides):
     """A small TextToImage with torch's default init everywhere (no zero gates, so every
     parameter gets a gradient) and a sin-cos position table."""

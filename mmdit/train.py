@@ -209,11 +209,12 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
             "top_over_median": [round(r, 2) for r in (mag.amax(1) / median).tolist()],
             "top_channels": [b.channels for b in table.blocks],
             "top_magnitude": [[round(m, 3) for m in b.magnitude] for b in table.blocks]}
-    try:
-        spec = ma.calibrate(transformer, samples, ratio=ratio)
+    m = table.spec.block  # the default fork block
+    massive = ma.select_massive(mag, ratio=ratio)[m].channels  # ma.calibrate's rule, on the same probe
+    if massive:
+        spec = ma.MASpec(channels=tuple(massive), block=m)
         info["rule"] = f"{ratio}x median"
-    except ValueError:
-        m = table.spec.block
+    else:
         flagged = [c for c, r in zip(table.blocks[m].channels, mag[m][table.blocks[m].channels] / median[m])
                    if r >= relaxed]
         spec = ma.MASpec(channels=tuple(flagged or table.blocks[m].channels[:1]), block=m)

@@ -304,20 +304,27 @@ def calibrate(model: nn.Module, samples: Iterable, *, ratio: float | None = 50.0
 
 
 @torch.no_grad()
-def ablation_effect(model: nn.Module, sample, channels, block: int, rho: float = 0.0) -> float:
+def ablation_effects(model: nn.Module, sample, channel_sets, block: int, rho: float = 0.0) -> list[float]:
     """Relative change of the output, ``|v_disrupted - v| / |v|`` (norms over the whole batch),
-    when ``channels`` of block ``block`` are multiplied by ``rho``: the reviewers' control
-    compares MA channels against as many random non-MA channels."""
+    when each set of ``channels`` of block ``block`` is multiplied by ``rho``: the reviewers'
+    control compares MA channels against as many random non-MA channels. v is computed once."""
     x, sigma, context, pooled, guidance = _unpack(sample)
-    saved = model.ma
+    v = model(x, sigma, context, pooled, guidance=guidance).float()
+    rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    saved, effects = model.ma, []
     try:
-        model.ma = MASpec(channels=tuple(channels), block=block, rho=rho)
-        v = model(x, sigma, context, pooled, guidance=guidance).float()
-        rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        v_d = model(x, sigma, context, pooled, guidance=guidance, disrupt=rows).float()
+        for channels in channel_sets:
+            model.ma = MASpec(channels=tuple(channels), block=block, rho=rho)
+            v_d = model(x, sigma, context, pooled, guidance=guidance, disrupt=rows).float()
+            effects.append(((v_d - v).norm() / v.norm().clamp_min(1e-12)).item())
     finally:
         model.ma = saved
-    return ((v_d - v).norm() / v.norm().clamp_min(1e-12)).item()
+    return effects
+
+
+def ablation_effect(model: nn.Module, sample, channels, block: int, rho: float = 0.0) -> float:
+    """``ablation_effects`` for one set of channels."""
+    return ablation_effects(model, sample, [channels], block, rho)[0]
 
 
 # ---------------------------------------------------------------------------------------------

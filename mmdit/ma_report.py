@@ -127,10 +127,10 @@ def _control(model, samples, key, channels, m, draws: int = 3) -> dict:
     sample_ = (x, float(key[1]), context, pooled, *g)
     gen = torch.Generator().manual_seed(0)
     others = [c for c in torch.randperm(model.config.hidden_size, generator=gen).tolist() if c not in channels]
-    random = [ma.ablation_effect(model, sample_, others[i * len(channels):(i + 1) * len(channels)], m)
-              for i in range(draws)]
-    return {"sample": list(key), "ma_channels": ma.ablation_effect(model, sample_, channels, m),
-            "random_channels": random, "statistic": "|v_disrupted - v| / |v|"}
+    controls = [others[i * len(channels):(i + 1) * len(channels)] for i in range(draws)]
+    effect, *random = ma.ablation_effects(model, sample_, [channels, *controls], m)
+    return {"sample": list(key), "ma_channels": effect, "random_channels": random,
+            "statistic": "|v_disrupted - v| / |v|"}
 
 
 def _figure(ncols=1, nrows=1, size=(6.4, 4.0)):

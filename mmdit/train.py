@@ -223,8 +223,8 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
     g = torch.Generator().manual_seed(0)
     top = table.blocks[spec.block].channels
     control = [c for c in torch.randperm(mag.shape[1], generator=g).tolist() if c not in top][:len(spec.channels)]
-    effect = [ma.ablation_effect(transformer, s, spec.channels, spec.block) for s in samples]
-    effect_random = [ma.ablation_effect(transformer, s, control, spec.block) for s in samples]
+    effect, effect_random = zip(*(ma.ablation_effects(transformer, s, [spec.channels, control], spec.block)
+                                  for s in samples))
     info["ablation"] = {"sigmas": [round(float(s[1][0]), 2) for s in samples], "spec": [round(e, 4) for e in effect],
                         "random_channels": control, "random": [round(e, 4) for e in effect_random],
                         "statistic": "|v_disrupted - v| / |v| with the channels zeroed at the fork block"}

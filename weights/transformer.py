@@ -23,12 +23,15 @@ from .hub import resolve
 
 def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
                      revision: str | None = None, token: str | bool | None = None,
-                     config: SD3Config | FluxConfig | dict | None = None) -> nn.Module:
+                     config: SD3Config | FluxConfig | dict | None = None,
+                     requires_grad: bool = False) -> nn.Module:
     """Load a transformer from a hub repo id, a diffusers folder (or its ``transformer/``), an
     ``*.index.json``, or one ``.safetensors`` file in the original or the diffusers layout.
 
     ``config``: a full config to use instead of the inferred one, or a dict of overrides
     (e.g. ``{"axes_dim": (8, 28, 28)}`` for a FLUX-like file with head_dim 64).
+    ``requires_grad``: False (default) suits inference: no autograd graph is built even
+    outside ``torch.no_grad()``; trainers pass True (or call ``model.requires_grad_()``).
     The model comes back in eval mode, with ``model.config``, ``model.detected`` (layout,
     prefix, preset) and ``model.source_files`` (the files read, for content hashing).
     """
@@ -46,7 +49,7 @@ def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer the model must compute itself: a model-side bug, not the file's
         raise RuntimeError(f"{type(model).__name__} still has tensors on meta after loading: {left[:8]}")
-    model.eval()
+    model.eval().requires_grad_(requires_grad)
     model.detected = det
     model.source_files = [str(f) for f in ckpt.files]
     spec = _ma.spec_for_checkpoint(ckpt.files)  # a calibrated MA spec keyed by the files' content

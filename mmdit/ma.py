@@ -316,7 +316,7 @@ def ablation_effects(model: nn.Module, sample, channel_sets, block: int, rho: fl
     control compares MA channels against as many random non-MA channels. v is computed once."""
     x, sigma, context, pooled, guidance = _unpack(sample)
     v = model(x, sigma, context, pooled, guidance=guidance).float()
-    rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    rows = slice(0, x.shape[0])  # every row
     saved, effects = model.ma, []
     try:
         for channels in channel_sets:

@@ -104,6 +104,13 @@ def test_load_casts_to_the_requested_dtype(tmp_path):
     assert {p.dtype for p in model.state_dict().values()} == {torch.bfloat16}
 
 
+def test_loaded_for_inference_unless_a_trainer_asks(tmp_path):
+    """requires_grad=False by default (no autograd graph in a plain call), True for trainers."""
+    path = write_bfl(make_peer("flux", SCHNELL), tmp_path, None)
+    assert not any(p.requires_grad for p in load_transformer(path).parameters())
+    assert all(p.requires_grad for p in load_transformer(path, requires_grad=True).parameters())
+
+
 def test_flux_with_other_head_dim_loads_with_axes_given(tmp_path):
     peer = peers.flux_peer(num_double=1, num_single=1, heads=2, head_dim=64, axes=(8, 28, 28))
     path = write_bfl(peer, tmp_path, None)

@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Standalone SD3 / SD3.5 / FLUX.1 MMDiT with Detail Guidance (massive-activation disruption)",
     python_requires=">=3.10",
-    packages=["mmdit", "mmdit.kernels", "mmdit.weights", "mmdit.samplers"],
+    packages=["mmdit", "mmdit.tiny", "mmdit.kernels", "mmdit.weights", "mmdit.samplers"],
     package_dir={
         "mmdit": "mmdit",
         "mmdit.kernels": "kernels",

@@ -173,7 +173,7 @@ def _add_calibrate(sub) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the tiny-shapes model (flow matching, caption dropout)")
 
-    from .train import add_arguments, run
+    from .tiny.recipe import add_arguments, run
 
     add_arguments(p)
     p.set_defaults(run=run)

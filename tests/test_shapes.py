@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mmdit import shapes
-from mmdit.wordtok import SPECIALS, WordTokenizer, split_words
+from mmdit.tiny import shapes
+from mmdit.tiny.wordtok import SPECIALS, WordTokenizer, split_words
 
 
 def test_batch_is_deterministic_and_well_formed():

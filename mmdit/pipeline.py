@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from .samplers import flux_sigmas, sample, sd3_sigmas
-from .tokenizers import load_tokenizer
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
@@ -110,6 +109,8 @@ class Pipeline:
         ``text_device``: where the text encoders run (default: ``device``); "cpu" keeps
         them off the GPU.
         """
+        from .tokenizers import load_tokenizer
+
         root = _pipeline_folder(source, revision, token)
         index = read_json(root / "model_index.json")
         transformer = load_transformer(root / "transformer", dtype=dtype, device=device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmdit
-from mmdit import tiny, train
+from mmdit import cli, tiny, train
 from mmdit.tiny import recipe, shapes
 from mmdit.kernels import dispatch
 from mmdit.sd3 import SD3Transformer
@@ -269,7 +269,7 @@ def test_load_errors(tmp_path):
 
 def test_train_entry_point(tmp_path):
     """``mmdit train`` end to end on a 1-layer model: trains, calibrates, saves, loads."""
-    assert recipe.main(["--steps", "2", "--batch-size", "2", "--layers", "1", "--out", str(tmp_path),
+    assert cli.main(["train", "--steps", "2", "--batch-size", "2", "--layers", "1", "--out", str(tmp_path),
                        "--log-every", "1"]) == 0
     loaded = tiny.load_tiny(tmp_path)
     assert loaded.transformer.config.num_layers == 1 and loaded.meta["training"]["steps"] == 2

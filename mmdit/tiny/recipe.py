@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,39 +100,6 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
     return spec, info
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``mmdit train``; the defaults are the shipped recipe."""
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder to write (default: mmdit/weights/tiny/, the shipped model)")
-    p.add_argument("--steps", type=int, default=2500, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine to lr/10")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="on matrices only (default: %(default)s)")
-    p.add_argument("--sigma-mode", choices=("logit_normal", "uniform"), default="logit_normal",
-                   help="training noise-level distribution (default: %(default)s)")
-    p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal mean (default: %(default)s)")
-    p.add_argument("--sigma-std", type=float, default=1.5, help="logit-normal std (default: %(default)s)")
-    p.add_argument("--shift", type=float, default=3.0,
-                   help="SD3 time shift of the training sigmas; > 1 favours high noise (default: %(default)s)")
-    p.add_argument("--caption-dropout", type=float, default=0.12,
-                   help="fraction of empty captions, for CFG (default: %(default)s)")
-    p.add_argument("--ema", type=float, default=0.998,
-                   help="EMA decay, 0 = off; the EMA weights are saved (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="model init, data, noise (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=None, help="transformer depth (default: the preset's 4)")
-    p.add_argument("--heads", type=int, default=None, help="transformer heads of 32 channels (default: 2)")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is fastest on a busy machine; default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=25, help="steps between loss lines (default: %(default)s)")
-    p.add_argument("--no-calibrate", action="store_true", help="skip the MA calibration after training")
-    p.add_argument("--calibrate-only", action="store_true",
-                   help="no training: recalibrate the MAs of the model in --out and update its config.json")
-
-
 def train(args: argparse.Namespace) -> dict:
     """Train the tiny model as ``args`` say; returns a summary (also stored in config.json)."""
     if args.threads:
@@ -215,7 +181,7 @@ def recalibrate(folder: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     """``mmdit train``: train, calibrate the MAs, save the folder."""
     if args.calibrate_only:
-        recalibrate(args.out or tiny.default_folder())
+        recalibrate(args.out)
         return 0
     result = train(args)
     model, summary = result["model"], result["summary"]
@@ -225,18 +191,8 @@ def run(args: argparse.Namespace) -> int:
         spec, info = calibrate_tiny(transformer, conditioner)
         print(f"MA calibration: block {spec.block}, channels {list(spec.channels)} ({info['rule']}); "
               f"top/median per block {info['top_over_median']}", flush=True)
-    out = args.out or tiny.default_folder()
+    out = args.out
     tiny.save_tiny(out, transformer, conditioner, tiny.ImageSettings(), ma=spec,
                    meta={"training": summary, "ma_calibration": info})
     print(f"saved {out} ({summary['wall_s']:.0f}s of training, final loss {summary['final_loss_avg']:.4f})")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mmdit train", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

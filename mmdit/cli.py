@@ -40,12 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     for add in (_add_generate, _add_inspect, _add_analyze, _add_calibrate, _add_train):
         add(sub)
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning  # warnings as one line each, like the errors
     warnings.formatwarning = lambda message, *rest, **kw: f"mmdit {args.command}: warning: {message}\n"
     try:
         return args.run(args) or 0
     except (ValueError, OSError) as e:  # user-caused: bad path, wrong file, bad settings
         print(f"mmdit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def _command(sub, name: str, help: str, description: str | None = None):
@@ -200,7 +203,9 @@ def _ma_inputs(args):
     total = pipe.transformer.config.total_blocks
     if args.block is not None and args.block >= total:
         raise ValueError(f"--block {args.block} is past the last block of this model (it has {total}: 0..{total - 1})")
-    prompts = [p for p in prompts if p.strip()] or ["a photo of a cat", "a red circle on a blue background"]
+    prompts = [p for p in prompts if p.strip()] or (
+        ["a red circle on a blue background", "a black square on a yellow background"] if args.model is None
+        else ["a photo of a cat", "a red circle on a blue background"])  # the tiny model knows only shapes
     height, width = _size(args, pipe)
     shape = pipe.latent_shape(height, width)
     steps = args.steps or pipe.defaults["steps"]

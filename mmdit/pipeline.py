@@ -141,7 +141,9 @@ class Pipeline:
             text = FluxText(tuple(tokenizers), tuple(encoders))
         vae = load_vae(root / "vae", dtype=dtype, device=device, family=family)
         scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
-        return cls(transformer, text, vae, family, scheduler)
+        sample_size = (read_json(root / "transformer" / "config.json") or {}).get("sample_size")
+        size = {"size": sample_size * vae.config.downsample} if isinstance(sample_size, int) else None  # as diffusers
+        return cls(transformer, text, vae, family, scheduler, size)
 
     # --- pieces, usable on their own --------------------------------------------------------
 

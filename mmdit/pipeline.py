@@ -286,7 +286,9 @@ class Pipeline:
             try:
                 spec = ma.find_massive(model, rows, ratio=ratio, block=m).spec
             except ValueError as e:
-                raise ValueError(f"dg needs massive activations, and none were found: {e}") from None
+                raise ValueError(f"dg needs massive activations, and none were found: {e} Set them with "
+                                 "pipe.transformer.ma = mmdit.MASpec(channels=..., block=...), or calibrate with "
+                                 "a looser rule: mmdit calibrate-ma --model MODEL --ratio 10") from None
             how = f"calibrated the MA channels: {list(spec.channels)} at block {m}"
         model.ma = spec
         files = getattr(model, "source_files", None)

@@ -266,7 +266,10 @@ def _add_train(sub) -> None:
                  "Train the tiny-shapes model as the shipped one was trained (the defaults are its\n"
                  "recipe), calibrate its massive channels, and write a folder that\n"
                  "`mmdit generate --model FOLDER` uses.")
-    number = lambda name, check=checks.positive: _checked(lambda v: check(name, v), float)  # noqa: E731
+
+    def number(name, check=checks.positive):
+        return _checked(lambda v: check(name, v), float)
+
     p.add_argument("--out", type=Path, default=Path("tiny-shapes"),
                    help="folder to write; `--out weights/tiny` in the checkout replaces the shipped model")
     p.add_argument("--steps", type=_count("--steps"), default=2500, help="optimizer steps")

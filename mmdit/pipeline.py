@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,7 +236,9 @@ class Pipeline:
         uncond = self.encode(negatives, max_sequence_length) if cfg != 1.0 else None
         if self.family == "flux" and getattr(self.transformer.config, "guidance_embed", False):
             guidance = defaults["guidance"] if guidance is None else guidance
-        else:
+        elif guidance is not None:
+            warnings.warn(f"guidance={guidance} is ignored: it is FLUX.1-dev's distilled guidance, and this model "
+                          "has no guidance input (cfg= is the guidance scale here)", stacklevel=2)
             guidance = None
         sigmas = self.sigmas(steps, h, w)
         latents = latents.to(device=device, dtype=dtype)

@@ -38,6 +38,11 @@ def test_callback_sees_every_step(shipped):
     assert [s for s, _, _ in seen] == [0, 1, 2, 3] and seen[-1][1] == 0.0 and seen[0][2] == (1, 3, 64, 64)
 
 
+def test_guidance_on_a_model_without_it_says_so(shipped):
+    with pytest.warns(UserWarning, match="guidance=3.5 is ignored: it is FLUX.1-dev's distilled guidance"):
+        shipped("a red circle on a blue background", guidance=3.5, steps=1, output="latent")
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(steps=0), "steps must be a whole number from 1 to 1000, got 0"),
     (dict(steps=10**9), "from 1 to 1000"),

@@ -6,6 +6,7 @@ what would work. No torch here: the command checks its arguments before loading 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 MAX_STEPS = 1000  # the models were trained on 1000 noise levels; more steps add nothing
@@ -13,10 +14,11 @@ MAX_STEPS = 1000  # the models were trained on 1000 noise levels; more steps add
 
 def count(name: str, value, low: int = 1, high: int | None = None) -> int:
     """A whole number in ``low..high``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < low or (high is not None and value > high):
         span = f"from {low} to {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be a whole number {span}, got {value!r}")
-    return value
+    return int(value)
 
 
 def steps(value) -> int:
@@ -26,14 +28,14 @@ def steps(value) -> int:
 
 def scale(name: str, value, off: float) -> float:
     """A guidance weight: finite and >= 0; ``off`` is the value that turns it off."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0 ({off:g} turns it off), got {value!r}")
     return float(value)
 
 
 def fraction(name: str, value, *, closed_top: bool = True) -> float:
     """A number in [0, 1] (or [0, 1) when ``closed_top`` is False)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     if not ok or value > 1 or (value == 1 and not closed_top):
         raise ValueError(f"{name} must be a number in [0, 1{']' if closed_top else ')'}, got {value!r}")
     return float(value)
@@ -41,7 +43,7 @@ def fraction(name: str, value, *, closed_top: bool = True) -> float:
 
 def positive(name: str, value) -> float:
     """A finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 

@@ -275,7 +275,8 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=_count("--steps"), default=2500, help="optimizer steps")
     p.add_argument("--batch-size", type=_count("--batch-size", 1, 4096), default=16, help="images per step")
     p.add_argument("--lr", type=number("--lr"), default=1e-3, help="AdamW peak learning rate")
-    p.add_argument("--warmup", type=_count("--warmup", 0), default=50, help="linear warm-up steps, then cosine to lr/10")
+    p.add_argument("--warmup", type=_count("--warmup", 0), default=50,
+                   help="linear warm-up steps, then cosine to lr/10")
     p.add_argument("--weight-decay", type=number("--weight-decay", checks.fraction), default=0.01,
                    help="on matrices only")
     p.add_argument("--sigma-mode", choices=("logit_normal", "uniform"), default="logit_normal",
@@ -290,7 +291,8 @@ def _add_train(sub) -> None:
                    default=0.998, help="EMA decay, 0 = off; the EMA weights are saved")
     p.add_argument("--seed", type=SEED, default=0, help="model init, data, noise")
     p.add_argument("--layers", type=_count("--layers"), default=None, help="transformer depth (default: 4)")
-    p.add_argument("--heads", type=_count("--heads"), default=None, help="transformer heads of 32 channels (default: 2)")
+    p.add_argument("--heads", type=_count("--heads"), default=None,
+                   help="transformer heads of 32 channels (default: 2)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--threads", type=_count("--threads"), default=None,

@@ -214,7 +214,8 @@ class Pipeline:
         steps = checks.steps(defaults["steps"] if steps is None else steps)
         cfg = checks.scale("cfg", defaults["cfg"] if cfg is None else cfg, off=1)
         dg = checks.scale("dg", defaults.get("dg", 0.0) if dg is None else dg, off=0)
-        cfg_interval, dg_interval = checks.interval("cfg_interval", cfg_interval), checks.interval("dg_interval", dg_interval)
+        cfg_interval = checks.interval("cfg_interval", cfg_interval)
+        dg_interval = checks.interval("dg_interval", dg_interval)
         per_prompt = checks.count("num_images_per_prompt", num_images_per_prompt, 1, 256)
         max_sequence_length = max_sequence_length or defaults["max_sequence_length"]
         if output not in ("pil", "np", "latent"):

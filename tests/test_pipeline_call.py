@@ -76,7 +76,8 @@ def planted_pipeline(tmp_path, monkeypatch, paper=None):
 
     def text(prompts, _):
         g = torch.Generator().manual_seed(0)
-        return {"context": torch.randn(len(prompts), 5, 32, generator=g), "pooled": torch.randn(len(prompts), 24, generator=g)}
+        return {"context": torch.randn(len(prompts), 5, 32, generator=g),
+                "pooled": torch.randn(len(prompts), 24, generator=g)}
 
     return Pipeline(model, text, PixelSpace(16), "sd3", defaults=dict(size=16, steps=3, cfg=1.0)), path
 

@@ -2,7 +2,8 @@
 
 Text is lower-cased and split into words and punctuation marks; each maps to an id from a
 ``vocab.json`` (``{"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, "a": 4, ...}``); a word
-outside it becomes ``<unk>``, with a warning naming it and the vocabulary (once per word). ``tok(prompts, max_length)`` gives ``<bos> words <eos> <pad>...``
+outside it becomes ``<unk>``, with a warning naming it and the vocabulary (once per word).
+``tok(prompts, max_length)`` gives ``<bos> words <eos> <pad>...``
 as a (B, max_length) LongTensor, CLIP-style (the pooled state is read at the first ``<eos>``).
 """
 from __future__ import annotations

@@ -4,6 +4,7 @@ Every ```python block of README.md runs, in order, in one namespace, in a folder
 small stand-ins for the checkpoints it names. The only edits are the ones in SWAPS (device,
 dtype, sizes that a small model cannot take); each must still be found in the README.
 """
+import os
 import re
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def test_the_repository_stands_alone():
     holds what the code relies on (the lead owns samplers/, whose pointers follow)."""
     root = README.parent
     outside = re.compile(r"REFERENCE\.md|PAPER\.md|DESIGN\.md|\.\./shared")
-    files = [p for p in root.rglob("*") if p.suffix in (".py", ".md", ".sh") and ".venv" not in p.parts
-             and "samplers" not in p.parts]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("samplers", "build", "__pycache__")]
+        files += [Path(folder, n) for n in names if n.endswith((".py", ".md", ".sh"))]
     assert [str(p.relative_to(root)) for p in files if outside.search(p.read_text(errors="replace"))] == []
     assert (root / "docs" / "architecture.md").is_file()

@@ -279,13 +279,14 @@ class Pipeline:
         else:
             from .ma_report import trajectory_samples
 
-            short = self.sigmas(8, latents.shape[-2], latents.shape[-1])
+            steps, every = 8, 2  # an 8-step cond-only trajectory, every 2nd state probed
+            short = self.sigmas(steps, latents.shape[-2], latents.shape[-1])
             why = (f"the paper's channels {list(hint)} are only {min(ratios):.1f}x the median at block {m} here"
                    if hint else "no channels are known for this architecture")
-            print(f"DG: no MA spec for this model and {why}; calibrating (12 forward passes, once)...",
-                  file=sys.stderr, flush=True)
+            print(f"DG: no MA spec for this model and {why}; calibrating "
+                  f"({steps + steps // every} forward passes, once)...", file=sys.stderr, flush=True)
             samples = trajectory_samples(model, {"": first}, short, latent_shape=tuple(latents.shape[1:]),
-                                         guidance=guidance, every=2)
+                                         guidance=guidance, every=every)
             rows = [(x, s, c, p, *rest) for (_, s), (x, c, p, *rest) in samples.items()]
             try:
                 spec = ma.find_massive(model, rows, ratio=ratio, block=m).spec

@@ -182,21 +182,24 @@ def test_hub_repo_not_in_the_offline_cache_is_one_clear_error(offline_cache):
 
 def test_hub_online_downloads_only_transformer_files(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    import huggingface_hub  # mmdit imports it where used; patch the module itself
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     peer = make_peer("flux", SCHNELL)
     folder = peers.save_diffusers_folder(peer, tmp_path / "snap", pipeline=True)
     calls = []
-    monkeypatch.setattr(hub.huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: [
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: [
         "model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors", "flux1-schnell.safetensors", "ae.safetensors"])
-    monkeypatch.setattr(hub.huggingface_hub, "snapshot_download",
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, **kw: calls.append((repo, kw)) or str(folder))
     assert peers.parity(load_transformer("org/flux-schnell-tiny", revision="v1", token="tok"), peer) <= TOL
     (repo, kw), = calls
     assert repo == "org/flux-schnell-tiny" and kw["revision"] == "v1" and kw["token"] == "tok"
     assert kw["allow_patterns"] == ["transformer/*.json", "transformer/*.safetensors"]
     # single-file repo: the one transformer file, not the VAE or text encoders
-    monkeypatch.setattr(hub.huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: [
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: [
         "flux1-dev.safetensors", "ae.safetensors", "text_encoders/clip_l.safetensors", "README.md"])
     assert hub._patterns("org/x", None, None) == ["flux1-dev.safetensors"]
 

@@ -40,9 +40,9 @@ class Recorder:
     def ma(self):
         return self.model.ma
 
-    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None, **kw):
         self.calls.append((x.shape[0], fork))
-        return self.model(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork)
+        return self.model(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork, **kw)
 
 
 def reference_loop(model, x, sigmas, cond, uncond, cfg, dg, cfg_interval=(0, 1), dg_interval=(0, 1),

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..checks import choice
 from .guidance import Guidance, guided_velocity
 from .solvers import SAMPLERS
 
@@ -47,9 +48,7 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     A pure function of its arguments: no scheduler state; call it on ``sigmas[i:j + 1]`` to
     run steps i..j-1 only (a multistep solver restarts its history at i).
     """
-    solve = SAMPLERS.get(sampler)
-    if solve is None:
-        raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {sampler!r}")
+    solve = SAMPLERS[choice("sampler", sampler, tuple(SAMPLERS))]
     rule = Guidance(float(cfg), float(dg), tuple(cfg_interval), tuple(dg_interval))
     if rule.dg != 0.0 and getattr(model, "ma", True) is None:
         raise ValueError("dg needs the model's MA spec: run `mmdit calibrate-ma --model MODEL` once (it is "

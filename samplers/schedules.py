@@ -14,8 +14,9 @@ import math
 import numpy as np
 import torch
 
+from ..checks import SCHEDULES, choice
+
 NUM_TRAIN_TIMESTEPS = 1000
-SCHEDULES = ("default", "beta", "karras", "exponential")
 KARRAS_RHO = 7.0  # EDM's rho (Karras et al. 2022), as in diffusers
 BETA_ALPHA = BETA_BETA = 0.6  # "Beta Sampling is All You Need" (arXiv 2407.12173), diffusers' defaults
 
@@ -45,12 +46,7 @@ def _finish(sigmas: np.ndarray, schedule: str) -> torch.Tensor:
 def _check(steps: int, schedule: str) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    check_schedule(schedule)
-
-
-def check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
+    choice("schedule", schedule, SCHEDULES)
 
 
 def respace(sigmas: np.ndarray, schedule: str = "default") -> np.ndarray:
@@ -60,8 +56,7 @@ def respace(sigmas: np.ndarray, schedule: str = "default") -> np.ndarray:
     ``log sigma``. beta: ``lo + (hi - lo) * ppf(1 - u)`` for u uniform in [0, 1] and ppf the
     Beta(0.6, 0.6) quantile, so steps crowd at both ends. (diffusers' ``_convert_to_*``.)
     """
-    check_schedule(schedule)
-    if schedule == "default":
+    if choice("schedule", schedule, SCHEDULES) == "default":
         return sigmas
     hi, lo, n = float(sigmas[0]), float(sigmas[-1]), len(sigmas)
     u = np.linspace(0.0, 1.0, n)

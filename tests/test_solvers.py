@@ -4,6 +4,7 @@ import pytest
 import torch
 from test_sampler import FakeModel, Recorder, _conds, reference_velocity
 
+from mmdit import checks
 from mmdit.samplers import SAMPLERS, sample, sd3_sigmas
 
 diffusers = pytest.importorskip("diffusers")
@@ -139,6 +140,7 @@ def test_second_order_solvers_converge_faster():
 
 
 def test_unknown_sampler_names_the_choices():
+    assert tuple(SAMPLERS) == checks.SAMPLERS  # the names the CLI and Pipeline check before loading anything
     model, cond, _, noise = _setup()
     with pytest.raises(ValueError, match="sampler must be one of 'euler', 'dpmpp_2m', 'heun'; got 'dpm'"):
         sample(model, noise, sd3_sigmas(2), cond, sampler="dpm")

@@ -7,7 +7,8 @@ Each solver integrates ``dx/dsigma = v(x, sigma)`` from ``sigmas[0]`` to ``sigma
 
 The sigmas are Python floats, so every coefficient is a host number and a step issues no
 device-to-host sync. Updates are computed in float32 and cast back to the latents' dtype
-after every step (and before every model evaluation). No state outlives a call.
+after every step (and before every model evaluation). No state outlives a call, and none
+holds a model output across the next evaluation (a CUDA-graph replay may overwrite it).
 
 Flow matching: ``x_sigma = sigma * noise + (1 - sigma) * x0`` and ``v = noise - x0``, so the
 model's data prediction is ``x0 = x - sigma * v``.
@@ -48,10 +49,10 @@ def heun(velocity: Velocity, x: torch.Tensor, sigmas: Sequence[float], done: Ste
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         dt = sigma_next - sigma
         xf = x.float()
-        v = velocity(x, sigma)
-        x = (xf + dt * v).to(dtype)
+        euler_step = dt * velocity(x, sigma)  # a new tensor: the next call may reuse the model's output buffer
+        x = (xf + euler_step).to(dtype)
         if sigma_next != 0:
-            x = (xf + dt * 0.5 * (v + velocity(x, sigma_next))).to(dtype)
+            x = (xf + 0.5 * (euler_step + dt * velocity(x, sigma_next))).to(dtype)
         done(i, sigma_next, x)
     return x
 

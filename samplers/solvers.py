@@ -91,7 +91,7 @@ def dpmpp_2m(velocity: Velocity, x: torch.Tensor, sigmas: Sequence[float], done:
         d = x0
         if x0_prev is not None and sigma_next > 0:
             d = x0 + (0.5 * h / h_prev) * (x0 - x0_prev)
-        ratio = sigma_next / sigma
+        ratio = sigma_next / sigma if sigma > 0 else 1.0  # from sigma 0 (already clean): x stays
         x = (ratio * xf + ((1 - sigma_next) - (1 - sigma) * ratio) * d).to(dtype)
         x0_prev, h_prev = x0, h
         done(i, sigma_next, x)

@@ -77,13 +77,14 @@ def dpmpp_2m(velocity: Velocity, x: torch.Tensor, sigmas: Sequence[float], done:
         x <- (sigma_next / sigma) * x + (alpha_next - alpha * sigma_next / sigma) * D
 
     (the second coefficient is ``-alpha_next * (e^-h - 1)`` without the logs, so sigma = 1 and
-    sigma = 0 need no special case; with D = x0 the step is exactly Euler). One evaluation per
+    sigma = 0 need no special case; with D = x0 the step is exactly Euler; after a step from
+    sigma = 1, h_prev is infinite and the correction vanishes, as in diffusers). One evaluation per
     step. Equals diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
     solver_order=2, solver_type="midpoint", prediction_type="flow_prediction",
     use_flow_sigmas=True) run on the same sigmas.
     """
     dtype = x.dtype
-    x0_prev, h_prev = None, math.inf  # an infinite previous step makes the correction vanish
+    x0_prev, h_prev = None, None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         xf = x.float()
         x0 = xf - sigma * velocity(x, sigma)

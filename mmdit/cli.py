@@ -147,7 +147,8 @@ def _add_generate(sub) -> None:
                    help="the ODE solver: euler (1 model call per step), dpmpp_2m (DPM++ 2M, 1 per step), "
                         "heun (2 per step)")
     p.add_argument("--schedule", choices=checks.SCHEDULES, default="default",
-                   help="the spacing of the sigmas: the model's own, or re-spaced between its ends")
+                   help="the spacing of the sigmas: default (the model's own), or karras, exponential or beta "
+                        "(re-spaced between the default's first and last sigma)")
     p.add_argument("--output", default="out.png", help="where to write the PNG (its settings go into its metadata)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "

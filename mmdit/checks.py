@@ -10,6 +10,8 @@ import numbers
 from collections.abc import Sequence
 
 MAX_STEPS = 1000  # the models were trained on 1000 noise levels; more steps add nothing
+SAMPLERS = ("euler", "dpmpp_2m", "heun")  # the solvers in samplers/solvers.py
+SCHEDULES = ("default", "beta", "karras", "exponential")  # the sigma spacings in samplers/schedules.py
 
 
 def count(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -46,6 +48,12 @@ def positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
 
 
 def interval(name: str, value: Sequence[float]) -> tuple[float, float]:

@@ -143,6 +143,12 @@ def _add_generate(sub) -> None:
                    default=(0.0, 1.0), help="sigmas where CFG acts (1 = pure noise)")
     p.add_argument("--dg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
                    default=(0.0, 1.0), help="sigmas where DG acts")
+    p.add_argument("--sampler", choices=checks.SAMPLERS, default="euler",
+                   help="the ODE solver: euler (1 model call per step), dpmpp_2m (DPM++ 2M, 1 per step), "
+                        "heun (2 per step)")
+    p.add_argument("--schedule", choices=checks.SCHEDULES, default="default",
+                   help="the spacing of the sigmas: default (the model's own), or karras, exponential or beta "
+                        "(re-spaced between the default's first and last sigma)")
     p.add_argument("--output", default="out.png", help="where to write the PNG (its settings go into its metadata)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "
@@ -161,7 +167,7 @@ def _add_generate(sub) -> None:
         settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
                         dg=args.dg, guidance=args.guidance, height=height, width=width, seed=args.seed,
                         max_sequence_length=args.max_sequence_length, cfg_interval=list(args.cfg_interval),
-                        dg_interval=list(args.dg_interval))
+                        dg_interval=list(args.dg_interval), sampler=args.sampler, schedule=args.schedule)
         image = pipe(args.prompt, args.negative_prompt, output="pil", progress=True,
                      **{k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")})[0]
         settings.update(model=args.model or "tiny-shapes (shipped)", **{k: pipe.defaults.get(k) for k in

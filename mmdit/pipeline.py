@@ -160,16 +160,17 @@ class Pipeline:
         device, dtype = _where(self.transformer)
         return {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
 
-    def sigmas(self, steps: int, latent_h: int, latent_w: int) -> torch.Tensor:
-        """The schedule the diffusers pipeline would use with this scheduler config."""
+    def sigmas(self, steps: int, latent_h: int, latent_w: int, schedule: str = "default") -> torch.Tensor:
+        """The schedule the diffusers pipeline would use with this scheduler config; ``schedule`` as
+        its ``use_beta_sigmas`` / ``use_karras_sigmas`` / ``use_exponential_sigmas`` would re-space it."""
         s = self.scheduler
         if self.family == "flux" or s.get("use_dynamic_shifting"):
             return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2),
                                base_shift=s.get("base_shift", 0.5), max_shift=s.get("max_shift", 1.15),
                                base_seq_len=s.get("base_image_seq_len", 256),
                                max_seq_len=s.get("max_image_seq_len", 4096),
-                               shift=s.get("use_dynamic_shifting", True))
-        return sd3_sigmas(steps, shift=s.get("shift", 3.0))
+                               shift=s.get("use_dynamic_shifting", True), schedule=schedule)
+        return sd3_sigmas(steps, shift=s.get("shift", 3.0), schedule=schedule)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents for a height x width image; a clear error for bad sizes."""
@@ -202,7 +203,8 @@ class Pipeline:
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None,
                  max_sequence_length: int | None = None, output: str = "pil",
-                 cfg_interval=(0.0, 1.0), dg_interval=(0.0, 1.0), callback=None, progress: bool = False):
+                 cfg_interval=(0.0, 1.0), dg_interval=(0.0, 1.0), callback=None, progress: bool = False,
+                 sampler: str = "euler", schedule: str = "default"):
         """Generate ``len(prompts) * num_images_per_prompt`` images, prompt by prompt (the images of
         prompt 0 first).
 
@@ -212,6 +214,8 @@ class Pipeline:
         one per image (as in diffusers). Neither: torch's global RNG. ``latents``: the initial
         noise itself, (B, C, h, w) in the unpacked layout.
         callback: called after every step as ``callback(step, sigma_next, latents)``.
+        sampler: "euler", "dpmpp_2m" or "heun" (``samplers.sample``); schedule: the spacing of the
+        steps, "default" (the model's scheduler config), "beta", "karras" or "exponential".
         output: "pil" (list of PIL images), "np" ((B, H, W, 3) floats in [0, 1]) or "latent".
         DG (``dg`` > 0) on a model without an MA spec finds one first (``ensure_ma``).
         """
@@ -222,6 +226,8 @@ class Pipeline:
         dg = checks.scale("dg", defaults.get("dg", 0.0) if dg is None else dg, off=0)
         cfg_interval = checks.interval("cfg_interval", cfg_interval)
         dg_interval = checks.interval("dg_interval", dg_interval)
+        sampler = checks.choice("sampler", sampler, checks.SAMPLERS)
+        schedule = checks.choice("schedule", schedule, checks.SCHEDULES)
         per_prompt = checks.count("num_images_per_prompt", num_images_per_prompt, 1, 256)
         max_sequence_length = max_sequence_length or defaults["max_sequence_length"]
         if output not in ("pil", "np", "latent"):
@@ -247,12 +253,12 @@ class Pipeline:
             warnings.warn(f"guidance={guidance} is ignored: it is FLUX.1-dev's distilled guidance, and this model "
                           "has no guidance input (cfg= is the guidance scale here)", stacklevel=2)
             guidance = None
-        sigmas = self.sigmas(steps, h, w)
+        sigmas = self.sigmas(steps, h, w, schedule)
         latents = latents.to(device=device, dtype=dtype)
         if dg != 0.0:
             self.ensure_ma(cond, latents, sigmas, guidance)
         x = sample(self.denoiser, latents, sigmas, cond, uncond, cfg=cfg, dg=dg, cfg_interval=cfg_interval,
-                   dg_interval=dg_interval, guidance=guidance, progress=progress, callback=callback)
+                   dg_interval=dg_interval, guidance=guidance, progress=progress, callback=callback, sampler=sampler)
         if output == "latent":
             return x
         images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)

@@ -1,4 +1,4 @@
-"""The flow-matching Euler sampler with batched CFG / Detail Guidance."""
+"""``sample()``: batched CFG / Detail Guidance handed to a flow-matching solver (Euler, Heun, DPM++ 2M)."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..checks import choice
 from .guidance import APG, Guidance, GuidanceState, guided_velocity
+from .solvers import SAMPLERS
 
 
 def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.Tensor | Sequence[float],
@@ -18,10 +20,11 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
            pag: float = 0.0, pag_layers: Sequence[int] = (), pag_interval: tuple[float, float] = (0.0, 1.0),
            cfg_zero_star: bool = False, apg: APG | None = None,
            guidance: torch.Tensor | float | None = None, generator: torch.Generator | None = None,
-           progress: bool = False, callback: Callable | None = None, grad: bool = False) -> torch.Tensor:
-    """Integrate the flow-matching ODE with Euler steps over a sigma schedule.
+           progress: bool = False, callback: Callable | None = None, grad: bool = False,
+           sampler: str = "euler") -> torch.Tensor:
+    """Integrate the flow-matching ODE over a sigma schedule with the solver ``sampler``.
 
-    Algorithm (first-order Euler on the velocity field, REFERENCE.md 6.1): for each
+    Algorithm (default: first-order Euler on the velocity field, REFERENCE.md 6.1): for each
     consecutive pair (sigma, sigma_next) of ``sigmas`` (1 -> ... -> 0),
 
         v = guided velocity at (x, sigma)                    one model call, see guidance.py
@@ -45,13 +48,17 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     apg: an ``APG(eta, norm_threshold, momentum)`` in place of plain CFG, or None.
     guidance: FLUX.1-dev's distilled guidance (a number or (B,)); None for the others.
     callback: called after every step as ``callback(step, sigma_next, latents)`` (UIs, trainers).
+    sampler: "euler" (1 model call per step), "heun" (2 per step, 1 on the step to sigma 0) or
+        "dpmpp_2m" (DPM++ 2M, multistep: 1 per step); see solvers.py. Every guidance term works
+        with each: a solver only sees the guided velocity, one batched model call per evaluation.
     grad: False (default) runs under ``torch.inference_mode()``: no autograd graph, even when
         the parameters require grad; True keeps autograd on for differentiable sampling.
     Returns the latents at sigmas[-1].
 
     A pure function of its arguments: no scheduler state; call it on ``sigmas[i:j + 1]`` to
-    run steps i..j-1 only.
+    run steps i..j-1 only (a multistep solver restarts its history at i).
     """
+    solve = SAMPLERS[choice("sampler", sampler, tuple(SAMPLERS))]
     rule = Guidance(float(cfg), float(dg), float(slg), tuple(slg_layers), float(pag), tuple(pag_layers),
                     tuple(cfg_interval), tuple(dg_interval), tuple(slg_interval), tuple(pag_interval),
                     bool(cfg_zero_star), apg)
@@ -78,8 +85,11 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
             return torch.zeros_like(x, dtype=torch.float32)
         return guided_velocity(model, x, sigma, cond, uncond, rule, guidance, state)[0]
 
+    report = _StepReport(len(sigmas) - 1, callback, progress)
     with torch.inference_mode(not grad):
-        return _euler(velocity, noise, sigmas, progress, callback)
+        x = solve(velocity, noise, sigmas, report)
+    report.close()
+    return x
 
 
 def _device_of(model) -> torch.device:
@@ -87,18 +97,21 @@ def _device_of(model) -> torch.device:
     return next(params, torch.empty(0)).device
 
 
-def _euler(velocity, noise, sigmas, progress, callback):
-    x = noise
-    steps, start = len(sigmas) - 1, time.perf_counter()
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        v = velocity(x, sigma)
-        x = (x.float() + (sigma_next - sigma) * v).to(noise.dtype)
-        if callback is not None:
-            callback(i, sigma_next, x)
-        if progress:
-            elapsed = time.perf_counter() - start
-            print(f"\rstep {i + 1}/{steps}  sigma {sigma_next:.4f}  {elapsed:.1f}s", end="",
+class _StepReport:
+    """The solvers' per-step hook: the user's callback, then an optional progress line on stderr."""
+
+    def __init__(self, steps: int, callback: Callable | None, progress: bool):
+        self.steps, self.callback, self.progress = steps, callback, progress
+        self.start = time.perf_counter()
+
+    def __call__(self, i: int, sigma_next: float, x: torch.Tensor) -> None:
+        if self.callback is not None:
+            self.callback(i, sigma_next, x)
+        if self.progress:
+            elapsed = time.perf_counter() - self.start
+            print(f"\rstep {i + 1}/{self.steps}  sigma {sigma_next:.4f}  {elapsed:.1f}s", end="",
                   file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    return x
+
+    def close(self) -> None:
+        if self.progress:
+            print(file=sys.stderr)

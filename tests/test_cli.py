@@ -33,6 +33,18 @@ def test_generate_with_detail_guidance_changes_the_image(tmp_path):
     assert np.abs(a - b).mean() > 1.0  # 8-bit levels
 
 
+def test_generate_sampler_and_schedule(tmp_path):
+    """--sampler / --schedule reach the Pipeline (the image changes) and the PNG's settings."""
+    paths = {name: tmp_path / f"{name}.png" for name in ("euler", "heun")}
+    for name, path in paths.items():
+        assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "3", "--sampler", name,
+                     "--schedule", "karras", "--output", str(path)]) == 0
+    settings = json.loads(Image.open(paths["heun"]).text["mmdit"])
+    assert settings["sampler"] == "heun" and settings["schedule"] == "karras"
+    a, b = (np.asarray(Image.open(p), dtype=np.float32) for p in paths.values())
+    assert np.abs(a - b).mean() > 0.1  # 8-bit levels
+
+
 def test_analyze_and_calibrate_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["analyze-ma", "--prompt", "a red circle on a blue background", "--prompt",
@@ -127,6 +139,8 @@ BAD = [
     (["generate", "--seed", "-1"], "seed must be a whole number from 0"),
     (["generate", "--max-sequence-length", "0"], "max sequence length must be a whole number from 1 to 512"),
     (["generate", "--output", "out.jpg"], "--output must name a .png file"),
+    (["generate", "--sampler", "ddim"], "argument --sampler: invalid choice: 'ddim'"),
+    (["generate", "--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
     (["generate", "--colour", "red"], "unrecognized arguments: --colour red"),
     (["generate", "--model", "/no/such/folder"], "does not exist"),
     (["generate", "--model", "someone/not-cached"], "not in the local Hugging Face cache"),

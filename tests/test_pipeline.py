@@ -120,6 +120,50 @@ def test_pipeline_matches_diffusers(saved, monkeypatch, family):
     assert ref.std() > 0.01  # the comparison is not between two flat images
 
 
+def _dpm_on_sd3_sigmas():
+    """diffusers' DPM++ 2M configured for flow models as it is for SD3 (flow_prediction, flow sigmas, shift 3),
+    stepped over the SD3 schedule of FlowMatchEulerDiscreteScheduler, the schedule our Pipeline uses (its own
+    flow sigmas start at shift(0.999) instead of 1, and it hands the model whole-number timesteps)."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    class DPMOnSD3Sigmas(DPMSolverMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kw):
+            super().set_timesteps(num_inference_steps, device=device, **kw)
+            sd3 = FlowMatchEulerDiscreteScheduler(shift=self.config.flow_shift)
+            sd3.set_timesteps(num_inference_steps, device=device)
+            self.sigmas, self.timesteps = sd3.sigmas.cpu(), sd3.timesteps
+
+    return DPMOnSD3Sigmas(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+
+
+def _peer_scheduler(sampler, schedule):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    if sampler == "dpmpp_2m":
+        return _dpm_on_sd3_sigmas()
+    if sampler == "heun":
+        return FlowMatchHeunDiscreteScheduler(shift=3.0)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, **{f"use_{schedule}_sigmas": True})
+
+
+@pytest.mark.parametrize("sampler,schedule", [("dpmpp_2m", "default"), ("heun", "default"), ("euler", "karras")])
+def test_pipeline_samplers_and_schedules_match_diffusers(saved, monkeypatch, sampler, schedule):
+    """Our Pipeline with ``sampler=`` / ``schedule=`` equals StableDiffusion3Pipeline with the matching
+    diffusers scheduler swapped in."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, peer = saved("sd3")
+    monkeypatch.setattr(peer, "scheduler", _peer_scheduler(sampler, schedule))
+    ours = mmdit.Pipeline.from_pretrained(folder)
+    latents = torch.randn(1, 16, H // 2, W // 2, generator=torch.Generator().manual_seed(1))
+    ref = peer(PROMPTS[:1], negative_prompt="", num_inference_steps=4, guidance_scale=4.5, height=H, width=W,
+               latents=latents.clone(), max_sequence_length=T5_LEN, output_type="np").images
+    images = ours(PROMPTS[:1], height=H, width=W, latents=latents, max_sequence_length=T5_LEN, output="np",
+                  steps=4, cfg=4.5, sampler=sampler, schedule=schedule)
+    err = abs(images - ref).max()
+    assert err <= PIXEL_TOL, f"max pixel error {err:.2e}"
+    assert ref.std() > 0.01
+
+
 def test_pipeline_runs_dg_and_cfg_in_one_call_per_step(saved, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder, _ = saved("sd3")
@@ -151,4 +195,8 @@ def test_pipeline_errors_are_clear(saved, tmp_path, monkeypatch):
         pipe("x", height=30, width=24)
     with pytest.raises(ValueError, match="calibrate-ma"):
         pipe("x", height=H, width=W, dg=2.0, steps=1)
+    with pytest.raises(ValueError, match="sampler must be one of 'euler', 'dpmpp_2m', 'heun'; got 'ddim'"):
+        pipe("x", height=H, width=W, sampler="ddim")
+    with pytest.raises(ValueError, match="schedule must be one of 'default', 'beta', 'karras', 'exponential'"):
+        pipe("x", height=H, width=W, schedule="linear")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"

@@ -24,7 +24,7 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
            sampler: str = "euler") -> torch.Tensor:
     """Integrate the flow-matching ODE over a sigma schedule with the solver ``sampler``.
 
-    Algorithm (default: first-order Euler on the velocity field, REFERENCE.md 6.1): for each
+    Algorithm (default: first-order Euler on the velocity field, docs/architecture.md "Schedules"): for each
     consecutive pair (sigma, sigma_next) of ``sigmas`` (1 -> ... -> 0),
 
         v = guided velocity at (x, sigma)                    one model call, see guidance.py

@@ -1,4 +1,4 @@
-"""Flow-matching sigma schedules for SD3 / SD3.5 and FLUX.1 (REFERENCE.md section 6).
+"""Flow-matching sigma schedules for SD3 / SD3.5 and FLUX.1 (docs/architecture.md, "Schedules").
 
 A schedule is a float32 tensor of ``steps + 1`` noise levels running from 1 (pure noise)
 down to a final 0; the samplers walk its consecutive pairs. The values equal diffusers'

@@ -68,6 +68,22 @@ def interval(name: str, value: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def layers(name: str, value, total: int | None = None) -> tuple[int, ...]:
+    """Block indices: whole numbers >= 0 (and < ``total``, the model's blocks, when known);
+    a "7,8,9" string is accepted too (the CLI's form)."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be block numbers like 7,8,9, got {value!r}") from None
+    bad = [i for i in out if i < 0 or (total is not None and i >= total)]
+    if bad:
+        where = f"0..{total - 1} (this model has {total} blocks)" if total is not None else "whole numbers >= 0"
+        raise ValueError(f"{name} {bad} outside {where}")
+    return out
+
+
 def seed(value) -> int:
     """A seed for torch.Generator: 0 <= seed < 2**63."""
     return count("seed", value, 0, 2**63 - 1)

@@ -241,6 +241,11 @@ class Pipeline:
         slg = checks.scale("slg", slg, off=0)
         pag = checks.scale("pag", pag, off=0)
         pag_interval = checks.interval("pag_interval", pag_interval)
+        total = self.transformer.config.total_blocks
+        slg_layers, pag_layers = checks.layers("slg_layers", slg_layers, total), checks.layers("pag_layers", pag_layers, total)
+        for name, scale_, chosen in (("slg", slg, slg_layers), ("pag", pag, pag_layers)):
+            if scale_ != 0 and not chosen:
+                raise ValueError(f"{name}={scale_:g} needs {name}_layers, the blocks it perturbs (e.g. 7,8,9)")
         per_prompt = checks.count("num_images_per_prompt", num_images_per_prompt, 1, 256)
         max_sequence_length = max_sequence_length or defaults["max_sequence_length"]
         if output not in ("pil", "np", "latent"):

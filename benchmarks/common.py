@@ -190,8 +190,8 @@ class PeerRunner:
                     timestep=inp.sigma.to(inp.x.dtype), img_ids=img_ids, txt_ids=txt_ids,
                     guidance=inp.guidance)
 
-    def __call__(self, prepared: dict, shape) -> torch.Tensor:
-        out = self.peer(**prepared, return_dict=False)[0]
+    def __call__(self, prepared: dict, shape, **extra) -> torch.Tensor:
+        out = self.peer(**prepared, **extra, return_dict=False)[0]
         if not self.flux:
             return out
         B, C, H, W = shape
@@ -224,18 +224,23 @@ def zero_ma_hook(batch: int, channels: torch.Tensor):
 # ---- FLOPs ---------------------------------------------------------------------------------
 
 def forward_flops(config, n_img: int, n_txt: int, batch: int, fork_block: int | None = None,
-                  n_fork: int = 0) -> int:
+                  n_fork: int = 0, branches: tuple = (), skipped: tuple = ()) -> int:
     """Multiply-adds x 2 of one forward: every matmul plus attention (QK^T and PV).
 
     With a fork at block m, blocks <= m run on ``batch`` rows and the rest (and the final
-    layer) on ``batch + n_fork``. Elementwise work (norms, gates, GELU, RoPE) is left out.
+    layer) on ``batch + n_fork``. ``branches``: more (rows, first block, skipped blocks) copies,
+    e.g. SLG's; ``skipped``: blocks the ``batch`` rows skip. Elementwise work (norms, gates,
+    GELU, RoPE) is left out.
     """
+    if fork_block is not None:
+        branches = ((n_fork, fork_block + 1, ()), *branches)
     D = config.hidden_size
     F = int(D * config.mlp_ratio)
     N, T = n_img, n_txt
 
-    def rows(i):
-        return batch + (n_fork if fork_block is not None and i > fork_block else 0)
+    def rows(i):  # rows running block i (i = total_blocks: the final layer)
+        base = 0 if i in skipped else batch
+        return base + sum(n for n, first, skip in branches if i >= first and i not in skip)
 
     def attn(q_len, k_len):
         return 4 * q_len * k_len * D  # QK^T and PV over all heads
@@ -393,7 +398,8 @@ def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int) -> 
 
 
 def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
-                dg: float = 2.0, names=("forward", "cfg", "cfg_dg")) -> list[Case]:
+                dg: float = 2.0, names=("forward", "cfg", "cfg_dg"), slg: float = 2.8,
+                slg_layers: tuple[int, ...] = ()) -> list[Case]:
     """forward (B rows); CFG step ([uncond | cond], 2B rows); CFG+DG step: ours one call with
     ``fork`` ([uncond | cond] forked at block m into [uncond | cond | cond_disrupted]); the
     diffusers way a batch of 3B rows with a forward hook on block m zeroing the MA channels of
@@ -440,6 +446,60 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
         out.append(Case("cfg_dg", f"{2 * B}->{3 * B}", f"{3 * B}",
                         forward_flops(config, n_img, n_txt, 2 * B, fork_block, B),
                         forward_flops(config, n_img, n_txt, 3 * B), ours_dg, peer_dg))
+    out += slg_cases(ours, runner, config, inp, fork_block, cfg, dg, names, slg, slg_layers)
+    return out
+
+
+def slg_cases(ours, runner, config, inp: Inputs, fork_block: int, cfg: float, dg: float, names, slg: float,
+              layers: tuple[int, ...]) -> list[Case]:
+    """CFG+SLG and CFG+DG+SLG steps (SD3 only: diffusers' SD3 transformer takes ``skip_layers``).
+    Ours: one call, SLG a branch of the cond rows born at its first skipped block; diffusers:
+    its pipeline's way, a second call of the cond rows with ``skip_layers``."""
+    from mmdit.branches import Branch, SkipLayers
+
+    wanted = [n for n in ("cfg_slg", "cfg_dg_slg") if n in names]
+    if not wanted:
+        return []
+    if runner.flux:
+        raise SystemExit("the SLG cases need an SD3 preset (diffusers' FLUX transformer has no skip_layers)")
+    B, shape = inp.x.shape[0], tuple(inp.x.shape)
+    n_img, n_txt = tokens(config, shape[2:]), inp.context.shape[1]
+    two, cond_rows = inp.repeat(2), slice(B, 2 * B)
+    skip = (Branch(cond_rows, SkipLayers(layers)),)
+    prep1, prep2, prep3 = runner.prepare(inp), runner.prepare(two), runner.prepare(inp.repeat(3))
+    slg_branch = (B, min(layers), layers)
+    out = []
+
+    def call(**kw):
+        return ours(two.x, two.sigma, two.context, two.pooled, guidance=two.guidance, **kw)
+
+    def ours_slg():
+        vu, vc, vs = call(branches=skip).chunk(3)
+        return vu + cfg * (vc - vu) + slg * (vc - vs)
+
+    def peer_slg():
+        vu, vc = runner(prep2, shape).chunk(2)
+        vs = runner(prep1, shape, skip_layers=list(layers))
+        return vu + cfg * (vc - vu) + slg * (vc - vs)
+
+    def ours_dg_slg():
+        vu, vc, vd, vs = call(fork=cond_rows, branches=skip).chunk(4)
+        return vu + cfg * (vc - vu) + dg * (vc - vd) + slg * (vc - vs)
+
+    def peer_dg_slg():
+        vu, vc, vd = runner(prep3, shape).chunk(3)
+        vs = runner(prep1, shape, skip_layers=list(layers))
+        return vu + cfg * (vc - vu) + dg * (vc - vd) + slg * (vc - vs)
+
+    skip_flops = forward_flops(config, n_img, n_txt, B, skipped=layers)  # the peer's SLG pass
+    if "cfg_slg" in wanted:
+        out.append(Case("cfg_slg", f"{2 * B}->{3 * B}", f"{2 * B}+{B}",
+                        forward_flops(config, n_img, n_txt, 2 * B, branches=(slg_branch,)),
+                        forward_flops(config, n_img, n_txt, 2 * B) + skip_flops, ours_slg, peer_slg))
+    if "cfg_dg_slg" in wanted:
+        out.append(Case("cfg_dg_slg", f"{2 * B}->{4 * B}", f"{3 * B}+{B}",
+                        forward_flops(config, n_img, n_txt, 2 * B, fork_block, B, branches=(slg_branch,)),
+                        forward_flops(config, n_img, n_txt, 3 * B) + skip_flops, ours_dg_slg, peer_dg_slg))
     return out
 
 

@@ -36,7 +36,11 @@ def parse(argv=None):
     p.add_argument("--fork-block", type=int, default=None, help="MA block m (default: total_blocks // 2)")
     p.add_argument("--cfg", type=float, default=4.5)
     p.add_argument("--dg", type=float, default=2.0)
-    p.add_argument("--cases", default="forward,cfg,cfg_dg", help="comma-separated subset")
+    p.add_argument("--cases", default="forward,cfg,cfg_dg",
+                   help="comma-separated subset of forward, cfg, cfg_dg, cfg_slg, cfg_dg_slg (SLG: SD3 presets)")
+    p.add_argument("--slg", type=float, default=2.8)
+    p.add_argument("--slg-layers", default=None,
+                   help="blocks SLG skips, e.g. 7,8,9 (default: 3 blocks from 30%% of the depth, SD3.5's 7-9 of 24)")
     p.add_argument("--modes", default="eager",
                    help="comma-separated: eager, compiled (torch.compile, both models), cudagraphs "
                         "(torch.compile mode='reduce-overhead', CUDA only)")
@@ -69,6 +73,10 @@ def run(args, on_mode=None) -> dict:
         raise SystemExit(f"--resolution {args.resolution}: height and width must be multiples of 16")
     text_len = common.text_len(args, config)
     m = config.total_blocks // 2 if args.fork_block is None else args.fork_block
+    total = config.total_blocks
+    first = min(round(0.3 * total), total - 1)
+    slg_layers = tuple(range(first, min(first + 3, total))) if args.slg_layers is None else \
+        tuple(int(i) for i in args.slg_layers.split(","))
 
     peer = common.build_peer(config, device, dtype, args.seed)
     ours = common.ours_from_peer(peer, config)
@@ -83,14 +91,14 @@ def run(args, on_mode=None) -> dict:
     out = {"benchmark": "latency", **common.environment(device), "preset": args.preset,
             "config": common.config_dict(config), "dtype": str(dtype).removeprefix("torch."),
             "resolution": [H, W], "batch": args.batch, "text_len": text_len, "image_tokens": n_img,
-            "fork_block": m, "ma_channels": common.ma_channels(config), "cfg": args.cfg, "dg": args.dg,
+            "fork_block": m, "slg_layers": list(slg_layers), "ma_channels": common.ma_channels(config), "cfg": args.cfg, "dg": args.dg,
             "steps": args.steps, "backend": args.backend, "warmup": args.warmup, "iters": args.iters, "peak_tflops": peak,
             "matmul_tflops": matmul, "modes": {}}
     for mode in args.modes.split(","):
         torch._dynamo.reset()
         runner.peer = compiled(peer, mode, False, args.backend)
         cases = common.build_cases(compiled(ours, mode, True, args.backend), runner, config, inp, m, args.cfg, args.dg,
-                                   args.cases.split(","))
+                                   args.cases.split(","), args.slg, slg_layers)
         out["modes"][mode] = time_cases(cases, args, device, peak, matmul, {"ours": ours, "diffusers": peer},
                                         cudagraphs=mode == "cudagraphs")
         if on_mode is not None:

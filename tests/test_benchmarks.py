@@ -32,9 +32,10 @@ CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_path, capsys):
     path = tmp_path / "latency.json"
+    cases = ["forward", "cfg", "cfg_dg"] + (["cfg_slg", "cfg_dg_slg"] if family == "sd3" else [])
     latency.main(TINY[family] + SMALL + ["--resolution", "128x96", "--text-len", "5", "--warmup", "0",
                                          "--iters", "2", "--modes", "eager,compiled", "--backend", "aot_eager",
-                                         "--json", str(path)])
+                                         "--cases", ",".join(cases), "--json", str(path)])
     out = json.loads(path.read_text())
     for key in ("device", "torch", "diffusers", "date", "config", "dtype", "resolution", "batch", "text_len",
                 "fork_block", "ma_channels", "modes", "peak_tflops", "matmul_tflops", "steps"):
@@ -43,7 +44,7 @@ def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_pat
     assert out["matmul_tflops"] > 0
     assert set(out["modes"]) == {"eager", "compiled"}
     for mode in out["modes"].values():
-        assert set(mode["results"]) == {"forward", "cfg", "cfg_dg"}
+        assert set(mode["results"]) == set(cases)
         for name, r in mode["results"].items():
             assert CASE_FIELDS <= set(r), (name, CASE_FIELDS - set(r))
             assert len(r["ours_all_ms"]) == len(r["diffusers_all_ms"]) == 2
@@ -51,6 +52,9 @@ def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_pat
             assert {"ours_cpu_ms", "diffusers_cpu_ms", "cpu_ratio"} <= set(r)  # CPU runs add process CPU time
             assert r["s_per_image_ours"] == pytest.approx(r["ours_ms"] * 28 / 1e3)
         assert mode["results"]["cfg_dg"]["rows_ours"] == "2->3" and mode["results"]["cfg_dg"]["rows_diffusers"] == "3"
+        if family == "sd3":  # SLG: one call with a skip branch vs diffusers' extra pass with skip_layers
+            assert mode["results"]["cfg_dg_slg"]["rows_ours"] == "2->4"
+            assert mode["results"]["cfg_dg_slg"]["rows_diffusers"] == "3+1"
         o = mode["dg_overhead"]
         assert o["flop_model_diffusers"] == pytest.approx(1.5, rel=1e-6)
         assert 1.0 < o["flop_model_ours"] < 1.5

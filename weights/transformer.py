@@ -37,7 +37,7 @@ def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float
     ``config``: a full config to use instead of the inferred one, or a dict of overrides
     (e.g. ``{"axes_dim": (8, 28, 28)}`` for a FLUX-like file with head_dim 64).
     ``weight_dtype``: ``torch.float8_e4m3fn`` keeps every Linear weight (but the final
-    layer's) in fp8 with a per-tensor scale (the file's, for an fp8 file; computed at load
+    layer's; of an fp8 file, those it stores in fp8) in fp8 with a per-tensor scale (the file's, for an fp8 file; computed at load
     otherwise), computing in ``dtype`` (``mmdit.fp8.FP8Linear``). None: every tensor in ``dtype``
     (fp8 files, ComfyUI scaled fp8 included, are upcast).
     ``requires_grad``: False (default) suits inference: no autograd graph is built even
@@ -84,8 +84,13 @@ def _read(ckpt: Canonical, recipe: keymaps.Recipe, dtype: torch.dtype, hidden: i
 def _keep_fp8(model, ckpt: Canonical, recipes, thunks, shapes, dtype, weight_dtype, hidden):
     """Swap the Linears (on meta, all but final_layer) for FP8Linear and make their ``weight`` / ``weight_scale``
     thunks give fp8 + scale: the file's own when it stores that fp8 tensor as is, else
-    quantized per tensor from the full-precision read. Returns the per-name cast for load_into."""
+    quantized per tensor from the full-precision read. In an fp8 file, only the layers it
+    stores in fp8 are kept in fp8. Returns the per-name cast for load_into."""
     names = _fp8.linear_names(model)
+    stored_fp8 = [n for n in names if recipes[f"{n}.weight"].op == "copy"
+                  and ckpt.dtype(recipes[f"{n}.weight"].keys[0]).startswith("F8")]
+    if stored_fp8:  # an fp8 file: its author chose which layers are fp8; the rest stay in dtype
+        names = stored_fp8
     for name in names:
         lin = model.get_submodule(name)
         _fp8.set_module(model, name, _fp8.FP8Linear(lin.in_features, lin.out_features, lin.bias is not None,

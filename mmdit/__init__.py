@@ -8,6 +8,7 @@ if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")) and _root not
     __path__.append(_root)
 
 from .config import PRESETS, FluxConfig, SD3Config, preset  # noqa: E402
+from .lora import apply_lora  # noqa: E402
 from .ma import MASpec  # noqa: E402
 from .models import build_transformer  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
@@ -15,5 +16,5 @@ from .tokenizers import load_tokenizer  # noqa: E402
 from .weights.encoders import load_text_encoder, load_vae  # noqa: E402
 from .weights.transformer import load_transformer  # noqa: E402
 
-__all__ = ["PRESETS", "SD3Config", "FluxConfig", "preset", "MASpec", "build_transformer", "load_transformer",
+__all__ = ["PRESETS", "SD3Config", "FluxConfig", "preset", "MASpec", "build_transformer", "load_transformer", "apply_lora",
            "load_text_encoder", "load_vae", "load_tokenizer", "Pipeline"]

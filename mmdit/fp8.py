@@ -32,6 +32,26 @@ def _scaled_mm_ok(device: torch.device, in_features: int, out_features: int) -> 
             and in_features % 16 == 0 and out_features % 16 == 0 and hasattr(torch, "_scaled_mm"))
 
 
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.float() * scale`` (exact in fp32), cast to ``dtype``."""
+    return (weight.to(torch.float32) * scale).to(dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               matmul: str = "dequant") -> torch.Tensor:
+    """``x @ (weight * scale)^T + bias`` in x's dtype; ``matmul="scaled_mm"`` on CUDA multiplies in
+    fp8 with the input quantized per tensor (scale = max|x| / max(fp8))."""
+    bias = None if bias is None else bias.to(x.dtype)
+    if matmul == "scaled_mm" and x.is_cuda:
+        top = torch.finfo(weight.dtype).max
+        flat = x.reshape(-1, x.shape[-1])
+        x_scale = (flat.abs().amax().float() / top).clamp(min=1e-12)
+        x8 = (flat.float() / x_scale).clamp(-top, top).to(weight.dtype)
+        y = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=scale, bias=bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+
+
 class FP8Linear(nn.Module):
     """A Linear whose weight is float8 with a per-tensor fp32 ``weight_scale``; computes in x's dtype."""
 
@@ -62,22 +82,11 @@ class FP8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as ``w_fp8.float() * scale``, cast to ``dtype``."""
-        return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
+        return dequantize(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.matmul == "scaled_mm" and x.is_cuda:
-            return self._scaled_mm(x, bias)
-        return F.linear(x, self.dequantized(x.dtype), bias)
-
-    def _scaled_mm(self, x: torch.Tensor, bias):
-        top = torch.finfo(self.weight.dtype).max
-        flat = x.reshape(-1, self.in_features)
-        x_scale = (flat.abs().amax().float() / top).clamp(min=1e-12)
-        x8 = (flat.float() / x_scale).clamp(-top, top).to(self.weight.dtype)
-        y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=bias,
-                             out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        # only attributes, no methods: LoRALinear runs this forward on itself
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.matmul)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -14,6 +14,7 @@ from .tokenizers import load_tokenizer
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
+from .lora import apply_lora
 from .weights.transformer import load_transformer
 
 # The diffusers pipelines' defaults (REFERENCE.md 4.3, 4.4).
@@ -104,15 +105,20 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
-                        text_device=None, revision: str | None = None, token=None) -> Pipeline:
+                        text_device=None, revision: str | None = None, token=None,
+                        lora: list[tuple] | None = None, weight_dtype: torch.dtype | None = None) -> Pipeline:
         """An SD3 / SD3.5 / FLUX diffusers repo id or folder (model_index.json + components).
 
         ``text_device``: where the text encoders run (default: ``device``); "cpu" keeps
-        them off the GPU.
+        them off the GPU. ``lora``: ``[(path or state dict, scale), ...]`` applied to the
+        transformer (``mmdit.apply_lora``, unfused). ``weight_dtype=torch.float8_e4m3fn``:
+        the transformer's Linear weights stay fp8 (see ``load_transformer``).
         """
         root = _pipeline_folder(source, revision, token)
         index = read_json(root / "model_index.json")
-        transformer = load_transformer(root / "transformer", dtype=dtype, device=device)
+        transformer = load_transformer(root / "transformer", dtype=dtype, device=device, weight_dtype=weight_dtype)
+        for path, scale in lora or ():
+            apply_lora(transformer, path, scale)
         family = transformer.config.family
         text_device = text_device or device
         names = ["text_encoder", "text_encoder_2", "text_encoder_3"] if family == "sd3" else \
@@ -225,7 +231,8 @@ def to_pil(images: np.ndarray):
 
 
 def _where(module) -> tuple[torch.device, torch.dtype]:
-    p = next(module.parameters())
+    """Device and compute dtype (fp8-stored weights compute in the dtype of the others)."""
+    p = next(p for p in module.parameters() if p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2))
     return p.device, p.dtype
 
 

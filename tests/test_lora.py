@@ -304,3 +304,42 @@ def test_injected_lora_trains_and_saves_in_both_formats(name, base, tmp_path):
 
         twin = with_diffusers_lora(peer, load_file(str(files["kohya"])), "kohya", 1.0)
         assert rel(peers.run_peer(twin, x, sigma, ctx, pooled, g), trained) <= TOL
+
+
+# ---- the Pipeline and the CLI --------------------------------------------------------------
+
+def test_pipeline_takes_loras_and_fp8_weights(tmp_path, monkeypatch):
+    from test_pipeline import flux_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, _ = flux_folder(tmp_path)
+    plain = mmdit.Pipeline.from_pretrained(folder)
+    file = tmp_path / "l.safetensors"
+    save_file(ours_lora(plain.transformer, "kohya"), str(file))
+    pipe = mmdit.Pipeline.from_pretrained(folder, lora=[(file, 0.5), (file, 0.25)], weight_dtype=torch.float8_e4m3fn)
+    qkv = pipe.transformer.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, lora.LoRALinear) and len(qkv.adapters) == 2 and qkv.weight.dtype == torch.float8_e4m3fn
+    kw = dict(height=32, width=32, steps=1, guidance=3.5, max_sequence_length=12, output="np", seed=0)
+    a, b = plain("a cat", **kw), pipe("a cat", **kw)
+    assert abs(a - b).max() > 1e-3
+
+
+def test_cli_generate_with_lora_and_fp8(tmp_path):
+    from PIL import Image
+
+    from mmdit.cli import main
+    from mmdit.tiny import load_tiny
+
+    handle = lora.inject_lora(load_tiny().transformer, rank=2, targets=["*attn.qkv"])
+    with torch.no_grad():
+        for a in handle.adapters.values():
+            a.up.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    file = lora.save_lora(handle, tmp_path / "tiny_lora.safetensors", format="kohya")
+    argv = ["generate", "--prompt", "a red circle on a blue background", "--steps", "3"]
+    images = {}
+    for name, extra in {"plain": [], "lora": ["--lora", f"{file}:0.8"], "fp8": ["--weight-dtype", "fp8"]}.items():
+        assert main([*argv, *extra, "--output", str(tmp_path / f"{name}.png")]) == 0
+        images[name] = torch.tensor(list(Image.open(tmp_path / f"{name}.png").getdata()), dtype=torch.float32)
+    assert (images["lora"] - images["plain"]).abs().mean() > 1.0  # 8-bit levels
+    assert (images["fp8"] - images["plain"]).abs().mean() < 16.0  # fp8 rounding, same picture
+    assert main([*argv, "--lora", str(tmp_path / "missing.safetensors"), "--output", str(tmp_path / "x.png")]) == 2

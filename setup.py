@@ -26,7 +26,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "diffusers==0.42.1", "transformers>=4.45", "protobuf", "matplotlib"],
+        "test": ["pytest>=8", "diffusers==0.42.1", "transformers>=4.45", "protobuf", "matplotlib", "peft>=0.17"],
         "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["mmdit=mmdit.cli:main"]},

@@ -317,6 +317,9 @@ class LoRAHandle:
 
     def set_scale(self, scale: float) -> None:
         """Change the strength; unfused: in place, nothing recompiles. Fused: re-merged."""
+        if self.fused and self.model.__dict__.get("_lora_fused", [None])[-1] is not self:
+            raise RuntimeError("a fused LoRA can be re-scaled only while it is the last one fused: "
+                               "remove the later fused ones first (or apply them unfused)")
         self.scale = float(scale)
         for name, adapter in self.adapters.items():
             with torch.no_grad():
@@ -413,8 +416,7 @@ def save_lora(handle: LoRAHandle, path: str | os.PathLike, format: str = "diffus
             out[key + ".alpha"] = torch.tensor(mult * rank)
             continue
         theirs, op = keymaps._match_ours(name + ".weight", family)
-        ups = keymaps.split(op, up * (mult * rank / getattr(handle, "alpha", mult * rank)), hidden)
-        for t, u in zip(theirs, ups):
+        for t, u in zip(theirs, keymaps.split(op, up, hidden)):  # alpha goes in the metadata
             module = t[:-len(".weight")]
             modules.append(module)
             out[f"transformer.{module}.lora_A.weight"] = down.clone()

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ma, shapes, tiny
+from .lora import inject_lora, save_lora  # noqa: F401  LoRA training: inject, optimize handle.parameters(), save
 
 
 # ---------------------------------------------------------------------------------------------

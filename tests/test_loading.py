@@ -308,6 +308,15 @@ def test_shards_without_an_index_load_or_name_what_is_missing(tmp_path):
     shards[1].unlink()
     with pytest.raises(CheckpointError, match=rf"shard files are missing: \['{shards[1].name}'\]"):
         load_transformer(folder)
+    # a BFL-named set beside a VAE file, no index
+    peer = make_peer("flux", SCHNELL)
+    sd = peers.original_state(peer, "")
+    keys = sorted(sd)
+    bfl = tmp_path / "bfl"
+    for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        peers.save({k: sd[k] for k in part}, bfl / f"flux1-schnell-0000{i + 1}-of-00002.safetensors")
+    peers.save({"decoder.conv_in.weight": torch.zeros(4, 16, 3, 3)}, bfl / "ae.safetensors")
+    assert peers.parity(load_transformer(bfl), peer) <= TOL
 
 
 def _bnb_nf4(sd):  # bitsandbytes 4-bit: packed uint8 weights + quant-state tensors

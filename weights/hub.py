@@ -16,6 +16,7 @@ from huggingface_hub import constants
 from huggingface_hub import errors as hf_errors
 
 from .checkpoint import CheckpointError, open_checkpoint, read_json
+from .formats import shard_set
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 TRANSFORMER_FILES = ["transformer/*.json", "transformer/*.safetensors"]  # of a diffusers repo
@@ -66,6 +67,8 @@ def _local(path: Path) -> Source:
     candidates = [f for f in files if not NOT_TRANSFORMER.search(f.name)] or files
     if len(candidates) == 1:
         return Source(candidates[0], None, _config_json(path))
+    if shard_set(candidates) is not None:  # shards without their index.json: opened as one set
+        return Source(path, None, _config_json(path))
     if not candidates:
         raise CheckpointError(f"{path} holds no .safetensors files (found {sorted(p.name for p in path.iterdir())})")
     raise CheckpointError(f"{path} holds several checkpoint files {[f.name for f in candidates]}; "

@@ -371,8 +371,10 @@ def inject_lora(model: nn.Module, rank: int = 16, alpha: float | None = None,
     """Trainable LoRA on the Linears whose names match any ``targets`` glob (``fnmatch``, e.g.
     ``"*attn.qkv"``, ``"double_blocks.*"``). ``up`` starts at zero, ``down`` as PEFT does
     (Kaiming-uniform), the output is scaled by ``alpha / rank`` (alpha defaults to rank).
-    Optimize ``handle.parameters()``; save with ``save_lora``."""
+    The model's own parameters are frozen, as PEFT does. Optimize ``handle.parameters()``;
+    save with ``save_lora``."""
     model = _target(model)
+    model.requires_grad_(False)
     alpha = float(rank if alpha is None else alpha)
     names = sorted(n for n in _linear_names(model) if any(fnmatch.fnmatchcase(n, p) for p in targets))
     if not names:

@@ -217,3 +217,14 @@ def test_other_comfy_quant_formats_are_named(fmt, tmp_path):
     sd[key] = comfy_quant(fmt)
     with pytest.raises(CheckpointError, match=rf"ComfyUI quantized checkpoint with layer formats '{fmt}'"):
         load_transformer(peers.save(sd, tmp_path / "q.safetensors"))
+
+
+def test_fp8_in_memory_from_a_diffusers_fp8_file_keeps_its_bytes(tmp_path):
+    """q / k / v stored apart (diffusers keys) join into our fused qkv without re-quantizing."""
+    peer = make_peer("sd3.5")
+    path = peers.save_diffusers_file(peer, tmp_path / "d.safetensors", torch.float8_e4m3fn)
+    upcast, kept = load_transformer(path), load_transformer(path, weight_dtype=torch.float8_e4m3fn)
+    qkv = kept.joint_blocks[0].x_block.attn.qkv
+    assert isinstance(qkv, fp8.FP8Linear) and qkv.weight_scale.item() == 1.0
+    assert torch.equal(qkv.weight.float(), upcast.joint_blocks[0].x_block.attn.qkv.weight)
+    assert peers.parity(kept, peers.rounded(peer, torch.float8_e4m3fn)) <= TOL

@@ -87,8 +87,7 @@ def _keep_fp8(model, ckpt: Canonical, recipes, thunks, shapes, dtype, weight_dty
     quantized per tensor from the full-precision read. In an fp8 file, only the layers it
     stores in fp8 are kept in fp8. Returns the per-name cast for load_into."""
     names = _fp8.linear_names(model)
-    stored_fp8 = [n for n in names if recipes[f"{n}.weight"].op == "copy"
-                  and ckpt.dtype(recipes[f"{n}.weight"].keys[0]).startswith("F8")]
+    stored_fp8 = [n for n in names if all(ckpt.dtype(k).startswith("F8") for k in recipes[f"{n}.weight"].keys)]
     if stored_fp8:  # an fp8 file: its author chose which layers are fp8; the rest stay in dtype
         names = stored_fp8
     for name in names:
@@ -99,10 +98,11 @@ def _keep_fp8(model, ckpt: Canonical, recipes, thunks, shapes, dtype, weight_dty
 
         def weight(key=key, made=made):
             r = recipes[key]
-            t, scale = ckpt.raw(r.keys[0]) if r.op == "copy" else (None, None)
-            if t is not None and t.dtype == weight_dtype:
-                made["scale"] = torch.ones(()) if scale is None else scale
-                return t
+            raws = [ckpt.raw(k) for k in r.keys]
+            scales = [torch.ones(()) if s is None else s for _, s in raws]
+            if all(t.dtype == weight_dtype and torch.equal(s, scales[0]) for (t, _), s in zip(raws, scales)):
+                made["scale"] = scales[0]  # the file's bytes (diffusers q/k/v parts joined as bytes)
+                return keymaps.combine(r.op, [t.view(torch.uint8) for t, _ in raws], hidden).view(weight_dtype)
             q, made["scale"] = _fp8.quantize(_read(ckpt, r, dtype, hidden), weight_dtype)
             return q
 

@@ -48,9 +48,11 @@ _ROLES = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.we
           (".down.weight", "down"), (".up.weight", "up"), (".alpha", "alpha")]
 _PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
 _TEXT = ("lora_te", "text_encoder")
-_UNSUPPORTED = {"hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)", ".dora_scale": "DoRA",
-                "lora_magnitude_vector": "DoRA", ".lora_mid.": "LoCon with a mid (Tucker) tensor",
-                ".diff": "full weight diffs", "lora_B.bias": "LoRA with a bias", "lora_up.bias": "LoRA with a bias"}
+_UNSUPPORTED = [(lambda k: "hada_" in k, "LoHa (LyCORIS)"), (lambda k: "lokr_" in k, "LoKr (LyCORIS)"),
+                (lambda k: k.endswith((".dora_scale", "lora_magnitude_vector")), "DoRA"),
+                (lambda k: ".lora_mid." in k, "LoCon with a mid (Tucker) tensor"),
+                (lambda k: k.endswith((".diff", ".diff_b")), "full weight diffs"),
+                (lambda k: k.endswith(("lora_B.bias", "lora_up.bias")), "LoRA with a bias")]
 _XLABS = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj",
           "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1", "proj_lora": "linear2"}
 
@@ -203,7 +205,7 @@ def plan(model: nn.Module, source) -> tuple[dict[str, tuple[torch.Tensor, torch.
     Raises one ``CheckpointError`` naming every key that matches nothing and every mismatch."""
     sd, meta, where = read(source)
     family, hidden = model.config.family, model.config.hidden_size
-    odd = sorted({what for k in sd for mark, what in _UNSUPPORTED.items() if mark in k})
+    odd = sorted({what for k in sd for test, what in _UNSUPPORTED if test(k)})
     if odd:
         raise CheckpointError(f"{where} is a {' / '.join(odd)} adapter: only plain LoRA (down/up or A/B pairs, "
                               "optional alpha) is supported")

@@ -67,10 +67,12 @@ def ours_pairs(model, rank=4, seed=5, within=("double_blocks.", "single_blocks."
 
 
 def ours_lora(model, style, **kw):
-    """``ours_pairs`` in kohya (lora_unet_<name with _>.lora_down/up) or ComfyUI keys."""
+    """``ours_pairs`` in kohya (lora_unet_<name with _>.lora_down/up) or ComfyUI keys (lora_A/B,
+    ``diffusion_model.`` or ``model.diffusion_model.`` before our names)."""
     sd = {}
     for n, (down, up, alpha) in ours_pairs(model, **kw).items():
-        key = "lora_unet_" + n.replace(".", "_") if style == "kohya" else "diffusion_model." + n
+        key = {"kohya": "lora_unet_" + n.replace(".", "_"), "comfy": "diffusion_model." + n,
+               "prefixed": "model.diffusion_model." + n}[style]
         names = (".lora_down.weight", ".lora_up.weight") if style == "kohya" else (".lora_A.weight", ".lora_B.weight")
         sd[key + names[0]], sd[key + names[1]] = down, up
         sd[key + ".alpha"] = torch.tensor(alpha)
@@ -163,7 +165,7 @@ def test_kohya_and_comfy_layouts_equal_the_merged_formula(name, base):
         for n, (down, up, alpha) in ours_pairs(model).items():
             merged.get_submodule(n).weight += SCALE * alpha / down.shape[0] * up @ down
     want = run(merged, peer)
-    for style in ("kohya", "comfy"):
+    for style in ("kohya", "comfy", "prefixed"):
         handle = mmdit.apply_lora(model, ours_lora(model, style), scale=SCALE)
         assert rel(run(model, peer), want) <= SAME, style
         handle.remove()

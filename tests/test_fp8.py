@@ -228,3 +228,13 @@ def test_fp8_in_memory_from_a_diffusers_fp8_file_keeps_its_bytes(tmp_path):
     assert isinstance(qkv, fp8.FP8Linear) and qkv.weight_scale.item() == 1.0
     assert torch.equal(qkv.weight.float(), upcast.joint_blocks[0].x_block.attn.qkv.weight)
     assert peers.parity(kept, peers.rounded(peer, torch.float8_e4m3fn)) <= TOL
+
+
+def test_row_wise_scales_are_named(tmp_path):
+    peer = make_peer("flux")
+    sd, _ = scaled_fp8(peers.original_state(peer, ""), "old", "")
+    key = next(k for k in sd if k.endswith(".scale_weight"))
+    sd[key] = torch.ones(sd[key[:-len("scale_weight")] + "weight"].shape[0], 1)
+    pattern = rf"{key} has shape \({sd[key].shape[0]}, 1\) .*only per-tensor \(scalar\) fp8 scales"
+    with pytest.raises(CheckpointError, match=pattern):
+        load_transformer(peers.save(sd, tmp_path / "rows.safetensors"))

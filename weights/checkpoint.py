@@ -123,8 +123,6 @@ def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpo
 def open_shards(folder: Path, files: list[Path]) -> Checkpoint:
     """The shards of one ``name-0000i-of-0000n.safetensors`` set without an index.json: opened
     together if the set is complete, else one error naming the missing shard files."""
-    from .formats import shard_set
-
     found = shard_set(files)
     if found is None:
         raise CheckpointError(f"{folder} holds several .safetensors files that are not one shard set "
@@ -134,6 +132,23 @@ def open_shards(folder: Path, files: list[Path]) -> Checkpoint:
         raise CheckpointError(f"{folder} holds {len(shards)} shard(s) of a set without its index.json, and "
                               f"these shard files are missing: {missing}")
     return Checkpoint(shards)
+
+
+def shard_set(files: list[Path]) -> tuple[list[Path], list[str]] | None:
+    """``name-00001-of-00003.safetensors``-style files: (the shards found, the names missing),
+    or None if ``files`` are not the shards of one set."""
+    rx = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+    hits = [(f, rx.match(f.name)) for f in files]
+    if not hits or not all(m for _, m in hits):
+        return None
+    sets = {(m["stem"], m["n"]) for _, m in hits}
+    if len(sets) != 1:
+        return None
+    (stem, n), = sets
+    width = len(n)
+    have = {int(m["i"]) for _, m in hits}
+    missing = [f"{stem}-{i:0{width}d}-of-{n}.safetensors" for i in range(1, int(n) + 1) if i not in have]
+    return sorted(f for f, _ in hits), missing
 
 
 def _foreign_file(path: Path) -> str | None:

@@ -19,8 +19,8 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import torch
 
@@ -112,6 +112,10 @@ class Canonical(Mapping):
         orphans = sorted(s for w, s in self.scales.items() if w not in present)
         if orphans:
             raise CheckpointError(f"{where} has fp8 scales for weights it does not hold: {orphans[:6]}")
+        wide = [(s, self.ckpt.shape(s)) for s in self.scales.values() if math.prod(self.ckpt.shape(s)) != 1]
+        if wide:
+            raise CheckpointError(f"{where}: {wide[0][0]} has shape {wide[0][1]} ({len(wide)} such scales): only "
+                                  f"per-tensor (scalar) fp8 scales are supported; {_USE_INSTEAD}")
         self.marker = next((k for k in keys if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
         self._check_comfy_quant([k for k in keys if k.endswith(".comfy_quant")])
         self.hidden = sorted(hidden)
@@ -135,11 +139,6 @@ class Canonical(Mapping):
             what = ", ".join(f"{fmt!r} ({len(v)} layers, e.g. {v[0]})" for fmt, v in bad.items())
             raise CheckpointError(f"{self.where} is a ComfyUI quantized checkpoint with layer formats {what}: only "
                                   f"per-tensor float8 ('float8_e4m3fn', 'float8_e5m2') is supported; {_USE_INSTEAD}")
-        for k in markers:
-            scale = k[:-len(".comfy_quant")] + ".weight_scale"
-            if scale in self.ckpt and len(self.ckpt.shape(scale)) and torch.Size(self.ckpt.shape(scale)).numel() != 1:
-                raise CheckpointError(f"{self.where}: {scale} has shape {self.ckpt.shape(scale)}; only per-tensor "
-                                      "(scalar) fp8 scales are supported")
 
     # ---- what the file is --------------------------------------------------------------
 
@@ -189,22 +188,3 @@ class Canonical(Mapping):
         """The tensor as the model wants it: scaled fp8 dequantized as ``fp8.float() * scale``."""
         t, scale = self.raw(name)
         return t if scale is None else t.float() * scale
-
-
-def shard_set(files: list[Path]) -> tuple[list[Path], list[str]] | None:
-    """``name-00001-of-00003.safetensors``-style files: (the shards found, the names missing),
-    or None if ``files`` are not the shards of one set."""
-    import re
-
-    rx = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
-    hits = [(f, rx.match(f.name)) for f in files]
-    if not hits or not all(m for _, m in hits):
-        return None
-    sets = {(m["stem"], m["n"]) for _, m in hits}
-    if len(sets) != 1:
-        return None
-    (stem, n), = sets
-    width = len(n)
-    have = {int(m["i"]) for _, m in hits}
-    missing = [f"{stem}-{i:0{width}d}-of-{n}.safetensors" for i in range(1, int(n) + 1) if i not in have]
-    return sorted(f for f, _ in hits), missing

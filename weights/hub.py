@@ -15,8 +15,7 @@ import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub import errors as hf_errors
 
-from .checkpoint import CheckpointError, open_checkpoint, read_json
-from .formats import shard_set
+from .checkpoint import CheckpointError, open_checkpoint, read_json, shard_set
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 TRANSFORMER_FILES = ["transformer/*.json", "transformer/*.safetensors"]  # of a diffusers repo

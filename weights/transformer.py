@@ -19,9 +19,9 @@ from .. import ma as _ma
 from ..config import FluxConfig, SD3Config
 from ..models import transformer_for
 from . import keymaps
-from .checkpoint import CheckpointError, load_into, mismatches
+from .checkpoint import CheckpointError, load_into, mismatches, shard_set
 from .detect import Detected, detect
-from .formats import Canonical, residue_hints, shard_set
+from .formats import Canonical, residue_hints
 from .hub import resolve
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

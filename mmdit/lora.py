@@ -148,9 +148,11 @@ def read(source) -> tuple[dict[str, torch.Tensor], dict | None, str]:
 
 
 def _linear_names(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, LoRALinear) or (
-        hasattr(m, "in_features") and hasattr(m, "out_features") and isinstance(getattr(m, "weight", None), torch.Tensor)
-        and getattr(m, "weight").dim() == 2)}
+    """Names of the Linear-like modules (nn.Linear, FP8Linear, LoRALinear): 2-D weight, in/out features."""
+    def linear(m):
+        w = getattr(m, "weight", None)
+        return isinstance(w, torch.Tensor) and w.dim() == 2 and hasattr(m, "in_features")
+    return {n for n, m in model.named_modules() if linear(m)}
 
 
 def _alpha_scale(module_key: str, rank: int, alpha: torch.Tensor | None, meta: dict | None) -> float:

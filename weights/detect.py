@@ -134,7 +134,8 @@ def _need(shapes: Mapping, key: str, where: str, family: str) -> tuple[int, ...]
     if key not in shapes:
         raise CheckpointError(f"{where} looks like a {family} transformer but has no {key!r} "
                               "(or its diffusers equivalent): it is one shard of a multi-file checkpoint (point at "
-                              "the folder or its index.json), or a variant of the architecture this loader does not know")
+                              "the folder or its index.json), or a variant of the architecture this loader does not "
+                              "know")
     return shapes[key]
 
 

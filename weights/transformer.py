@@ -36,10 +36,10 @@ def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float
 
     ``config``: a full config to use instead of the inferred one, or a dict of overrides
     (e.g. ``{"axes_dim": (8, 28, 28)}`` for a FLUX-like file with head_dim 64).
-    ``weight_dtype``: ``torch.float8_e4m3fn`` keeps every Linear weight (but the final
-    layer's; of an fp8 file, those it stores in fp8) in fp8 with a per-tensor scale (the file's, for an fp8 file; computed at load
-    otherwise), computing in ``dtype`` (``mmdit.fp8.FP8Linear``). None: every tensor in ``dtype``
-    (fp8 files, ComfyUI scaled fp8 included, are upcast).
+    ``weight_dtype``: ``torch.float8_e4m3fn`` keeps every Linear weight but the final layer's
+    (of an fp8 file: those it stores in fp8) in fp8 with a per-tensor scale (the file's, or
+    computed at load), computing in ``dtype`` (``mmdit.fp8.FP8Linear``). None: every tensor
+    in ``dtype`` (fp8 files, ComfyUI scaled fp8 included, are upcast).
     ``requires_grad``: False (default) suits inference: no autograd graph is built even
     outside ``torch.no_grad()``; trainers pass True (or call ``model.requires_grad_()``).
     The model comes back in eval mode, with ``model.config``, ``model.detected`` (layout,

@@ -339,7 +339,9 @@ class LoRAHandle:
                 getattr(lin, k).copy_(t)
 
     def remove(self) -> None:
-        """Take the adapters out; the base weights are restored bit-exactly."""
+        """Take the adapters out; the base weights are restored bit-exactly. A second call does nothing."""
+        if not self.adapters:
+            return
         if self.fused:
             stack = self.model.__dict__.get("_lora_fused", [])
             if stack and stack[-1] is not self:

@@ -202,6 +202,7 @@ def test_unfused_fused_stacked_and_removed(name, base):
     fa.set_scale(0.5)
     assert rel(run(model, peer), only_a) <= SAME
     fa.remove()
+    fa.remove()  # idempotent
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # bit-exact
     assert rel(only_b, plain) >= EFFECT and rel(both, only_b) >= EFFECT
 

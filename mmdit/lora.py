@@ -213,6 +213,7 @@ def plan(model: nn.Module, source) -> tuple[dict[str, tuple[torch.Tensor, torch.
                               "optional alpha) is supported")
     ours = _linear_names(model)
     kohya = {n.replace(".", "_"): n for n in ours}
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unmatched, text = [], []
     for k, t in sd.items():
@@ -233,7 +234,11 @@ def plan(model: nn.Module, source) -> tuple[dict[str, tuple[torch.Tensor, torch.
     for key, parts in modules.items():
         target = _resolve(key, ours, kohya, family, hidden, out_of)
         if target is None:
-            unmatched.append(f"{key} ({'/'.join(sorted(parts))})")
+            conv = _resolve(key, convs, {n.replace(".", "_"): n for n in convs}, family, hidden, out_of)
+            if conv is not None:
+                problems.append(f"{key}: a LoRA on the convolution {conv[0]}, which is not supported (Linear only)")
+            else:
+                unmatched.append(f"{key} ({'/'.join(sorted(parts))})")
             continue
         if "down" not in parts or "up" not in parts:
             problems.append(f"{key}: has {sorted(parts)} but a LoRA needs both down (A) and up (B)")

@@ -16,5 +16,5 @@ from .tokenizers import load_tokenizer  # noqa: E402
 from .weights.encoders import load_text_encoder, load_vae  # noqa: E402
 from .weights.transformer import load_transformer  # noqa: E402
 
-__all__ = ["PRESETS", "SD3Config", "FluxConfig", "preset", "MASpec", "build_transformer", "load_transformer", "apply_lora",
-           "load_text_encoder", "load_vae", "load_tokenizer", "Pipeline"]
+__all__ = ["PRESETS", "SD3Config", "FluxConfig", "preset", "MASpec", "build_transformer", "load_transformer",
+           "apply_lora", "load_text_encoder", "load_vae", "load_tokenizer", "Pipeline"]

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .lora import apply_lora
 from .samplers import flux_sigmas, sample, sd3_sigmas
 from .tokenizers import load_tokenizer
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
-from .lora import apply_lora
 from .weights.transformer import load_transformer
 
 # The diffusers pipelines' defaults (REFERENCE.md 4.3, 4.4).

@@ -170,10 +170,11 @@ def test_fp8_memory_of_the_official_sizes(preset):
     assert ratio <= FP8_MEMORY
 
 
-def test_fp8_model_works_with_the_fork_and_compiles_without_graph_breaks(tmp_path):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fp8_model_works_with_the_fork_and_compiles_without_graph_breaks(name, tmp_path):
     import mmdit
 
-    peer = make_peer("flux")
+    peer = make_peer(name)
     path = peers.save_original(peer, tmp_path / "m.safetensors", with_extras=False)
     model = load_transformer(path, weight_dtype=torch.float8_e4m3fn)
     full = load_transformer(path)

@@ -368,3 +368,6 @@ def test_unsupported_files_are_named_and_inspect_fails_on_them(what, tmp_path, c
     assert "download" not in str(e.value) and "truncated" not in str(e.value)
     assert cli_main(["inspect", str(path)]) == 2
     assert str(e.value).splitlines()[0] in capsys.readouterr().err
+    if what == "gguf":  # the folder holding it, too
+        with pytest.raises(CheckpointError, match=pattern):
+            load_transformer(tmp_path)

@@ -33,7 +33,7 @@ class Checkpoint(Mapping):
             try:
                 self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types with terse text
-                foreign = _foreign_file(path)
+                foreign = foreign_file(path)
                 if foreign:
                     raise CheckpointError(foreign) from None
                 raise CheckpointError(f"{path} is not a readable safetensors file ({e}). "
@@ -111,7 +111,7 @@ def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpo
         if missing:
             raise CheckpointError(f"{path} lists shards that are missing: {missing}")
         return Checkpoint(sorted(set(files.values())), files)
-    foreign = _foreign_file(path)
+    foreign = foreign_file(path)
     if foreign:
         raise CheckpointError(foreign)
     if path.suffix != ".safetensors":
@@ -151,7 +151,7 @@ def shard_set(files: list[Path]) -> tuple[list[Path], list[str]] | None:
     return sorted(f for f, _ in hits), missing
 
 
-def _foreign_file(path: Path) -> str | None:
+def foreign_file(path: Path) -> str | None:
     """A message if ``path`` is a file format we refuse by name (GGUF), else None."""
     try:
         with open(path, "rb") as f:

@@ -15,7 +15,7 @@ import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub import errors as hf_errors
 
-from .checkpoint import CheckpointError, open_checkpoint, read_json, shard_set
+from .checkpoint import CheckpointError, foreign_file, open_checkpoint, read_json, shard_set
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 TRANSFORMER_FILES = ["transformer/*.json", "transformer/*.safetensors"]  # of a diffusers repo
@@ -69,6 +69,9 @@ def _local(path: Path) -> Source:
     if shard_set(candidates) is not None:  # shards without their index.json: opened as one set
         return Source(path, None, _config_json(path))
     if not candidates:
+        gguf = sorted(path.glob("*.gguf"))
+        if gguf:
+            raise CheckpointError(foreign_file(gguf[0]))
         raise CheckpointError(f"{path} holds no .safetensors files (found {sorted(p.name for p in path.iterdir())})")
     raise CheckpointError(f"{path} holds several checkpoint files {[f.name for f in candidates]}; "
                           "pass the one you mean")

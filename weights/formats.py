@@ -27,14 +27,14 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError
 
 FORMAT = "scaled fp8 (ComfyUI)"
-FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-# leaf suffix -> the weight it scales ("" when it only marks the layer)
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # the comfy_quant formats read here
+# leaf suffix -> the weight it scales (None: only marks the layer or scales its input)
 _OLD = {".scale_weight": ".weight", ".scale_input": None}
 _NEW = {".weight_scale": ".weight", ".input_scale": None, ".comfy_quant": None}
 _NORM_ALIASES = {".query_norm.weight": ".query_norm.scale", ".key_norm.weight": ".key_norm.scale"}
 
-# (what it is, a test on the key set) for formats refused with a clear message
 _USE_INSTEAD = "use the bf16/fp16 safetensors, or a ComfyUI scaled-fp8 file, of the same model"
+# (what it is, a test on one key) for formats refused with a clear message
 _FOREIGN = [
     ("a bitsandbytes NF4/FP4 quantized checkpoint", lambda k: ".quant_state.bitsandbytes__" in k
      or k.endswith((".weight.absmax", ".weight.quant_map", ".weight.nested_absmax"))),
@@ -46,7 +46,7 @@ _FOREIGN = [
      lambda k: "distilled_guidance_layer." in k),
 ]
 LORA_MARKS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".lora.down.", ".lora.up.", "lora_unet_",
-              ".lora_A.weight", ".processor.qkv_lora", ".processor.proj_lora")
+              ".processor.qkv_lora", ".processor.proj_lora")
 EMA_MARKS = ("model_ema.", "ema.", "ema_model.")
 
 
@@ -66,6 +66,7 @@ def refuse_foreign(keys, where: str) -> None:
 
 
 def is_lora_key(k: str) -> bool:
+    """A key of a LoRA adapter in any of the layouts ``mmdit.lora`` reads."""
     return any(m in k for m in LORA_MARKS) or k.startswith(("lora_te", "lora_unet")) or k.endswith(".alpha")
 
 

@@ -193,13 +193,12 @@ def _resolve(module_key: str, ours: set[str], kohya: dict[str, str], family: str
     name = weight[:-len(".weight")]
     if name not in ours:
         return None
-    out = out_of(name)
     if op == "qkv":
-        return name, j * out // 3, out // 3, False
+        return name, j * out_of(name) // 3, out_of(name) // 3, False
     if op == "qkv_mlp":
-        sizes = [hidden, hidden, hidden, out - 3 * hidden]
+        sizes = [hidden, hidden, hidden, out_of(name) - 3 * hidden]
         return name, sum(sizes[:j]), sizes[j], False
-    return name, 0, None, op == "adaln" and out == 2 * hidden
+    return name, 0, None, op == "adaln" and out_of(name) == 2 * hidden
 
 
 def plan(model: nn.Module, source) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:

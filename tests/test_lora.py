@@ -260,11 +260,14 @@ def test_lora_compiles_without_graph_breaks_and_set_scale_needs_no_recompile(bas
     ("conv LoRA", lambda sd, m: {**sd, "lora_unet_x_embedder_proj.lora_down.weight": torch.zeros(4, 16, 2, 2),
                                  "lora_unet_x_embedder_proj.lora_up.weight": torch.zeros(128, 4, 1, 1)},
      r"a LoRA on the convolution x_embedder.proj, which is not supported"),
+    ("conv LoRA (diffusers keys)", lambda sd, m: {**sd, "transformer.pos_embed.proj.lora_A.weight": torch.zeros(4, 64),
+                                                  "transformer.pos_embed.proj.lora_B.weight": torch.zeros(128, 4)},
+     r"transformer.pos_embed.proj: a LoRA on the convolution x_embedder.proj"),
     ("LyCORIS", lambda sd, m: {**sd, "lora_unet_double_blocks_0_img_mlp_0.hada_w1_a": torch.zeros(2, 2)},
      r"is a LoHa \(LyCORIS\) adapter"),
 ])
 def test_bad_loras_are_one_error_and_change_nothing(what, edit, pattern, base):
-    peer, path = base("sd3.5" if what == "conv LoRA" else "flux")
+    peer, path = base("sd3.5" if what.startswith("conv LoRA") else "flux")
     model = load_transformer(path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=pattern):

@@ -23,6 +23,10 @@ import peers
 TOL = 1e-4  # fp32 parity with diffusers, relative to the output scale
 SAME = 1e-6  # the same weights through two code paths
 FP8_MEMORY = 0.55  # weight bytes of an fp8-in-memory model / the bf16 model
+# max |fp8-weights output - full-precision output| / max |output| on these random tiny models
+# (e4m3 keeps 3 mantissa bits: ~3% per weight; measured 0.02-0.07)
+FP8_ROUNDING = 0.2
+SCALED_MM = 0.1  # fp8 activations too (GPU only)
 
 FAMILIES = {"flux": dict(num_double=1, num_single=2, heads=2, guidance=True),
             "sd3.5": dict(num_layers=2, heads=2, head_dim=64, qk_norm=True, dual=(0,))}
@@ -155,7 +159,9 @@ def test_fp8_in_memory_from_a_bf16_file(name, tmp_path):
         want = bf16(x.bfloat16(), sigma, ctx.bfloat16(), pooled.bfloat16(),
                     guidance=None if g is None else g.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert ((out - want).float().abs().max() / want.float().abs().max()).item() <= 0.2  # fp8 rounding only
+    err = ((out - want).float().abs().max() / want.float().abs().max()).item()
+    print(f"{name}: fp8 weights vs bf16 weights, output {err:.3f}")
+    assert err <= FP8_ROUNDING
 
 
 @pytest.mark.parametrize("preset", ["flux.1-dev", "sd3.5-large", "sd3.5-medium"])
@@ -186,7 +192,9 @@ def test_fp8_model_works_with_the_fork_and_compiles_without_graph_breaks(name, t
         out = model(x, sigma, ctx, pooled, guidance=g, fork=fork)
         ref = full(x, sigma, ctx, pooled, guidance=g, fork=fork)
     assert out.shape == (5, *x.shape[1:])
-    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 0.2  # fp8 rounding only
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    print(f"\n{name} fork: fp8 weights vs fp32 weights, output {err:.3f}")
+    assert err <= FP8_ROUNDING
     layer = next(m for m in model.modules() if isinstance(m, fp8.FP8Linear))
     h = torch.randn(2, 5, layer.in_features)
     explained = torch._dynamo.explain(layer)(h)
@@ -207,7 +215,7 @@ def test_scaled_mm_on_gpu_is_close_to_dequant():
     a, b = fp8.FP8Linear.from_linear(lin), fp8.FP8Linear.from_linear(lin, matmul="scaled_mm")
     x = torch.randn(3, 77, 256, device="cuda", dtype=torch.bfloat16)
     ya, yb = a(x), b(x)
-    assert ((ya - yb).float().abs().max() / ya.float().abs().max()).item() <= 0.1
+    assert ((ya - yb).float().abs().max() / ya.float().abs().max()).item() <= SCALED_MM
 
 
 @pytest.mark.parametrize("fmt", ["int8_tensorwise", "nvfp4"])

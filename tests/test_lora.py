@@ -23,6 +23,8 @@ import peers
 TOL = 1e-4  # fp32 parity with diffusers, relative to the output scale
 SAME = 1e-5  # the same LoRA through two of our paths (fused vs unfused, two file layouts)
 EFFECT = 1e-2  # a LoRA must change the output at least this much, or the parity proves nothing
+REQUANTIZED = 0.1  # fused into fp8 weights: the merged weight is rounded to fp8 again (measured ~0.03)
+PIXEL_LEVELS = 1.0  # mean |difference| in 8-bit levels for "the image changed"
 SCALE = 0.7
 
 FAMILIES = {"flux": dict(num_double=1, num_single=2, heads=2, guidance=True),
@@ -219,7 +221,8 @@ def test_lora_on_an_fp8_model_and_with_the_fork(base):
     unfused.remove()
     fused = mmdit.apply_lora(model, sd, scale=SCALE, fuse=True)
     got = run(model, peer, fork=fork)
-    assert got.shape[0] == 5 and rel(got, want) <= 0.1  # the fused delta is re-quantized to fp8
+    print(f"\nfused into fp8 vs unfused: {rel(got, want):.2e}")
+    assert got.shape[0] == 5 and rel(got, want) <= REQUANTIZED
     fused.remove()
     assert all(torch.equal(model.state_dict()[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn
                            else model.state_dict()[k], v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v)
@@ -339,7 +342,7 @@ def test_pipeline_takes_loras_and_fp8_weights(tmp_path, monkeypatch):
     assert isinstance(qkv, lora.LoRALinear) and len(qkv.adapters) == 2 and qkv.weight.dtype == torch.float8_e4m3fn
     kw = dict(height=32, width=32, steps=1, guidance=3.5, max_sequence_length=12, output="np", seed=0)
     a, b = plain("a cat", **kw), pipe("a cat", **kw)
-    assert abs(a - b).max() > 1e-3
+    assert abs(a - b).max() * 255 > PIXEL_LEVELS
 
 
 def test_cli_generate_with_lora_and_fp8(tmp_path):
@@ -358,6 +361,6 @@ def test_cli_generate_with_lora_and_fp8(tmp_path):
     for name, extra in {"plain": [], "lora": ["--lora", f"{file}:0.8"], "fp8": ["--weight-dtype", "fp8"]}.items():
         assert main([*argv, *extra, "--output", str(tmp_path / f"{name}.png")]) == 0
         images[name] = torch.tensor(list(Image.open(tmp_path / f"{name}.png").getdata()), dtype=torch.float32)
-    assert (images["lora"] - images["plain"]).abs().mean() > 1.0  # 8-bit levels
-    assert (images["fp8"] - images["plain"]).abs().mean() < 16.0  # fp8 rounding, same picture
+    assert (images["lora"] - images["plain"]).abs().mean() > PIXEL_LEVELS
+    assert (images["fp8"] - images["plain"]).abs().mean() < 16 * PIXEL_LEVELS  # fp8 rounding, the same picture
     assert main([*argv, "--lora", str(tmp_path / "missing.safetensors"), "--output", str(tmp_path / "x.png")]) == 2

@@ -329,20 +329,31 @@ def test_injected_lora_trains_and_saves_in_both_formats(name, base, tmp_path):
 
 # ---- the Pipeline and the CLI --------------------------------------------------------------
 
-def test_pipeline_takes_loras_and_fp8_weights(tmp_path, monkeypatch):
-    from test_pipeline import flux_folder
+def test_pipeline_with_lora_matches_diffusers_load_lora_weights(tmp_path, monkeypatch):
+    from test_pipeline import H, PIXEL_TOL, PROMPTS, T5_LEN, W, flux_folder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder, _ = flux_folder(tmp_path)
-    plain = mmdit.Pipeline.from_pretrained(folder)
+    folder, peer = flux_folder(tmp_path)
     file = tmp_path / "l.safetensors"
-    save_file(ours_lora(plain.transformer, "kohya"), str(file))
+    save_file(diffusers_lora(peer.transformer, seed=21), str(file))
+    peer.load_lora_weights(str(file), adapter_name="x")
+    peer.set_adapters(["x"], [SCALE])
+    latents = torch.randn(len(PROMPTS), 16, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
+    ref = peer(PROMPTS, num_inference_steps=3, guidance_scale=3.5, height=H, width=W, latents=peers.pack(latents),
+               max_sequence_length=T5_LEN, output_type="np").images
+    kw = dict(height=H, width=W, latents=latents, max_sequence_length=T5_LEN, output="np", steps=3, cfg=1.0,
+              guidance=3.5)
+    ours = mmdit.Pipeline.from_pretrained(folder, lora=[(file, SCALE)])
+    images = ours(PROMPTS, **kw)
+    plain = mmdit.Pipeline.from_pretrained(folder)(PROMPTS, **kw)
+    err = abs(images - ref).max()
+    print(f"\npipeline with LoRA vs diffusers load_lora_weights: max pixel error {err:.2e}")
+    assert err <= PIXEL_TOL and abs(images - plain).max() * 255 > PIXEL_LEVELS
+    # fp8 weights with two LoRAs stacked on them
     pipe = mmdit.Pipeline.from_pretrained(folder, lora=[(file, 0.5), (file, 0.25)], weight_dtype=torch.float8_e4m3fn)
     qkv = pipe.transformer.double_blocks[0].img_attn.qkv
     assert isinstance(qkv, lora.LoRALinear) and len(qkv.adapters) == 2 and qkv.weight.dtype == torch.float8_e4m3fn
-    kw = dict(height=32, width=32, steps=1, guidance=3.5, max_sequence_length=12, output="np", seed=0)
-    a, b = plain("a cat", **kw), pipe("a cat", **kw)
-    assert abs(a - b).max() * 255 > PIXEL_LEVELS
+    assert abs(pipe(PROMPTS, **kw) - plain).max() * 255 > PIXEL_LEVELS
 
 
 def test_cli_generate_with_lora_and_fp8(tmp_path):

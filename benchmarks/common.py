@@ -333,6 +333,30 @@ def timed(fn, device) -> tuple[float, float, object]:
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
+def matmul_tflops(device, dtype, m: int, k: int, n: int, iters: int = 5) -> float:
+    """This device's rate for one (m, k) @ (k, n) matmul in ``dtype`` (median of ``iters``):
+    the ceiling a forward made mostly of such matmuls can approach."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        torch.mm(a, b)
+        samples = [timed(lambda: torch.mm(a, b), device)[0] for _ in range(iters)]
+    return 2 * m * k * n / statistics.median(samples) / 1e12
+
+
+def peak_memory_mb(fn, device, model: torch.nn.Module) -> float:
+    """Peak CUDA memory of one call of ``fn`` as if ``model`` were alone on the device (MiB):
+    its weights plus what the call allocates above what was already there."""
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return (weights + torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
 def median_ms(samples: list[float]) -> float:
     return 1e3 * statistics.median(samples)
 
@@ -357,6 +381,17 @@ class Case:
     peer: object
 
 
+def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int) -> None:
+    """Our MA spec and the peer's DG hook on block m (the last ``batch`` of 3 * batch rows)."""
+    channels = ma_channels(config)
+    ours.ma = mmdit.MASpec(channels, block=fork_block)
+    if runner.hook is not None:
+        runner.hook.remove()
+    device = next(runner.peer.parameters()).device
+    runner.hook = runner.block(fork_block).register_forward_hook(
+        zero_ma_hook(batch, torch.tensor(channels, device=device)))
+
+
 def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
                 dg: float = 2.0, names=("forward", "cfg", "cfg_dg")) -> list[Case]:
     """forward (B rows); CFG step ([uncond | cond], 2B rows); CFG+DG step: ours one call with
@@ -366,12 +401,8 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
     B = inp.x.shape[0]
     shape = tuple(inp.x.shape)
     n_img, n_txt = tokens(config, shape[2:]), inp.context.shape[1]
-    channels = ma_channels(config)
-    ours.ma = mmdit.MASpec(channels, block=fork_block)
-    ch = torch.tensor(channels, device=inp.x.device)
-    if runner.hook is not None:
-        runner.hook.remove()
-    runner.hook = runner.block(fork_block).register_forward_hook(zero_ma_hook(B, ch))
+    if runner.hook is None:
+        attach_dg(ours, runner, config, fork_block, B)
     out = []
 
     def call(model, i: Inputs, **kw):
@@ -397,7 +428,7 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
         out.append(Case("cfg", f"{2 * B}", f"{2 * B}", flops, flops, ours_cfg, peer_cfg))
     if "cfg_dg" in names:
         prep3 = runner.prepare(inp.repeat(3))
-        fork = torch.tensor([False] * B + [True] * B, device=inp.x.device)
+        fork = slice(B, 2 * B)  # the cond rows: static, as the sampler passes them
 
         def ours_dg():
             vu, vc, vd = call(ours, two, fork=fork).chunk(3)

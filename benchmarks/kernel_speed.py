@@ -63,8 +63,9 @@ def cases(s: Shape, dtype, device, compiled):
     BND = s.B * s.N * s.D
     mod = rand(s.B, 6 * s.D)  # adaLN output: shift/scale/gate are strided chunks of it
     shift, scale, gate = mod[:, :s.D], mod[:, s.D:2 * s.D], mod[:, 2 * s.D:3 * s.D]
-    fork = dict(fork=torch.tensor([False] * (s.B - 1) + [True], device=device),
-                channels=torch.tensor([1, s.D // 2], device=device), rho=0.0)
+    channels = torch.zeros(s.D, dtype=torch.bool, device=device)
+    channels[[1, s.D // 2]] = True
+    fork = dict(fork_rows=1, channels=channels, rho=0.0)  # the last row forks
     angle = torch.randn(s.N, s.Dh // 2, device=device)
     cos, sin = (angle.cos(), angle.sin()) if s.rope else (None, None)
 

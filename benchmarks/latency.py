@@ -4,12 +4,17 @@
         --text-len 333 --dtype fp32 --iters 5 --json latency.json          # CPU
     python benchmarks/latency.py --preset flux.1-dev --resolution 1024 --dtype bf16     # GPU
 
+    python benchmarks/latency.py --preset flux.1-dev --dtype bf16 --modes eager,compiled,cudagraphs  # GPU
+
 Cases: one forward (batch B); one CFG step (2B rows); one CFG+DG step, ours as one call
 forking the cond rows at block m, diffusers as 3B rows with a hook zeroing the MA channels at
-block m. Calls are interleaved (the order alternates every iteration) after warm-up, CUDA is
-synchronized around each call, and each time is the median (on CPU also the median process
-CPU time, steadier than wall time on a machine shared with other jobs). Also printed: the DG overhead
-(CFG+DG step / CFG step) of both, and on GPU the achieved TFLOP/s and MFU from a FLOP count.
+block m. Modes: eager, torch.compile (ours with fullgraph=True) and, on CUDA, torch.compile
+with CUDA graphs; each mode compiles both models. Calls are interleaved (the order alternates
+every iteration) after warm-up, CUDA is synchronized around each call, and each time is the
+median (on CPU also the median process CPU time, steadier than wall time on a machine shared
+with other jobs). Also printed: seconds per image (the step times ``--steps``), the DG overhead
+(CFG+DG step / CFG step) of both, the achieved TFLOP/s from a FLOP count as a fraction of
+this device's measured matmul rate (a GEMM of the MLP's shape) and, on GPU, MFU and peak memory.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ import argparse
 import torch
 
 import common
+
+
+MODES = {"eager": None, "compiled": {}, "cudagraphs": {"mode": "reduce-overhead"}}
 
 
 def parse(argv=None):
@@ -29,10 +37,26 @@ def parse(argv=None):
     p.add_argument("--cfg", type=float, default=4.5)
     p.add_argument("--dg", type=float, default=2.0)
     p.add_argument("--cases", default="forward,cfg,cfg_dg", help="comma-separated subset")
+    p.add_argument("--modes", default="eager",
+                   help="comma-separated: eager, compiled (torch.compile, both models), cudagraphs "
+                        "(torch.compile mode='reduce-overhead', CUDA only)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled modes")
+    p.add_argument("--steps", type=int, default=28, help="steps per image, for the seconds-per-image column")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in MODES]
+    if bad or ("cudagraphs" in modes and not args.device.startswith("cuda")):
+        raise SystemExit(f"--modes {args.modes}: choose from {list(MODES)} (cudagraphs needs --device cuda)")
+    return args
+
+
+def compiled(model, mode: str, fullgraph: bool, backend: str):
+    """The model as ``mode`` runs it; ours must trace as one graph, diffusers may break."""
+    if MODES[mode] is None:
+        return model
+    return torch.compile(model, fullgraph=fullgraph, backend=backend, **MODES[mode])
 
 
 def run(args) -> dict:
@@ -48,20 +72,43 @@ def run(args) -> dict:
     peer = common.build_peer(config, device, dtype, args.seed)
     ours = common.ours_from_peer(peer, config)
     runner = common.PeerRunner(peer, config)
-    if args.compile:
-        ours, runner.peer = torch.compile(ours), torch.compile(peer)
     inp = common.make_inputs(config, args.batch, (H // 8, W // 8), text_len, device, dtype)
-    cases = common.build_cases(ours, runner, config, inp, m, args.cfg, args.dg, args.cases.split(","))
+    common.attach_dg(ours, runner, config, m, args.batch)  # before compiling: dynamo sees the hook
+    n_img = common.tokens(config, (H // 8, W // 8))
+    matmul = common.matmul_tflops(device, dtype, args.batch * (n_img + text_len), config.hidden_size,
+                                  int(config.hidden_size * config.mlp_ratio))
+    dev_name = common.device_name(device)
+    peak = common.peak_tflops(dev_name, dtype) if device.type == "cuda" else None
+    modes = {}
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        runner.peer = compiled(peer, mode, False, args.backend)
+        cases = common.build_cases(compiled(ours, mode, True, args.backend), runner, config, inp, m, args.cfg, args.dg,
+                                   args.cases.split(","))
+        modes[mode] = time_cases(cases, args, device, peak, matmul, {"ours": ours, "diffusers": peer},
+                                 cudagraphs=mode == "cudagraphs")
+    runner.peer = peer
+    return {"benchmark": "latency", **common.environment(device), "preset": args.preset,
+            "config": common.config_dict(config), "dtype": str(dtype).removeprefix("torch."),
+            "resolution": [H, W], "batch": args.batch, "text_len": text_len, "image_tokens": n_img,
+            "fork_block": m, "ma_channels": common.ma_channels(config), "cfg": args.cfg, "dg": args.dg,
+            "steps": args.steps, "backend": args.backend, "warmup": args.warmup, "iters": args.iters, "peak_tflops": peak,
+            "matmul_tflops": matmul, "modes": modes}
 
+
+def time_cases(cases, args, device, peak, matmul, models: dict, cudagraphs: bool) -> dict:
+    """Interleaved timing of every case, ours and diffusers; -> {"results": {case: ...}, ...}."""
     times = {c.name: {"ours": [], "diffusers": []} for c in cases}
     cpu_times = {c.name: {"ours": [], "diffusers": []} for c in cases}
-    errors = {}
+    errors, peak_mb = {}, {}
     with torch.inference_mode():
         for it in range(args.warmup + args.iters):
             for case in cases:
                 pair = [("ours", case.ours), ("diffusers", case.peer)]
                 outs = {}
                 for impl, fn in pair if it % 2 == 0 else pair[::-1]:
+                    if cudagraphs:  # a new step for the CUDA-graph trees: earlier outputs may be overwritten
+                        torch.compiler.cudagraph_mark_step_begin()
                     t, cpu, outs[impl] = common.timed(fn, device)
                     if it >= args.warmup:
                         times[case.name][impl].append(t)
@@ -69,9 +116,11 @@ def run(args) -> dict:
                 if case.name not in errors:
                     errors[case.name] = common.rel_err(outs["ours"], outs["diffusers"])
                 del outs
+        if device.type == "cuda":
+            for case in cases:
+                for impl, fn in (("ours", case.ours), ("diffusers", case.peer)):
+                    peak_mb[case.name, impl] = common.peak_memory_mb(fn, device, models[impl])
 
-    dev_name = common.device_name(device)
-    peak = common.peak_tflops(dev_name, dtype) if device.type == "cuda" else None
     results = {}
     for case in cases:
         t = times[case.name]
@@ -79,9 +128,13 @@ def run(args) -> dict:
         r = {"rows_ours": case.rows_ours, "rows_diffusers": case.rows_peer,
              "ours_ms": ours_ms, "diffusers_ms": peer_ms, "ratio": ours_ms / peer_ms,
              "ours_all_ms": [1e3 * s for s in t["ours"]], "diffusers_all_ms": [1e3 * s for s in t["diffusers"]],
+             "s_per_image_ours": ours_ms * args.steps / 1e3 / args.batch,
+             "s_per_image_diffusers": peer_ms * args.steps / 1e3 / args.batch,
              "flops_ours": case.flops_ours, "flops_diffusers": case.flops_peer,
              "tflops_ours": case.flops_ours / ours_ms / 1e9, "tflops_diffusers": case.flops_peer / peer_ms / 1e9,
              "max_rel_err": errors[case.name]}
+        r["matmul_fraction_ours"] = r["tflops_ours"] / matmul
+        r["matmul_fraction_diffusers"] = r["tflops_diffusers"] / matmul
         if device.type == "cpu":  # less sensitive than wall time to other jobs on a shared machine
             c = cpu_times[case.name]
             r["ours_cpu_ms"], r["diffusers_cpu_ms"] = common.median_ms(c["ours"]), common.median_ms(c["diffusers"])
@@ -89,55 +142,58 @@ def run(args) -> dict:
         if peak:
             r["mfu_ours"] = r["tflops_ours"] / peak
             r["mfu_diffusers"] = r["tflops_diffusers"] / peak
+        if peak_mb:
+            r["peak_mb_ours"], r["peak_mb_diffusers"] = peak_mb[case.name, "ours"], peak_mb[case.name, "diffusers"]
         results[case.name] = r
-    out = {"benchmark": "latency", **common.environment(device), "preset": args.preset,
-           "config": common.config_dict(config), "dtype": str(dtype).removeprefix("torch."),
-           "resolution": [H, W], "batch": args.batch, "text_len": text_len, "image_tokens":
-           common.tokens(config, (H // 8, W // 8)), "fork_block": m, "ma_channels": common.ma_channels(config),
-           "cfg": args.cfg, "dg": args.dg, "warmup": args.warmup, "iters": args.iters,
-           "compile": args.compile, "peak_tflops": peak, "results": results}
+    out = {"results": results}
     if "cfg" in results and "cfg_dg" in results:
+        dg, cfg = results["cfg_dg"], results["cfg"]
         out["dg_overhead"] = {
-            "ours": results["cfg_dg"]["ours_ms"] / results["cfg"]["ours_ms"],
-            "diffusers": results["cfg_dg"]["diffusers_ms"] / results["cfg"]["diffusers_ms"],
-            "flop_model_ours": results["cfg_dg"]["flops_ours"] / results["cfg"]["flops_ours"],
-            "flop_model_diffusers": results["cfg_dg"]["flops_diffusers"] / results["cfg"]["flops_diffusers"],
+            "ours": dg["ours_ms"] / cfg["ours_ms"], "diffusers": dg["diffusers_ms"] / cfg["diffusers_ms"],
+            "flop_model_ours": dg["flops_ours"] / cfg["flops_ours"],
+            "flop_model_diffusers": dg["flops_diffusers"] / cfg["flops_diffusers"],
         }
         if device.type == "cpu":
-            out["dg_overhead"]["ours_cpu"] = results["cfg_dg"]["ours_cpu_ms"] / results["cfg"]["ours_cpu_ms"]
-            out["dg_overhead"]["diffusers_cpu"] = (results["cfg_dg"]["diffusers_cpu_ms"]
-                                                   / results["cfg"]["diffusers_cpu_ms"])
+            out["dg_overhead"]["ours_cpu"] = dg["ours_cpu_ms"] / cfg["ours_cpu_ms"]
+            out["dg_overhead"]["diffusers_cpu"] = dg["diffusers_cpu_ms"] / cfg["diffusers_cpu_ms"]
     return out
 
 
 def report(out: dict) -> str:
     lines = [common.describe_model(out) + f", "
              f"{out['resolution'][0]}x{out['resolution'][1]} ({out['image_tokens']} image + {out['text_len']} "
-             f"text tokens), batch {out['batch']}, fork block {out['fork_block']}"
-             f"{', torch.compile' if out['compile'] else ''}",
+             f"text tokens), batch {out['batch']}, fork block {out['fork_block']}",
              f"device: {out['device']}; torch {out['torch']}, diffusers {out['diffusers']}; "
-             f"median of {out['iters']} after {out['warmup']} warm-up, interleaved"]
-    mfu = out["peak_tflops"] is not None
-    cpu = "cpu_ratio" in next(iter(out["results"].values()))
-    head = f"{'case':8s} {'rows ours/diff':>15s} {'ours ms':>10s} {'diffusers ms':>13s} {'ours/diff':>10s} " \
-           f"{'TFLOP/s ours':>13s} {'diff':>7s}" + (f" {'MFU ours':>9s} {'diff':>6s}" if mfu else "") + \
-           (f" {'CPU-time ratio':>15s}" if cpu else "") + f" {'max rel err':>12s}"
-    lines.append(head)
-    for name, r in out["results"].items():
-        row = f"{name:8s} {r['rows_ours'] + ' / ' + r['rows_diffusers']:>15s} {r['ours_ms']:10.1f} " \
-              f"{r['diffusers_ms']:13.1f} {r['ratio']:10.3f} {r['tflops_ours']:13.3f} {r['tflops_diffusers']:7.3f}"
-        if mfu:
-            row += f" {100 * r['mfu_ours']:8.1f}% {100 * r['mfu_diffusers']:5.1f}%"
-        if cpu:
-            row += f" {r['cpu_ratio']:15.3f}"
-        lines.append(row + f" {r['max_rel_err']:12.2e}")
-    if "dg_overhead" in out:
-        o = out["dg_overhead"]
-        lines.append(f"DG overhead (CFG+DG step / CFG step): ours {o['ours']:.3f}x "
-                     f"(FLOP model {o['flop_model_ours']:.3f}x), diffusers {o['diffusers']:.3f}x "
-                     f"(FLOP model {o['flop_model_diffusers']:.3f}x)"
-                     + (f"; by CPU time: ours {o['ours_cpu']:.3f}x, diffusers {o['diffusers_cpu']:.3f}x"
-                        if "ours_cpu" in o else ""))
+             f"median of {out['iters']} after {out['warmup']} warm-up, interleaved; "
+             f"measured {out['dtype']} matmul rate {out['matmul_tflops']:.3f} TFLOP/s"]
+    for mode, m in out["modes"].items():
+        first = next(iter(m["results"].values()))
+        mfu, cpu, mem = "mfu_ours" in first, "cpu_ratio" in first, "peak_mb_ours" in first
+        lines.append(f"-- {mode} --")
+        head = f"{'case':8s} {'rows ours/diff':>15s} {'ours ms':>10s} {'diffusers ms':>13s} {'ours/diff':>10s} " \
+               f"{'s/img ours':>11s} {'diff':>7s} {'TFLOP/s ours':>13s} {'diff':>7s} {'of matmul':>10s}" + \
+               (f" {'MFU ours':>9s} {'diff':>6s}" if mfu else "") + (f" {'peak MB ours':>13s} {'diff':>7s}" if mem else "") + \
+               (f" {'CPU-time ratio':>15s}" if cpu else "") + f" {'max rel err':>12s}"
+        lines.append(head)
+        for name, r in m["results"].items():
+            row = f"{name:8s} {r['rows_ours'] + ' / ' + r['rows_diffusers']:>15s} {r['ours_ms']:10.1f} " \
+                  f"{r['diffusers_ms']:13.1f} {r['ratio']:10.3f} {r['s_per_image_ours']:11.2f} " \
+                  f"{r['s_per_image_diffusers']:7.2f} {r['tflops_ours']:13.3f} {r['tflops_diffusers']:7.3f} " \
+                  f"{r['matmul_fraction_ours']:10.3f}"
+            if mfu:
+                row += f" {100 * r['mfu_ours']:8.1f}% {100 * r['mfu_diffusers']:5.1f}%"
+            if mem:
+                row += f" {r['peak_mb_ours']:13.0f} {r['peak_mb_diffusers']:7.0f}"
+            if cpu:
+                row += f" {r['cpu_ratio']:15.3f}"
+            lines.append(row + f" {r['max_rel_err']:12.2e}")
+        if "dg_overhead" in m:
+            o = m["dg_overhead"]
+            lines.append(f"DG overhead (CFG+DG step / CFG step): ours {o['ours']:.3f}x "
+                         f"(FLOP model {o['flop_model_ours']:.3f}x), diffusers {o['diffusers']:.3f}x "
+                         f"(FLOP model {o['flop_model_diffusers']:.3f}x)"
+                         + (f"; by CPU time: ours {o['ours_cpu']:.3f}x, diffusers {o['diffusers_cpu']:.3f}x"
+                            if "ours_cpu" in o else ""))
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Fused kernels of the MMDiT blocks: Triton on CUDA, a plain-torch reference elsewhere.
 
-Each op lives in its own file with its Triton kernels, its torch reference and its
-autograd.Function; ``dispatch`` decides which one runs (``MMDIT_KERNELS=torch|triton``).
+Each op lives in its own file with its Triton kernels, its torch reference and its autograd
+(a ``torch.library.triton_op`` with ``register_autograd``, so torch.compile sees the kernels);
+``dispatch`` decides which one runs (``MMDIT_KERNELS=torch|triton``).
 """
 if __name__ != "mmdit.kernels":
     # This folder was imported as a top-level ``kernels`` (a checkout's root on sys.path):

@@ -1,4 +1,4 @@
-"""Pick the Triton kernel or the torch reference for a call, plus launch helpers.
+"""Pick the Triton kernel or the torch reference for a call, register the ops, launch helpers.
 
 ``MMDIT_KERNELS`` is read when a call is made (under ``torch.compile``: when it is traced,
 so set it before the first compiled call).
@@ -22,6 +22,9 @@ except ImportError:  # triton is Linux-only: elsewhere the kernels are defined b
 else:
     HAS_TRITON = True
 
+# Set before triton is imported (triton.jit reads it then): kernels run on CPU tensors in numpy.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def backend() -> str:
     """``MMDIT_KERNELS`` if set (torch | triton), else ``auto``."""
@@ -44,6 +47,30 @@ def use_triton(x: torch.Tensor) -> bool:
                                "set before mmdit.kernels is imported")
         return True
     return x.is_cuda and HAS_TRITON
+
+
+def kernel_op(name: str, fake):
+    """Register the decorated launcher as the op ``mmdit::<name>``.
+
+    On GPUs it is a ``torch.library.triton_op``: torch.compile sees the Triton kernels it
+    launches (``launch``), so inductor schedules them inside the graph and a CUDA graph can
+    capture the whole step. The interpreter cannot run on the tensors tracing uses, and without
+    triton there is nothing to see: there it is an opaque custom op whose ``fake`` (same
+    signature, empty outputs) gives the shapes.
+    """
+    def register(fn):
+        qualname = f"mmdit::{name}"
+        if HAS_TRITON and not INTERPRET:
+            return torch.library.triton_op(qualname, fn, mutates_args=())
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return register
+
+
+def launch(kernel):
+    """A Triton kernel as launched inside a ``kernel_op`` (traceable by torch.compile)."""
+    return torch.library.wrap_triton(kernel) if HAS_TRITON else kernel
 
 
 def block_size(n: int) -> int:

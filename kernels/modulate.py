@@ -15,7 +15,7 @@ fp32, and the result is rounded once to x.dtype. mean/rstd are recomputed in the
 import torch
 import torch.nn.functional as F
 
-from .dispatch import block_size, num_warps, program_chunk, program_row, row_chunks, tl, triton, use_triton
+from .dispatch import block_size, kernel_op, launch, num_warps, program_chunk, program_row, row_chunks, tl, triton, use_triton
 
 
 @triton.jit
@@ -79,13 +79,14 @@ def _modulate_bwd_kernel(
     tl.store(dscale_part_ptr + part + offs, dscale, mask=mask)
 
 
-def _forward(x, shift, scale, eps):
+@kernel_op("modulate", fake=lambda x, shift, scale, eps: x.new_empty(x.shape))
+def _modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     B, N, D = x.shape
     out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     BLOCK_D = block_size(D)
-    _modulate_fwd_kernel[(B * N,)](
+    launch(_modulate_fwd_kernel)[(B * N,)](
         x, shift, scale, out, N, D, eps,
         *x.stride(), *shift.stride(), *scale.stride(),
         BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D),
@@ -93,7 +94,14 @@ def _forward(x, shift, scale, eps):
     return out
 
 
-def _backward(dout, x, scale, eps):
+def _bwd_fake(dout, x, scale, eps):
+    B, N, D = x.shape
+    return x.new_empty(x.shape), x.new_empty((B, D), dtype=torch.float32), x.new_empty((B, D), dtype=torch.float32)
+
+
+@kernel_op("modulate_bwd", fake=_bwd_fake)
+def _modulate_bwd(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (B, N, D) in x.dtype; dshift, dscale (B, D) in fp32."""
     B, N, D = x.shape
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
@@ -102,7 +110,7 @@ def _backward(dout, x, scale, eps):
     dscale_part = torch.zeros((B, chunks, D), dtype=torch.float32, device=x.device)
     if dx.numel() > 0:
         BLOCK_D = block_size(D)
-        _modulate_bwd_kernel[(B, chunks)](
+        launch(_modulate_bwd_kernel)[(B, chunks)](
             x, scale, dout, dx, dshift_part, dscale_part, N, D, eps, rows_per_program,
             *x.stride(), *scale.stride(), *dout.stride(),
             BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D),
@@ -110,44 +118,19 @@ def _backward(dout, x, scale, eps):
     return dx, dshift_part.sum(1), dscale_part.sum(1)
 
 
-# Opaque custom ops (with shape-only fake impls) so torch.compile traces a block without a
-# graph break; the autograd.Function below wires the backward op to the forward op.
-@torch.library.custom_op("mmdit::modulate_fwd", mutates_args=())
-def _modulate_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return _forward(x, shift, scale, eps)
+def _setup(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps, ctx.shift_dtype = eps, shift.dtype
 
 
-@_modulate_fwd_op.register_fake
-def _(x, shift, scale, eps):
-    return x.new_empty(x.shape)
+def _backward(ctx, dout):
+    x, scale = ctx.saved_tensors
+    dx, dshift, dscale = _modulate_bwd(dout, x, scale, ctx.eps)
+    return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
 
 
-@torch.library.custom_op("mmdit::modulate_bwd", mutates_args=())
-def _modulate_bwd_op(
-    dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, x, scale, eps)
-
-
-@_modulate_bwd_op.register_fake
-def _(dout, x, scale, eps):
-    B, N, D = x.shape
-    return x.new_empty(x.shape), x.new_empty((B, D), dtype=torch.float32), x.new_empty((B, D), dtype=torch.float32)
-
-
-class ModulateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        ctx.save_for_backward(x, scale)
-        ctx.eps = eps
-        ctx.shift_dtype = shift.dtype
-        return _modulate_fwd_op(x, shift, scale, eps)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, scale = ctx.saved_tensors
-        dx, dshift, dscale = _modulate_bwd_op(dout, x, scale, ctx.eps)
-        return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
+_modulate_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
@@ -163,5 +146,5 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
         raise ValueError(f"x {tuple(x.shape)} needs shift/scale of shape {(B, D)}, "
                          f"got {tuple(shift.shape)} / {tuple(scale.shape)}")
     if use_triton(x):
-        return ModulateFunction.apply(x, shift, scale, eps)
+        return _modulate_fwd(x, shift, scale, eps)
     return modulate_reference(x, shift, scale, eps)

@@ -18,7 +18,7 @@ fp32 partial sum per program, summed by torch.
 """
 import torch
 
-from .dispatch import block_size, num_programs, num_warps, tl, triton, use_triton
+from .dispatch import block_size, kernel_op, launch, num_programs, num_warps, tl, triton, use_triton
 
 TILE = 2048  # elements per (BLOCK_R, BLOCK_D) tile: a few rows of one head each
 
@@ -131,7 +131,7 @@ def _forward_one(x, w, cos, sin, eps):
         return out
     BLOCK_R, BLOCK_D = _tile(Dh, n_rows)
     cos_ptr, sin_ptr, *rope_strides = _rope_args(x, cos, sin)
-    _qk_norm_rope_fwd_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
+    launch(_qk_norm_rope_fwd_kernel)[(triton.cdiv(n_rows, BLOCK_R),)](
         x, w, cos_ptr, sin_ptr, out, n_rows, L, H, Dh, eps, *x.stride(), *rope_strides,
         ROPE=cos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_R * BLOCK_D),
     )
@@ -148,7 +148,7 @@ def _backward_one(dout, x, w, cos, sin, eps):
     dw_part = torch.zeros((programs, Dh), dtype=torch.float32, device=x.device)
     if dx.numel() > 0:
         cos_ptr, sin_ptr, *rope_strides = _rope_args(x, cos, sin)
-        _qk_norm_rope_bwd_kernel[(programs,)](
+        launch(_qk_norm_rope_bwd_kernel)[(programs,)](
             x, w, cos_ptr, sin_ptr, dout, dx, dw_part, n_rows, L, H, Dh, eps,
             *x.stride(), *dout.stride(), *rope_strides,
             ROPE=cos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_R * BLOCK_D),
@@ -156,49 +156,46 @@ def _backward_one(dout, x, w, cos, sin, eps):
     return dx, dw_part.sum(0)
 
 
-# Opaque custom ops with shape-only fake impls, so torch.compile traces through them.
-@torch.library.custom_op("mmdit::qk_norm_rope_fwd", mutates_args=())
-def _qk_norm_rope_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-    cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_one(q, q_weight, cos, sin, eps), _forward_one(k, k_weight, cos, sin, eps)
-
-
-@_qk_norm_rope_fwd_op.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, eps):
+def _fwd_fake(q, k, q_weight, k_weight, cos, sin, eps):
     return q.new_empty(q.transpose(1, 2).shape), k.new_empty(k.transpose(1, 2).shape)
 
 
-@torch.library.custom_op("mmdit::qk_norm_rope_bwd", mutates_args=())
-def _qk_norm_rope_bwd_op(
-    dq_out: torch.Tensor, dk_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-    k_weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dqw = _backward_one(dq_out, q, q_weight, cos, sin, eps)
-    dk, dkw = _backward_one(dk_out, k, k_weight, cos, sin, eps)
-    return dq, dk, dqw, dkw
+@kernel_op("qk_norm_rope", fake=_fwd_fake)
+def _qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                      cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_one(q, q_weight, cos, sin, eps), _forward_one(k, k_weight, cos, sin, eps)
 
 
-@_qk_norm_rope_bwd_op.register_fake
-def _(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps):
+def _bwd_fake(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps):
     f32 = torch.float32
     return (q.new_empty(q.shape), k.new_empty(k.shape),
             q.new_empty(q_weight.shape, dtype=f32), k.new_empty(k_weight.shape, dtype=f32))
 
 
-class QKNormRopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps):
-        ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
-        ctx.eps = eps
-        return _qk_norm_rope_fwd_op(q, k, q_weight, k_weight, cos, sin, eps)
+@kernel_op("qk_norm_rope_bwd", fake=_bwd_fake)
+def _qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor | None,
+                      sin: torch.Tensor | None, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dqw = _backward_one(dq_out, q, q_weight, cos, sin, eps)
+    dk, dkw = _backward_one(dk_out, k, k_weight, cos, sin, eps)
+    return dq, dk, dqw, dkw
 
-    @staticmethod
-    def backward(ctx, dq_out, dk_out):
-        q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
-        dq, dk, dqw, dkw = _qk_norm_rope_bwd_op(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, ctx.eps)
-        return dq, dk, dqw.to(q_weight.dtype), dkw.to(k_weight.dtype), None, None, None
+
+def _setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, eps = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
+    ctx.eps = eps
+
+
+def _backward(ctx, dq_out, dk_out):
+    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    dq, dk, dqw, dkw = _qk_norm_rope_bwd(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, ctx.eps)
+    return dq, dk, dqw.to(q_weight.dtype), dkw.to(k_weight.dtype), None, None, None
+
+
+_qk_norm_rope_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def qk_norm_rope_reference(q, k, q_weight, k_weight, cos=None, sin=None, eps: float = 1e-6):
@@ -234,5 +231,5 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos=None, sin=None, eps: float = 1e-6
         raise ValueError(f"RoPE needs an even Dh and cos/sin of shape {(L, Dh // 2)}, got Dh={Dh}, "
                          f"{tuple(cos.shape)} / {tuple(sin.shape)}")
     if use_triton(q):
-        return QKNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, eps)
+        return _qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps)
     return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)

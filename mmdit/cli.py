@@ -47,7 +47,7 @@ def _pipeline(args):
     if args.model is None:
         if args.device == "cpu":  # a 0.6M-parameter model: thread hand-offs cost more than they save
             torch.set_num_threads(1)
-        pipe = Pipeline.tiny(device=args.device)
+        pipe = Pipeline.tiny(device=args.device, compile=getattr(args, "compile", False))
         if weight_dtype is not None:
             from .fp8 import quantize_linears
 
@@ -57,7 +57,7 @@ def _pipeline(args):
         return pipe
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return Pipeline.from_pretrained(args.model, dtype=dtype, device=args.device, text_device=args.text_device,
-                                    lora=loras, weight_dtype=weight_dtype)
+                                    compile=getattr(args, "compile", False), lora=loras, weight_dtype=weight_dtype)
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
@@ -98,6 +98,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--dg", type=float, default=None, help="Detail Guidance weight (0 = off)")
     p.add_argument("--output", default="out.png", help="PNG path (default: out.png)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "
+                        "the first image at a size waits for the compiler, later ones are faster")
 
     def run(args):
         from PIL.PngImagePlugin import PngInfo

@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import FluxConfig
 from .kernels import gated_residual, modulate, qk_norm_rope
-from .layers import (FinalLayer, Fork, MLPEmbedder, attention, gelu_tanh, modulations, plan_fork, split_heads,
+from .layers import (FinalLayer, Fork, MLPEmbedder, Transformer, attention, gelu_tanh, modulations, split_heads,
                      timestep_embedding)
 
 
@@ -134,7 +134,7 @@ class SingleStreamBlock(nn.Module):
         return fork.residual(x, y, mod.gate, "joint", text_len=text_len)
 
 
-class FluxTransformer(nn.Module):
+class FluxTransformer(Transformer):
     """``v = model(x, sigma, context, pooled, guidance)``: x (B, 16, H, W), sigma (B,) in [0, 1].
 
     The 2x2 packing, the position ids and the RoPE angles are internal.
@@ -155,7 +155,9 @@ class FluxTransformer(nn.Module):
         self.final_layer = FinalLayer(dim, config.in_channels)
         self.ma = None
 
-    def forward(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+    def velocity(self, x, sigma, context, pooled, guidance, fork: Fork | None):
+        """x (B, C, H, W), sigma (B,) and guidance (B,) float32 (or None), context (B, L, Dc),
+        pooled (B, Dp); ``fork`` acts on the last rows at its block."""
         B, C, H, W = x.shape
         cfg = self.config
         if H % 2 or W % 2:
@@ -165,31 +167,27 @@ class FluxTransformer(nn.Module):
             raise ValueError(f"expected {cfg.in_channels // 4} latent channels, got {C}")
         h, w = H // 2, W // 2
         img = pack(x)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B)
         vec = self.time_in(timestep_embedding(1000 * sigma.to(x.dtype)).to(x.dtype))
         if cfg.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX model is guidance-distilled (FLUX.1-dev): pass guidance, e.g. 3.5")
-            g = torch.as_tensor(guidance, dtype=x.dtype, device=x.device).expand(B)
-            vec = vec + self.guidance_in(timestep_embedding(1000 * g).to(x.dtype))
+            vec = vec + self.guidance_in(timestep_embedding(1000 * guidance.to(x.dtype)).to(x.dtype))
         vec = vec + self.vector_in(pooled)
         img, txt = self.img_in(img), self.txt_in(context)
         L = txt.shape[1]
         ids = torch.cat([torch.zeros(L, 3, device=x.device), image_ids(h, w, x.device)])
         cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
-        plan, m = plan_fork(self.ma, sigma, disrupt, fork, B)
-        if plan is not None and not 0 <= m < cfg.total_blocks:
-            raise ValueError(f"MA block {m} outside 0..{cfg.total_blocks - 1}")
+        m = -1 if fork is None else fork.block
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, cos, sin, plan if i == m else None)
+            img, txt = block(img, txt, vec, cos, sin, fork if i == m else None)
             if i == m:
-                vec = plan.extend(vec)
+                vec = fork.extend(vec)
         joint = torch.cat([txt, img], dim=1)
         for j, block in enumerate(self.single_blocks):
             i = cfg.num_double + j
-            joint = block(joint, vec, cos, sin, L, plan if i == m else None)
+            joint = block(joint, vec, cos, sin, L, fork if i == m else None)
             if i == m:
-                vec = plan.extend(vec)
+                vec = fork.extend(vec)
         out = self.final_layer(joint[:, L:], vec)  # (B', h*w, 4C)
         out = out.view(-1, h, w, C, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(-1, C, H, W)

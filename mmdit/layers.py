@@ -89,72 +89,157 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fork:
-    """The MA disruption at the output of one block, as rows of the batch.
+    """The MA disruption at the output of block ``block``, on the LAST ``rows`` rows of the batch.
 
-    rows: (B,) bool, the rows concerned. append: True for ``fork`` (copies of the rows are
-    appended, disrupted), False for ``disrupt`` (the rows themselves are disrupted).
-    rho: (n,) one factor per concerned row.
+    append: True for ``fork`` (disrupted copies of those rows are appended after the batch),
+    False for ``disrupt`` (the rows themselves are disrupted). channels: (D,) bool table on the
+    model's device; rho: a number, or (rows,) one per row; token_mask: (N_image,) bool or None.
+    Everything is static (counts and ranges), so no launch waits on tensor values.
     """
 
-    rows: torch.Tensor
+    rows: int
     append: bool
+    block: int
     channels: torch.Tensor
-    rho: torch.Tensor
+    rho: float | torch.Tensor
     streams: tuple[str, ...]
     token_mask: torch.Tensor | None = None
 
-    def residual(self, x, y, gate, stream: str, token_start: int = 0, text_len: int = 0):
+    def residual(self, x, y, gate, stream: str, text_len: int = 0):
         """``x + gate*y`` for one stream of the fork block, with this fork applied.
 
         ``stream`` is "image", "text" or "joint" (FLUX single blocks: ``text_len`` text
         tokens first, then image tokens).
         """
-        touched = stream == "joint" or stream in self.streams
-        if not touched:
-            out = gated_residual(x, y, gate)
-            return torch.cat([out, out[self.rows]]) if self.append else out
-        mask = self.token_mask
-        if stream == "joint":
-            if "text" not in self.streams:
-                token_start = text_len
-            elif "image" not in self.streams:
-                mask = torch.arange(x.shape[1], device=x.device) < text_len
-            elif mask is not None:
-                mask = torch.cat([torch.ones(text_len, dtype=torch.bool, device=mask.device), mask])
-        elif stream == "text":
+        if stream != "joint" and stream not in self.streams:  # untouched: exact copies (or nothing)
+            return gated_residual(x, y, gate, self.rows if self.append else 0)
+        N = x.shape[1]
+        token_range, mask = None, self.token_mask
+        if stream == "text":
             mask = None
-        out = gated_residual(x, y, gate, fork=self.rows, channels=self.channels, rho=self.rho,
-                             token_start=token_start, token_mask=mask)
-        if self.append:
-            return out
-        B = x.shape[0]
-        return out[:B].index_copy(0, self.rows.nonzero().squeeze(1), out[B:])
+        elif stream == "joint" and "text" not in self.streams:
+            token_range = (text_len, N)
+        elif stream == "joint" and "image" not in self.streams:
+            token_range, mask = (0, text_len), None
+        images = N - text_len if stream == "joint" else N
+        if mask is not None and mask.shape[0] != images:
+            raise ValueError(f"the MA spec's token_mask has {mask.shape[0]} entries; this image has {images} "
+                             "image tokens (one per patch): build the mask for this size")
+        return gated_residual(x, y, gate, self.rows, append=self.append, channels=self.channels, rho=self.rho,
+                              token_range=token_range, token_mask=mask)
 
     def extend(self, t: torch.Tensor) -> torch.Tensor:
         """The conditioning vector's rows after the fork block."""
-        if not self.append:
-            return t
-        return torch.cat([t, t[self.rows]])
+        return torch.cat([t, t[t.shape[0] - self.rows:]]) if self.append else t
 
 
-def plan_fork(spec, sigma: torch.Tensor, disrupt, fork, batch: int) -> tuple[Fork | None, int]:
-    """The Fork to apply at block ``spec.block`` (or None) and that block index."""
-    if disrupt is None and fork is None:
-        return None, -1
-    if spec is None:
-        raise ValueError("disrupt/fork need an MA spec: set model.ma = mmdit.MASpec(channels, block) "
-                         "or calibrate one with `mmdit calibrate-ma`")
-    if disrupt is not None and fork is not None:
-        raise ValueError("give either disrupt or fork, not both")
-    rows = disrupt if disrupt is not None else fork
-    rows = torch.as_tensor(rows, dtype=torch.bool, device=sigma.device)
-    if rows.shape != (batch,):
-        raise ValueError(f"{'disrupt' if disrupt is not None else 'fork'} must be a ({batch},) bool mask, "
-                         f"got shape {tuple(rows.shape)}")
-    if not rows.any():
-        return None, -1
-    channels = torch.tensor(spec.channels, dtype=torch.long, device=sigma.device)
-    token_mask = None if spec.token_mask is None else spec.token_mask.to(sigma.device).bool()
-    return Fork(rows, fork is not None, channels, spec.rho_for(sigma[rows]), spec.streams, token_mask), spec.block
+def row_indices(rows, batch: int, name: str) -> tuple[int, ...]:
+    """The rows a ``disrupt`` / ``fork`` argument names, ascending: a slice (static: traces
+    into one graph), or a (B,) bool mask as a tensor or a sequence."""
+    if isinstance(rows, slice):
+        picked = range(*rows.indices(batch))
+        if picked.step != 1:
+            raise ValueError(f"{name} as a slice must be contiguous (step 1), got {rows}")
+        return tuple(picked)
+    if torch.is_tensor(rows):
+        if rows.shape != (batch,) or rows.dtype != torch.bool:
+            raise ValueError(f"{name} must be a ({batch},) bool mask or a slice of rows, "
+                             f"got {rows.dtype} of shape {tuple(rows.shape)}")
+        rows = rows.tolist()  # one read of a user-given mask; pass a slice to avoid it
+    rows = list(rows)
+    if len(rows) != batch or not all(isinstance(r, bool) for r in rows):
+        raise ValueError(f"{name} must be a ({batch},) bool mask or a slice of rows, got {rows!r}")
+    return tuple(b for b, r in enumerate(rows) if r)
+
+
+def per_row(value, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A number or a (B,) / (1,) / 0-d tensor -> (B,) float32 on ``like``'s device; a number
+    is filled on the device (no host-to-device copy)."""
+    if torch.is_tensor(value):
+        return value.to(device=like.device, dtype=torch.float32).reshape(-1).expand(batch)
+    return torch.full((batch,), float(value), dtype=torch.float32, device=like.device)
+
+
+class Transformer(nn.Module):
+    """What SD3 and FLUX share: input checks, the MA spec (``model.ma``) and the rows it acts on.
+
+    Subclasses set ``self.config`` and implement ``velocity(x, sigma, context, pooled,
+    guidance, fork)`` with fork rows always the last ones.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ma_channels", None, persistent=False)  # (D,) bool, the spec's channels
+        self.register_buffer("ma_token_mask", None, persistent=False)
+
+    @property
+    def ma(self):
+        """The MASpec used by ``disrupt`` / ``fork`` (None: none set). Checked against the model
+        when set; its channel table then lives on the model's device."""
+        return self.__dict__.get("_ma")
+
+    @ma.setter
+    def ma(self, spec):
+        if spec is not None:
+            total, hidden = self.config.total_blocks, self.config.hidden_size
+            if not 0 <= spec.block < total:
+                raise ValueError(f"MA block {spec.block} outside 0..{total - 1}: this model has {total} blocks")
+            bad = [c for c in spec.channels if not 0 <= c < hidden]
+            if bad:
+                raise ValueError(f"MA channels {bad} outside 0..{hidden - 1}: the hidden size is {hidden}")
+        device = next(self.parameters()).device
+        device = torch.device("cpu") if device.type == "meta" else device
+        channels = mask = None
+        if spec is not None:
+            channels = torch.zeros(self.config.hidden_size, dtype=torch.bool)
+            channels[list(spec.channels)] = True
+            channels = channels.to(device)
+            mask = None if spec.token_mask is None else spec.token_mask.to(device=device, dtype=torch.bool)
+        self.ma_channels, self.ma_token_mask = channels, mask
+        self.__dict__["_ma"] = spec
+
+    def forward(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+        """Velocity (B [+ forked], C, H, W); see the family's ``velocity`` for the inputs."""
+        B = x.shape[0]
+        cfg = self.config
+        if context.shape[-1] != cfg.context_dim or pooled.shape[-1] != cfg.pooled_dim:
+            raise ValueError(f"this model takes context (B, L, {cfg.context_dim}) and pooled (B, {cfg.pooled_dim}), "
+                             f"got {tuple(context.shape)} and {tuple(pooled.shape)}")
+        sigma = per_row(sigma, B, x)
+        guidance = None if guidance is None else per_row(guidance, B, x)
+        if disrupt is None and fork is None:
+            return self.velocity(x, sigma, context, pooled, guidance, None)
+        if disrupt is not None and fork is not None:
+            raise ValueError("give either disrupt or fork, not both")
+        spec = self.ma
+        if spec is None:
+            raise ValueError("disrupt/fork need an MA spec: set model.ma = mmdit.MASpec(channels, block) "
+                             "or calibrate one with `mmdit calibrate-ma`")
+        append = fork is not None
+        rows = row_indices(fork if append else disrupt, B, "fork" if append else "disrupt")
+        n = len(rows)
+        if n == 0:
+            return self.velocity(x, sigma, context, pooled, guidance, None)
+        if rows == tuple(range(B - n, B)):  # the sampler's layout: the static path
+            return self.velocity(x, sigma, context, pooled, guidance, self._fork(spec, n, append, sigma))
+        # Other rows: move them last, run the static path, put the B rows back in order.
+        order = [b for b in range(B) if b not in rows] + list(rows)
+        back = [order.index(b) for b in range(B)]
+        pick = [torch.tensor(order, device=x.device), torch.tensor(back, device=x.device)]
+
+        def moved(t):
+            return t if t is None or t.shape[0] != B else t.index_select(0, pick[0])
+
+        out = self.velocity(moved(x), moved(sigma), moved(context), moved(pooled), moved(guidance),
+                            self._fork(spec, n, append, moved(sigma)))
+        return torch.cat([out[:B].index_select(0, pick[1]), out[B:]])
+
+    def _fork(self, spec, n: int, append: bool, sigma: torch.Tensor) -> Fork:
+        device = sigma.device
+        channels, mask = self.ma_channels, self.ma_token_mask
+        if channels.device != device:  # the model was moved without .to() (e.g. loaded in place)
+            channels = channels.to(device)
+            mask = None if mask is None else mask.to(device)
+        return Fork(n, append, spec.block, channels, spec.rho_for(sigma[sigma.shape[0] - n:]), spec.streams, mask)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 
-@dataclass
+@dataclass(frozen=True)
 class MASpec:
     """Which residual-stream channels to disrupt, where, and how much.
 
@@ -27,6 +27,9 @@ class MASpec:
     rho: factor for those channels (0 zeroes them); a number or a function of sigma.
     streams: which tokens are touched; ("image",) by default, ("image", "text") for both.
     token_mask: optional (N_image,) bool; only those image tokens are disrupted (local DG).
+
+    Frozen: ``model.ma = spec`` checks it against the model and puts its tables on the
+    model's device once; change it with ``model.ma = dataclasses.replace(model.ma, rho=0.5)``.
     """
 
     channels: tuple[int, ...]
@@ -36,16 +39,19 @@ class MASpec:
     token_mask: torch.Tensor | None = None
 
     def __post_init__(self):
-        self.channels = tuple(int(c) for c in self.channels)
-        self.streams = tuple(self.streams)
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "streams", tuple(self.streams))
         bad = set(self.streams) - {"image", "text"}
         if bad or not self.streams:
             raise ValueError(f"streams must be a non-empty subset of ('image', 'text'), got {self.streams}")
 
-    def rho_for(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Per-row factor (n,) for rows at noise levels ``sigma`` (n,)."""
-        value = self.rho(sigma) if callable(self.rho) else self.rho
-        return torch.as_tensor(value, dtype=torch.float32, device=sigma.device).expand(sigma.shape[0])
+    def rho_for(self, sigma: torch.Tensor) -> float | torch.Tensor:
+        """The factor for rows at noise levels ``sigma`` (n,): a number, or (n,) from a
+        callable rho (computed on the device: no host sync)."""
+        if not callable(self.rho):
+            return float(self.rho)
+        value = self.rho(sigma)
+        return value.float().expand(sigma.shape[0]) if torch.is_tensor(value) else float(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .compiled import CompiledTransformer
 from .lora import apply_lora
 from .samplers import flux_sigmas, sample, sd3_sigmas
 from .tokenizers import load_tokenizer
@@ -87,26 +88,31 @@ class Pipeline:
     """``images = pipe(prompt, negative_prompt="", steps=28, cfg=..., dg=..., seed=0)``."""
 
     def __init__(self, transformer, text, vae, family: str, scheduler: dict | None = None,
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, compile: bool = False):
+        """``compile=True``: sample with the transformer compiled as one graph per shape
+        (``torch.compile(fullgraph=True)``; CUDA graphs on CUDA): the first call at a new size
+        compiles (seconds to minutes), later ones are faster."""
         self.transformer, self.text, self.vae = transformer, text, vae
+        self.denoiser = CompiledTransformer(transformer) if compile else transformer
         self.family = family
         self.scheduler = scheduler or {}
         self.defaults = {**DEFAULTS[family], **(defaults or {})}
 
     @classmethod
-    def tiny(cls, folder: str | os.PathLike | None = None, device="cpu") -> Pipeline:
+    def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool = False) -> Pipeline:
         """The project's own small pixel-space model (default: the one shipped in the package)."""
         from .tiny import load_tiny
 
         tiny = load_tiny(folder, device=device)
         s = tiny.settings
         return cls(tiny.transformer, lambda prompts, _: tiny.conditioner.encode(prompts), PixelSpace(s.channels),
-                   "sd3", {"shift": s.shift}, dict(steps=s.steps, cfg=s.cfg, dg=s.dg, size=s.size))
+                   "sd3", {"shift": s.shift}, dict(steps=s.steps, cfg=s.cfg, dg=s.dg, size=s.size), compile)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
                         text_device=None, revision: str | None = None, token=None,
-                        lora: list[tuple] | None = None, weight_dtype: torch.dtype | None = None) -> Pipeline:
+                        compile: bool = False, lora: list[tuple] | None = None,
+                        weight_dtype: torch.dtype | None = None) -> Pipeline:
         """An SD3 / SD3.5 / FLUX diffusers repo id or folder (model_index.json + components).
 
         ``text_device``: where the text encoders run (default: ``device``); "cpu" keeps
@@ -140,7 +146,7 @@ class Pipeline:
             text = FluxText(tuple(tokenizers), tuple(encoders))
         vae = load_vae(root / "vae", dtype=dtype, device=device, family=family)
         scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
-        return cls(transformer, text, vae, family, scheduler)
+        return cls(transformer, text, vae, family, scheduler, compile=compile)
 
     # --- pieces, usable on their own --------------------------------------------------------
 
@@ -215,7 +221,7 @@ class Pipeline:
             guidance = defaults["guidance"] if guidance is None else guidance
         else:
             guidance = None
-        x = sample(self.transformer, latents.to(device=device, dtype=dtype), self.sigmas(steps, h, w),
+        x = sample(self.denoiser, latents.to(device=device, dtype=dtype), self.sigmas(steps, h, w),
                    cond, uncond, cfg=cfg, dg=dg, cfg_interval=cfg_interval, dg_interval=dg_interval,
                    guidance=guidance, progress=progress)
         if output == "latent":

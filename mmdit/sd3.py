@@ -6,7 +6,7 @@ from torch import nn
 
 from .config import SD3Config
 from .kernels import gated_residual, modulate, qk_norm_rope
-from .layers import (FinalLayer, Fork, SequentialEmbedder, attention, gelu_tanh, modulations, plan_fork,
+from .layers import (FinalLayer, Fork, SequentialEmbedder, Transformer, attention, gelu_tanh, modulations,
                      split_heads, timestep_embedding)
 
 
@@ -120,7 +120,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
-class SD3Transformer(nn.Module):
+class SD3Transformer(Transformer):
     """``v = model(x, sigma, context, pooled)``: x (B, 16, H, W) latents, sigma (B,) in [0, 1]."""
 
     def __init__(self, config: SD3Config):
@@ -148,24 +148,23 @@ class SD3Transformer(nn.Module):
         table = self.pos_embed.view(1, M, M, -1)[:, top:top + h, left:left + w]
         return table.reshape(1, h * w, -1)
 
-    def forward(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+    def velocity(self, x, sigma, context, pooled, guidance, fork: Fork | None):
+        """x (B, C, H, W), sigma (B,) float32, context (B, L, Dc), pooled (B, Dp); ``guidance``
+        is unused (SD3 has no distilled guidance); ``fork`` acts on the last rows at its block."""
         B, C, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} must be a multiple of the patch size {p} "
                              f"(image size a multiple of {8 * p})")
         h, w = H // p, W // p
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B)
         img = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
         c = self.t_embedder(timestep_embedding(1000 * sigma).to(x.dtype)) + self.y_embedder(pooled)
         ctx = self.context_embedder(context)
-        plan, m = plan_fork(self.ma, sigma, disrupt, fork, B)
-        if plan is not None and not 0 <= m < self.config.num_layers:
-            raise ValueError(f"MA block {m} outside 0..{self.config.num_layers - 1}")
+        m = -1 if fork is None else fork.block
         for i, block in enumerate(self.joint_blocks):
-            ctx, img = block(ctx, img, c, plan if i == m else None)
+            ctx, img = block(ctx, img, c, fork if i == m else None)
             if i == m:
-                c = plan.extend(c)  # the block itself appended the forked image/context rows
+                c = fork.extend(c)  # the block itself appended the forked image/context rows
         out = self.final_layer(img, c)  # (B', h*w, p*p*C) with (p, q, c) order per token
         out = out.view(-1, h, w, p, p, self.config.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, self.config.out_channels, H, W)

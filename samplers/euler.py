@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -43,8 +44,16 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     """
     rule = Guidance(float(cfg), float(dg), tuple(cfg_interval), tuple(dg_interval))
     if rule.dg != 0.0 and getattr(model, "ma", True) is None:
-        raise ValueError("dg needs the model's MA spec: run `mmdit calibrate-ma MODEL` once (it is "
+        raise ValueError("dg needs the model's MA spec: run `mmdit calibrate-ma --model MODEL` once (it is "
                          "cached per checkpoint) or set model.ma = mmdit.MASpec(channels=..., block=...)")
+    if uncond is None and rule.cfg != 1.0:
+        warnings.warn(f"cfg={cfg} has no effect without uncond (the negative prompt's conditioning, a dict "
+                      "with 'context' and 'pooled'): pass uncond=... or cfg=1", stacklevel=2)
+    config = getattr(model, "config", None)
+    if guidance is not None and config is not None and not getattr(config, "guidance_embed", False):
+        warnings.warn(f"guidance={guidance} is FLUX.1-dev's distilled guidance; this {config.family} model "
+                      "has no guidance embedding and ignores it (use cfg= for classifier-free guidance)",
+                      stacklevel=2)
     if not isinstance(noise, torch.Tensor):
         noise = torch.randn(tuple(noise), generator=generator).to(_device_of(model))
     sigmas = [float(s) for s in sigmas]

@@ -13,6 +13,7 @@ no-op (cfg == 1, no uncond, dg == 0), is not computed at all: the batch shrinks.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -51,7 +52,10 @@ class Guidance:
 
 
 def _f32(value: float) -> float:
-    return float(torch.tensor(float(value), dtype=torch.float32))
+    """``value`` rounded to the nearest float32 (ties to even), in plain Python so that a
+    compiled step traces it as a constant (normal range; sigmas and scales live there)."""
+    m, e = math.frexp(float(value))
+    return math.ldexp(round(m * 2 ** 24) / 2 ** 24, e)
 
 
 def _inside(sigma: float, interval: tuple[float, float]) -> bool:
@@ -97,14 +101,12 @@ def guided_velocity(model: Callable, x: torch.Tensor, sigma: float, cond: Mappin
     pooled = torch.cat([_rows(p["pooled"], B, "pooled") for p in parts])
     n = len(parts) * B
     g = None
-    if flux_guidance is not None:
-        g = torch.as_tensor(flux_guidance, dtype=torch.float32, device=x.device).reshape(-1)
-        g = _rows(g, B, "guidance").repeat(len(parts))
-    kwargs = {}
-    if use_m:
-        fork = torch.zeros(n, dtype=torch.bool, device=x.device)
-        fork[n - B:] = True  # the cond rows; their disrupted copies come back after row n
-        kwargs["fork"] = fork
+    if torch.is_tensor(flux_guidance):
+        g = _rows(flux_guidance.to(device=x.device, dtype=torch.float32).reshape(-1), B, "guidance").repeat(len(parts))
+    elif flux_guidance is not None:
+        g = torch.full((n,), float(flux_guidance), dtype=torch.float32, device=x.device)
+    # the cond rows are the last B: a static slice, their disrupted copies come back after row n
+    kwargs = {"fork": slice(n - B, n)} if use_m else {}
     sig = torch.full((n,), float(sigma), dtype=torch.float32, device=x.device)
     out = model(x.repeat(len(parts), 1, 1, 1), sig, context, pooled, guidance=g, **kwargs).float()
     expected = n + (B if use_m else 0)

@@ -25,30 +25,37 @@ TINY = {
 SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--set", "pooled_dim=20",
          "--device", "cpu", "--dtype", "fp32"]
 CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all_ms", "flops_ours",
-               "flops_diffusers", "tflops_ours", "tflops_diffusers", "max_rel_err", "rows_ours", "rows_diffusers"}
+               "flops_diffusers", "tflops_ours", "tflops_diffusers", "max_rel_err", "rows_ours", "rows_diffusers",
+               "s_per_image_ours", "s_per_image_diffusers", "matmul_fraction_ours"}
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_path, capsys):
     path = tmp_path / "latency.json"
     latency.main(TINY[family] + SMALL + ["--resolution", "128x96", "--text-len", "5", "--warmup", "0",
-                                         "--iters", "2", "--json", str(path)])
+                                         "--iters", "2", "--modes", "eager,compiled", "--backend", "aot_eager",
+                                         "--json", str(path)])
     out = json.loads(path.read_text())
     for key in ("device", "torch", "diffusers", "date", "config", "dtype", "resolution", "batch", "text_len",
-                "fork_block", "ma_channels", "results", "dg_overhead", "peak_tflops", "compile"):
+                "fork_block", "ma_channels", "modes", "peak_tflops", "matmul_tflops", "steps"):
         assert key in out, key
     assert out["fork_block"] == 1  # total_blocks // 2; FLUX 1+2 blocks: single block 0
-    assert set(out["results"]) == {"forward", "cfg", "cfg_dg"}
-    for name, r in out["results"].items():
-        assert CASE_FIELDS <= set(r), (name, CASE_FIELDS - set(r))
-        assert len(r["ours_all_ms"]) == len(r["diffusers_all_ms"]) == 2
-        assert r["max_rel_err"] < 1e-4, (name, r["max_rel_err"])  # same weights, same guidance
-        assert {"ours_cpu_ms", "diffusers_cpu_ms", "cpu_ratio"} <= set(r)  # CPU runs add process CPU time
-    assert out["results"]["cfg_dg"]["rows_ours"] == "2->3" and out["results"]["cfg_dg"]["rows_diffusers"] == "3"
-    o = out["dg_overhead"]
-    assert o["flop_model_diffusers"] == pytest.approx(1.5, rel=1e-6)
-    assert 1.0 < o["flop_model_ours"] < 1.5
-    assert "DG overhead" in capsys.readouterr().out
+    assert out["matmul_tflops"] > 0
+    assert set(out["modes"]) == {"eager", "compiled"}
+    for mode in out["modes"].values():
+        assert set(mode["results"]) == {"forward", "cfg", "cfg_dg"}
+        for name, r in mode["results"].items():
+            assert CASE_FIELDS <= set(r), (name, CASE_FIELDS - set(r))
+            assert len(r["ours_all_ms"]) == len(r["diffusers_all_ms"]) == 2
+            assert r["max_rel_err"] < 1e-4, (name, r["max_rel_err"])  # same weights, same guidance
+            assert {"ours_cpu_ms", "diffusers_cpu_ms", "cpu_ratio"} <= set(r)  # CPU runs add process CPU time
+            assert r["s_per_image_ours"] == pytest.approx(r["ours_ms"] * 28 / 1e3)
+        assert mode["results"]["cfg_dg"]["rows_ours"] == "2->3" and mode["results"]["cfg_dg"]["rows_diffusers"] == "3"
+        o = mode["dg_overhead"]
+        assert o["flop_model_diffusers"] == pytest.approx(1.5, rel=1e-6)
+        assert 1.0 < o["flop_model_ours"] < 1.5
+    printed = capsys.readouterr().out
+    assert "DG overhead" in printed and "-- compiled --" in printed
 
 
 def test_forward_flops_match_hand_count():

@@ -59,3 +59,16 @@ def test_analyze_and_calibrate_on_the_tiny_model(tmp_path, capsys):
     assert main(["calibrate-ma", "--steps", "4", "--ratio", "3"]) == 0
     assert "spec: channels [48" in capsys.readouterr().out  # the shipped model's strongest channel
     assert main(["calibrate-ma", "--steps", "4"]) == 2  # the 50x rule finds no MA in so small a model
+
+
+def test_generate_compiled_equals_eager_and_says_it_compiles(tmp_path, capsys):
+    """--compile: the transformer compiled once for the step's shape (CFG+DG: one graph with the
+    fork), the same image as eager up to compiler rounding."""
+    args = ["generate", "--prompt", "a red circle on a blue background", "--steps", "3", "--dg", "1"]
+    assert main(args + ["--output", str(tmp_path / "eager.png")]) == 0
+    capsys.readouterr()
+    assert main(args + ["--compile", "--output", str(tmp_path / "compiled.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("compiling the transformer for 2 rows") == 1  # [uncond | cond], forked inside
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float32) for n in ("eager", "compiled"))
+    assert np.abs(a - b).max() <= 1.0  # 8-bit levels: at most one rounding step apart

@@ -24,7 +24,7 @@ def test_kernels_compile_for_gpus(tmp_path):
         for dtype in ("bf16", "fp16", "fp32"):
             got = {r["kernel"] for r in rows if r["arch"] == arch and r["dtype"] == dtype}
             assert got == KERNELS, (arch, dtype, sorted(KERNELS - got))
-        for kernel, flag in (("_gated_residual_fwd_kernel", "HAS_FORK"), ("_qk_norm_rope_bwd_kernel", "ROPE")):
+        for kernel, flag in (("_gated_residual_fwd_kernel", "FORK"), ("_qk_norm_rope_bwd_kernel", "ROPE")):
             both = {r["constexprs"][flag] for r in rows if r["arch"] == arch and r["kernel"] == kernel}
             assert both == {False, True}, (arch, kernel, flag)
         widths = {r["constexprs"]["BLOCK_D"] for r in rows if r["arch"] == arch and r["kernel"] == "_modulate_fwd_kernel"}

@@ -1,4 +1,6 @@
 """The MA disruption as rows of the batch: ``disrupt`` in place, ``fork`` appended at block m."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -44,7 +46,7 @@ def test_disrupt_touches_only_its_rows_and_rho_one_is_identity(family):
     with torch.no_grad():
         plain = model(x, sigma, ctx, pooled, guidance=g)
         some = model(x, sigma, ctx, pooled, guidance=g, disrupt=rows)
-        model.ma.rho = 1.0
+        model.ma = replace(model.ma, rho=1.0)
         identity = model(x, sigma, ctx, pooled, guidance=g, disrupt=rows)
     assert rel(some[1], plain[1]) <= TOL
     assert rel(some[0], plain[0]) > 1e-3 and rel(some[2], plain[2]) > 1e-3
@@ -60,7 +62,7 @@ def test_token_mask_limits_the_disruption_to_its_tokens(family):
     with torch.no_grad():
         plain = model(x, sigma, ctx, pooled, guidance=g)
         masked_out = model(x, sigma, ctx, pooled, guidance=g, disrupt=torch.ones(3, dtype=torch.bool))
-        model.ma.token_mask = torch.arange(N) < N // 2
+        model.ma = replace(model.ma, token_mask=torch.arange(N) < N // 2)
         half = model(x, sigma, ctx, pooled, guidance=g, disrupt=torch.ones(3, dtype=torch.bool))
     assert rel(masked_out, plain) <= TOL
     assert rel(half, plain) > 1e-3
@@ -74,6 +76,7 @@ def test_fork_without_spec_or_with_both_masks_is_a_clear_error():
     model.ma = mmdit.MASpec(channels=(1,), block=1)
     with pytest.raises(ValueError, match="either disrupt or fork"):
         model(x, sigma, ctx, pooled, fork=torch.ones(3, dtype=torch.bool), disrupt=torch.ones(3, dtype=torch.bool))
-    model.ma = mmdit.MASpec(channels=(1,), block=7)
-    with pytest.raises(ValueError, match="outside"):
-        model(x, sigma, ctx, pooled, fork=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="MA block 7 outside 0..2: this model has 3 blocks"):
+        model.ma = mmdit.MASpec(channels=(1,), block=7)
+    with pytest.raises(ValueError, match=r"MA channels \[32\] outside 0..31: the hidden size is 32"):
+        model.ma = mmdit.MASpec(channels=(1, 32), block=1)

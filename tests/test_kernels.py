@@ -30,21 +30,33 @@ def modulate_formula(x, shift, scale):
     return (x - mean) / torch.sqrt(var + EPS) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def gated_residual_formula(x, y, gate, fork=None, channels=(), rho=0.0, token_start=0, token_mask=None):
+def gated_residual_formula(x, y, gate, fork_rows=0, append=True, channels=(), rho=0.0, token_range=None,
+                           token_mask=None):
+    """The last fork_rows rows copied (append) or replaced, channels x chosen tokens times rho."""
     out = x + gate.unsqueeze(1) * y
-    if fork is None:
+    if fork_rows == 0:
         return out
     B, N, D = x.shape
-    rows = [out]
-    for i, b in enumerate(b for b in range(B) if fork[b]):
-        r = float(rho[i]) if torch.is_tensor(rho) and rho.numel() > 1 else float(rho)
+    lo, hi = token_range or (0, N)
+    M = 0 if token_mask is None else len(token_mask)
+    copies = []
+    for i, b in enumerate(range(B - fork_rows, B)):
+        r = float(rho[i]) if torch.is_tensor(rho) else float(rho)
         factor = torch.ones(N, D, dtype=out.dtype)
-        for n in range(token_start, N):
-            if token_mask is None or token_mask[n - token_start]:
+        for n in range(lo, hi):
+            if n < N - M or token_mask[n - (N - M)]:
                 for c in channels:
                     factor[n, int(c)] = r
-        rows.append((out[b] * factor).unsqueeze(0))
-    return torch.cat(rows)
+        copies.append(out[b] * factor)
+    copies = torch.stack(copies)
+    return torch.cat([out, copies] if append else [out[:B - fork_rows], copies])
+
+
+def table(channels, D):
+    """The (D,) bool channel table the kernels take."""
+    t = torch.zeros(D, dtype=torch.bool)
+    t[list(channels)] = True
+    return t
 
 
 def qk_formula(t, w, cos=None, sin=None):
@@ -116,10 +128,11 @@ def test_modulate(impl):
 # ---- gated residual ------------------------------------------------------------------------
 FORKS = {
     "plain": dict(),
-    "rho0": dict(fork=[True, False, True], channels=[5, 79, 3]),
-    "rho_token_start": dict(fork=[False, True, False], channels=[0, 41], rho=0.37, token_start=9),
-    "rho_per_row_mask": dict(fork=[True, True, False], channels=[7, 64], rho=[0.5, -2.0], token_start=4,
-                             token_mask=True),
+    "copy": dict(fork_rows=1),
+    "rho0": dict(fork_rows=2, channels=[5, 79, 3]),
+    "rho_range": dict(fork_rows=1, channels=[0, 41], rho=0.37, token_range=(9, 30)),
+    "rho_per_row_mask": dict(fork_rows=2, channels=[7, 64], rho=[0.5, -2.0], token_range=(4, 37), token_mask=33),
+    "in_place_mask": dict(fork_rows=2, append=False, channels=[1, 2, 60], rho=0.25, token_mask=20),
 }
 
 
@@ -128,21 +141,19 @@ def test_gated_residual(impl, case):
     g = torch.Generator().manual_seed(1)
     B, N, D = 3, 37, 80
     kw = dict(FORKS[case])
-    if "fork" in kw:
-        kw["fork"] = torch.tensor(kw["fork"])
-        kw["channels"] = torch.tensor(kw["channels"])
     if isinstance(kw.get("rho"), list):
         kw["rho"] = torch.tensor(kw["rho"])
-    if kw.get("token_mask"):
-        kw["token_mask"] = torch.rand(N - kw["token_start"], generator=g) > 0.4
+    if "token_mask" in kw:
+        kw["token_mask"] = torch.rand(kw["token_mask"], generator=g) > 0.4
     x = torch.randn(B, N, D, generator=g)
     y = strided((B, N, D), g)
     gate = torch.randn(B, 6 * D, generator=g)[:, 2 * D:3 * D]
-    rows = B + int(kw["fork"].sum()) if "fork" in kw else B
+    rows = B + kw.get("fork_rows", 0) * kw.get("append", True)
     dout = torch.randn(rows, N, D, generator=g)
 
     fn = gated_residual_reference if impl == "reference" else gated_residual
-    check(lambda *t: fn(*t, **kw), lambda *t: gated_residual_formula(*t, **kw), [x, y, gate], [dout])
+    fn_kw = dict(kw, channels=table(kw["channels"], D)) if "channels" in kw else kw
+    check(lambda *t: fn(*t, **fn_kw), lambda *t: gated_residual_formula(*t, **kw), [x, y, gate], [dout])
 
 
 def test_gated_residual_fork_rho_one_is_a_copy(monkeypatch):
@@ -151,7 +162,7 @@ def test_gated_residual_fork_rho_one_is_a_copy(monkeypatch):
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(2, 5, 33, generator=g), torch.randn(2, 5, 33, generator=g)
     gate = torch.randn(2, 33, generator=g)
-    out = gated_residual(x, y, gate, fork=torch.tensor([False, True]), channels=torch.arange(33), rho=1.0)
+    out = gated_residual(x, y, gate, 1, channels=torch.ones(33, dtype=torch.bool), rho=1.0)
     assert torch.equal(out[2], out[1])
 
 
@@ -193,8 +204,9 @@ def test_reduction_grids(monkeypatch, programs):
     B, N, D = 3, 11, 24
     x, shift, scale = torch.randn(B, N, D, generator=g), torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
     check(modulate, modulate_formula, [x, shift, scale], [torch.randn(B, N, D, generator=g)])
-    fork = dict(fork=torch.tensor([False, True, True]), channels=torch.tensor([3]), rho=0.25)
-    check(lambda *t: gated_residual(*t, **fork), lambda *t: gated_residual_formula(*t, **fork),
+    fork = dict(fork_rows=2, rho=0.25)
+    check(lambda *t: gated_residual(*t, **fork, channels=table([3], D)),
+          lambda *t: gated_residual_formula(*t, **fork, channels=[3]),
           [x, torch.randn(B, N, D, generator=g), scale], [torch.randn(B + 2, N, D, generator=g)])
     q, k, w = torch.randn(2, 45, 5, 16, generator=g), torch.randn(2, 45, 5, 16, generator=g), torch.randn(16, generator=g)
     check(lambda q, k, w: qk_norm_rope(q, k, w, w * 2), lambda q, k, w: (qk_formula(q, w), qk_formula(k, w * 2)),
@@ -261,8 +273,7 @@ def lowp_cases(device, B, N, D, H, Dh, gen):
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device)
 
-    fork = dict(fork=torch.tensor([True] + [False] * (B - 1), device=device),
-                channels=torch.tensor([1, D - 2], device=device), rho=0.5, token_start=1)
+    fork = dict(fork_rows=1, channels=table([1, D - 2], D).to(device), rho=0.5, token_range=(1, N))
     angle = rand(N, Dh // 2)
     cos, sin = angle.cos(), angle.sin()
 
@@ -289,22 +300,21 @@ def test_low_precision_interpreter(monkeypatch, dtype):
 
 
 # ---- torch.compile -------------------------------------------------------------------------
-def mini_block(x, mod, wqkv, qw, kw, cos, sin, fork, rho, H=2):
+def mini_block(x, mod, wqkv, qw, kw, cos, sin, channels, rho, H=2):
     """One attention half-block built from the three ops (the fork included)."""
     B, N, D = x.shape
     shift, scale, gate = mod.chunk(3, dim=1)  # (B, D) each
     q, k, v = (modulate(x, shift, scale) @ wqkv).view(B, N, 3, H, D // H).unbind(2)
     q, k = qk_norm_rope(q, k, qw, kw, cos, sin)  # (B, H, N, Dh)
     a = F.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2).reshape(B, N, D)
-    return gated_residual(x, a, gate, fork=fork, channels=torch.tensor([0, 5], device=x.device), rho=rho,
-                          token_start=2)
+    return gated_residual(x, a, gate, 2, channels=channels, rho=rho, token_range=(2, N))
 
 
 def compile_check(device, compiler):
     g = torch.Generator().manual_seed(6)
     B, N, D, H = 3, 7, 16, 2
     angle = torch.randn(N, D // H // 2, generator=g).to(device)
-    fixed = dict(cos=angle.cos(), sin=angle.sin(), fork=torch.tensor([False, True, True], device=device),
+    fixed = dict(cos=angle.cos(), sin=angle.sin(), channels=table([0, 5], D).to(device),
                  rho=torch.tensor([0.0, 0.5], device=device))
     inputs = [torch.randn(B, N, D, generator=g), torch.randn(B, 3 * D, generator=g),
               torch.randn(D, 3 * D, generator=g) / 4, torch.randn(D // H, generator=g), torch.randn(D // H, generator=g)]

@@ -41,7 +41,7 @@ class Recorder:
         return self.model.ma
 
     def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
-        self.calls.append((x.shape[0], None if fork is None else fork.tolist()))
+        self.calls.append((x.shape[0], fork))
         return self.model(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork)
 
 
@@ -88,7 +88,7 @@ def test_fake_model_matches_reference(cfg, dg, use_uncond):
     assert len(model.calls) == steps  # one call per step
     n_in = B * (2 if (use_uncond and cfg != 1) else 1)
     assert all(rows == n_in for rows, _ in model.calls)
-    fork = [False] * (n_in - B) + [True] * B if dg else None
+    fork = slice(n_in - B, n_in) if dg else None  # the cond rows, static
     assert all(f == fork for _, f in model.calls)
 
 
@@ -105,7 +105,7 @@ def test_intervals_drop_branches():
     # sigma: 1.0 (u), 0.8 (u), 0.6 (u + m: both ends inclusive), 0.4 (m), 0.2 (m)
     assert [rows for rows, _ in model.calls] == [2 * B, 2 * B, 2 * B, B, B]
     assert [f is not None for _, f in model.calls] == [False, False, True, True, True]
-    assert model.calls[2][1] == [False] * B + [True] * B
+    assert model.calls[2][1] == slice(B, 2 * B)
 
 
 def test_dtype_noise_shape_and_errors():
@@ -153,3 +153,33 @@ def test_real_tiny_model_matches_reference(family):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     assert [rows for rows, _ in rec.calls] == [2 * B] * steps
     assert [f is not None for _, f in rec.calls] == [False] + [True] * (steps - 1)  # sigma 1.0 is outside
+
+
+def test_inference_mode_by_default_and_grad_on_request():
+    """Parameters that require grad (a fresh model, a trainer's) leave no autograd graph behind
+    unless grad=True asks for differentiable sampling."""
+    torch.manual_seed(0)
+    model = mmdit.build_transformer("sd3.5-medium", num_layers=2, num_heads=2, head_dim=8, context_dim=12,
+                                    pooled_dim=10, pos_embed_max_size=8, dual_attention_layers=())
+    assert all(p.requires_grad for p in model.parameters())
+    cond = {"context": torch.randn(1, 3, 12), "pooled": torch.randn(1, 10)}
+    out = sample(model, (1, 16, 4, 4), sd3_sigmas(2), cond, generator=torch.Generator().manual_seed(0))
+    assert out.grad_fn is None and not out.requires_grad
+    out = sample(model, (1, 16, 4, 4), sd3_sigmas(2), cond, generator=torch.Generator().manual_seed(0), grad=True)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert model.x_embedder.proj.weight.grad is not None
+
+
+def test_callback_sees_every_step_and_warnings_for_ignored_arguments():
+    model = FakeModel()
+    cond, _ = _conds(1, 3, 5, 6)
+    seen = []
+    with pytest.warns(UserWarning, match="cfg=4.5 has no effect without uncond"):
+        sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(3), cond, cfg=4.5,
+               callback=lambda i, s, x: seen.append((i, round(s, 4), tuple(x.shape))))
+    assert [i for i, _, _ in seen] == [0, 1, 2] and seen[-1][1] == 0.0
+    sd3 = mmdit.build_transformer("sd3.5-medium", num_layers=1, num_heads=1, head_dim=8, context_dim=5,
+                                  pooled_dim=6, pos_embed_max_size=4, dual_attention_layers=())
+    with pytest.warns(UserWarning, match="guidance=3.5 is FLUX.1-dev's distilled guidance; this sd3 model"):
+        sample(sd3, torch.randn(1, 16, 4, 4), sd3_sigmas(1), cond, guidance=3.5)

@@ -1,0 +1,126 @@
+"""The hot path as one graph: no graph break, compiled == eager, no host sync on the GPU.
+
+A graph break or a failed ``fullgraph=True`` is how a host sync or a data-dependent shape
+shows on the CPU (``.item()``, ``nonzero()``, boolean indexing, Python branches on values).
+"""
+import pytest
+import torch
+
+import mmdit
+from mmdit.samplers import Guidance, guided_velocity
+from test_models import inputs, tiny
+
+REL = 1e-5  # compiled vs eager, fp32, max|a - b| / max|b|
+ROWS = {"plain": {}, "fork": {"fork": slice(1, 3)}, "disrupt": {"disrupt": slice(2, 3)}}
+FAMILIES = ["sd3", "flux"]
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def with_spec(family):
+    model = tiny(family)
+    model.ma = mmdit.MASpec(channels=(3, 17), block=1, rho=lambda s: 0.5 * s)  # per-row rho: a tensor
+    return model
+
+
+def step_inputs(model, B=2, seed=2):
+    """x and cond / uncond for a CFG+DG step of ``model``; FLUX-dev's distilled guidance."""
+    x, _, ctx, pooled, _ = inputs(model, B=2 * B, seed=seed)
+    cond = {"context": ctx[:B], "pooled": pooled[:B]}
+    uncond = {"context": ctx[B:], "pooled": pooled[B:]}
+    return x[:B], cond, uncond, 3.5 if model.config.family == "flux" else None
+
+
+def one_graph(fn, *args, **kwargs):
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args, **kwargs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_is_one_graph_and_compiles_fullgraph(family, rows):
+    model = with_spec(family)
+    x, sigma, ctx, pooled, g = inputs(model)
+    kw = dict(guidance=g, **ROWS[rows])
+    one_graph(model, x, sigma, ctx, pooled, **kw)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert rel(compiled(x, sigma, ctx, pooled, **kw), model(x, sigma, ctx, pooled, **kw)) <= REL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cfg_dg_step_is_one_graph_and_inductor_matches_eager(family):
+    """The whole guided step (batch assembly, one model call with the fork, the guidance
+    combination) traces as one graph, and inductor's code equals eager."""
+    model = with_spec(family)
+    x, cond, uncond, flux_g = step_inputs(model)
+    rule = Guidance(cfg=4.0, dg=2.0)
+
+    def step(x):
+        return guided_velocity(model, x, 0.7, cond, uncond, rule, flux_g)[0]
+
+    one_graph(step, x)
+    with torch.no_grad():
+        eager = step(x)
+        compiled = torch.compile(step, fullgraph=True)(x)
+    assert rel(compiled, eager) <= REL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_path_is_one_graph(monkeypatch, family):
+    """With the Triton kernels (interpreted here) the fork block still traces as one graph."""
+    monkeypatch.setenv("MMDIT_KERNELS", "triton")
+    model = with_spec(family)
+    x, sigma, ctx, pooled, g = inputs(model, B=2, H=4, W=6)
+    kw = dict(guidance=g, fork=slice(1, 2))
+    one_graph(model, x, sigma, ctx, pooled, **kw)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert rel(compiled(x, sigma, ctx, pooled, **kw), model(x, sigma, ctx, pooled, **kw)) <= REL
+
+
+def test_bool_masks_equal_static_rows():
+    """The public (B,) bool masks still work (read once), and give what the slices give."""
+    model = with_spec("sd3")
+    x, sigma, ctx, pooled, _ = inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(x, sigma, ctx, pooled, fork=torch.tensor([False, True, True])),
+                           model(x, sigma, ctx, pooled, fork=slice(1, None)))
+        assert torch.equal(model(x, sigma, ctx, pooled, disrupt=[False, False, True]),
+                           model(x, sigma, ctx, pooled, disrupt=slice(2, 3)))
+    with pytest.raises(ValueError, match="contiguous"):
+        model(x, sigma, ctx, pooled, fork=slice(0, 3, 2))
+    with pytest.raises(ValueError, match=r"\(3,\) bool mask or a slice"):
+        model(x, sigma, ctx, pooled, fork=torch.tensor([0, 1, 1]))
+
+
+# ---- GPU: no host sync in eager, CUDA graph capture of the compiled step --------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_step_has_no_host_sync_and_captures_as_cuda_graph(family):
+    model = with_spec(family).cuda().to(torch.bfloat16)
+    x, cond, uncond, flux_g = step_inputs(model)
+    x = x.cuda().bfloat16()
+    cond, uncond = ({k: v.cuda().bfloat16() for k, v in c.items()} for c in (cond, uncond))
+    rule = Guidance(cfg=4.0, dg=2.0)
+
+    def step(x):
+        return guided_velocity(model, x, 0.7, cond, uncond, rule, flux_g)[0]
+
+    with torch.no_grad():
+        eager = step(x)  # warm: the first call may sync (lazy init, Triton compiles)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            eager = step(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch._dynamo.reset()
+        graphed = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):  # record, then replay the CUDA graph
+            out = graphed(x)
+    assert rel(out.float(), eager.float()) <= 2e-2  # bf16

@@ -237,7 +237,10 @@ def test_lora_compiles_without_graph_breaks_and_set_scale_needs_no_recompile(bas
     handle = mmdit.apply_lora(model, ours_lora(model, "kohya"), scale=SCALE)
     x, sigma, ctx, pooled, g = peers.inputs(peer)
     torch._dynamo.reset()
-    assert torch._dynamo.explain(model)(x, sigma, ctx, pooled, guidance=g).graph_break_count == 0
+    model.ma = mmdit.MASpec(channels=(3, 17), block=1)
+    for kw in ({}, {"fork": slice(1, None)}):  # the plain forward and the DG fork (the last rows)
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(model)(x, sigma, ctx, pooled, guidance=g, **kw).graph_break_count == 0
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():

@@ -248,3 +248,27 @@ def test_row_wise_scales_are_named(tmp_path):
     pattern = rf"{key} has shape \({sd[key].shape[0]}, 1\) .*only per-tensor \(scalar\) fp8 scales"
     with pytest.raises(CheckpointError, match=pattern):
         load_transformer(peers.save(sd, tmp_path / "rows.safetensors"))
+
+
+@pytest.mark.gpu
+def test_fp8_in_memory_on_gpu_with_lora_eager_and_compiled(tmp_path):
+    import mmdit
+
+    peer = make_peer("flux")
+    path = peers.save_original(peer, tmp_path / "m.safetensors", with_extras=False, dtype=torch.bfloat16)
+    kept = load_transformer(path, dtype=torch.bfloat16, device="cuda", weight_dtype=torch.float8_e4m3fn)
+    full = load_transformer(path, dtype=torch.bfloat16, device="cuda")
+    assert kept.double_blocks[0].img_attn.qkv.weight.device.type == "cuda"
+    x, sigma, ctx, pooled, g = (t.cuda() if t is not None else None for t in peers.inputs(peer))
+    x, ctx, pooled = x.bfloat16(), ctx.bfloat16(), pooled.bfloat16()
+    g2 = torch.Generator().manual_seed(3)
+    lora_sd = {f"lora_unet_{n.replace('.', '_')}.{leaf}": torch.randn(shape, generator=g2) * 0.05
+               for n, m in kept.named_modules() if isinstance(m, fp8.FP8Linear) and n.startswith("double_blocks.")
+               for leaf, shape in (("lora_down.weight", (4, m.in_features)), ("lora_up.weight", (m.out_features, 4)))}
+    for m in (kept, full):
+        mmdit.apply_lora(m, lora_sd, scale=0.5)
+    with torch.no_grad():
+        eager, ref = kept(x, sigma, ctx, pooled, guidance=g), full(x, sigma, ctx, pooled, guidance=g)
+        compiled = torch.compile(kept, fullgraph=True)(x, sigma, ctx, pooled, guidance=g)
+    assert ((eager - ref).float().abs().max() / ref.float().abs().max()).item() <= FP8_ROUNDING
+    assert ((compiled - eager).float().abs().max() / eager.float().abs().max()).item() <= 2e-2  # bf16 on GPU

@@ -25,6 +25,7 @@ from .formats import Canonical, residue_hints
 from .hub import resolve
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_SAFETENSORS_FP8 = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}  # the header's dtype tags
 
 
 def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
@@ -82,8 +83,8 @@ def _read(ckpt: Canonical, recipe: keymaps.Recipe, dtype: torch.dtype, hidden: i
 
 
 def _keep_fp8(model, ckpt: Canonical, recipes, thunks, shapes, dtype, weight_dtype, hidden, device):
-    """Swap the Linears (on meta, all but final_layer) for FP8Linear and make their ``weight`` / ``weight_scale``
-    thunks give fp8 + scale: the file's own when it stores that fp8 tensor as is, else
+    """Swap the Linears (on meta, all but final_layer) for FP8Linear and make their ``weight`` /
+    ``weight_scale`` thunks give fp8 + scale: the file's own when it stores that fp8 tensor as is, else
     quantized per tensor from the full-precision read. In an fp8 file, only the layers it
     stores in fp8 are kept in fp8. Returns the per-name cast for load_into."""
     names = _fp8.linear_names(model)
@@ -98,11 +99,12 @@ def _keep_fp8(model, ckpt: Canonical, recipes, thunks, shapes, dtype, weight_dty
 
         def weight(key=key, made=made):
             r = recipes[key]
-            raws = [ckpt.raw(k) for k in r.keys]
-            scales = [torch.ones(()) if s is None else s for _, s in raws]
-            if all(t.dtype == weight_dtype and torch.equal(s, scales[0]) for (t, _), s in zip(raws, scales)):
-                made["scale"] = scales[0]  # the file's bytes (diffusers q/k/v parts joined as bytes)
-                return keymaps.combine(r.op, [t.view(torch.uint8) for t, _ in raws], hidden).view(weight_dtype)
+            if all(ckpt.dtype(k) == _SAFETENSORS_FP8[weight_dtype] for k in r.keys):  # header only
+                raws = [ckpt.raw(k) for k in r.keys]
+                scales = [torch.ones(()) if s is None else s for _, s in raws]
+                if all(torch.equal(s, scales[0]) for s in scales):
+                    made["scale"] = scales[0]  # the file's bytes (diffusers q/k/v parts joined as bytes)
+                    return keymaps.combine(r.op, [t.view(torch.uint8) for t, _ in raws], hidden).view(weight_dtype)
             # quantized where the model goes: on a GPU that is much faster than on the host
             q, made["scale"] = _fp8.quantize(_read(ckpt, r, dtype, hidden).to(device), weight_dtype)
             return q

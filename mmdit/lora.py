@@ -397,9 +397,7 @@ def inject_lora(model: nn.Module, rank: int = 16, alpha: float | None = None,
         bound = 1 / math.sqrt(lin.in_features)  # kaiming_uniform_(a=sqrt(5)) on (rank, in)
         pairs[name] = ((torch.rand(rank, lin.in_features, generator=g) * 2 - 1) * bound,
                        torch.zeros(lin.out_features, rank))
-    handle = LoRAHandle(model, pairs, 1.0, False, {n: alpha / rank for n in names}, trainable=True)
-    handle.alpha, handle.rank = alpha, rank
-    return handle
+    return LoRAHandle(model, pairs, 1.0, False, {n: alpha / rank for n in names}, trainable=True)
 
 
 def save_lora(handle: LoRAHandle, path: str | os.PathLike, format: str = "diffusers") -> Path:
@@ -416,6 +414,7 @@ def save_lora(handle: LoRAHandle, path: str | os.PathLike, format: str = "diffus
     model = handle.model
     family, hidden = model.config.family, model.config.hidden_size
     out, modules, ranks = {}, [], set()
+    common = handle.multiplier.get(next(iter(handle.adapters)), 1.0)  # alpha / rank of the file's lora_alpha
     for name, a in handle.adapters.items():
         down, up = a.down.detach().float().cpu(), a.up.detach().float().cpu()
         mult = handle.multiplier.get(name, 1.0)
@@ -428,7 +427,7 @@ def save_lora(handle: LoRAHandle, path: str | os.PathLike, format: str = "diffus
             out[key + ".alpha"] = torch.tensor(mult * rank)
             continue
         theirs, op = keymaps._match_ours(name + ".weight", family)
-        for t, u in zip(theirs, keymaps.split(op, up, hidden)):  # alpha goes in the metadata
+        for t, u in zip(theirs, keymaps.split(op, up * (mult / common), hidden)):  # alpha: in the metadata
             module = t[:-len(".weight")]
             modules.append(module)
             out[f"transformer.{module}.lora_A.weight"] = down.clone()
@@ -438,8 +437,7 @@ def save_lora(handle: LoRAHandle, path: str | os.PathLike, format: str = "diffus
         if len(ranks) != 1:
             raise ValueError(f"the diffusers format holds one rank per file; the adapters have {sorted(ranks)}")
         rank = ranks.pop()
-        alpha = getattr(handle, "alpha", float(rank))
-        meta["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha,
+        meta["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": common * rank,
                                                     "transformer.target_modules": sorted(set(modules))})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

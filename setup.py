@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Standalone SD3 / SD3.5 / FLUX.1 MMDiT with Detail Guidance (massive-activation disruption)",
     python_requires=">=3.10",
-    packages=["mmdit", "mmdit.kernels", "mmdit.weights", "mmdit.samplers"],
+    packages=["mmdit", "mmdit.tiny", "mmdit.kernels", "mmdit.weights", "mmdit.samplers"],
     package_dir={
         "mmdit": "mmdit",
         "mmdit.kernels": "kernels",
@@ -17,16 +17,18 @@ setup(
     package_data={"mmdit.weights": ["*.json", "tiny/*"]},
     install_requires=[
         "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
-        "huggingface_hub>=0.24",
-        "sentencepiece>=0.2",
-        "tokenizers>=0.19",
+        "huggingface_hub>=0.24",  # imported only when a hub repo id is given
+        "tokenizers>=0.19",  # imported only when a pipeline with real text encoders loads
         "numpy",
         "pillow",
     ],
+    # triton is an extra: on CUDA, torch brings its own; on a CPU it is never used (the kernels'
+    # torch references run), except by the tests, which run the kernels in Triton's interpreter.
     extras_require={
-        "test": ["pytest>=8", "diffusers==0.42.1", "transformers>=4.45", "protobuf", "matplotlib", "peft>=0.17"],
+        "test": ["pytest>=8", "diffusers==0.42.1", "transformers>=4.45", "protobuf", "sentencepiece>=0.2",
+                 "matplotlib", "peft>=0.17", "triton>=3.0; platform_system == 'Linux'"],
+        "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["mmdit=mmdit.cli:main"]},

@@ -26,7 +26,7 @@ from mmdit.config import FluxConfig, SD3Config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-# Known MA channels (PAPER.md); used modulo the hidden size for narrower test configs.
+# Reported MA channels (docs/architecture.md); used modulo the hidden size for narrower test configs.
 MA_HINTS = {1536: (810, 676), 2432: (676,), 3072: (154, 1446)}
 # Dense peak tensor/FP throughput in TFLOP/s, by a substring of the device name and dtype.
 PEAK_TFLOPS = [
@@ -78,7 +78,7 @@ def config_dict(config) -> dict:
 # ---- the diffusers peer and our model with the same weights --------------------------------
 
 def peer_kwargs(config) -> dict:
-    """diffusers constructor arguments for one of our configs (REFERENCE.md 1.1)."""
+    """diffusers constructor arguments for one of our configs (docs/architecture.md, configurations)."""
     if isinstance(config, SD3Config):
         return dict(sample_size=128, patch_size=config.patch_size, in_channels=config.in_channels,
                     out_channels=config.out_channels, num_layers=config.num_layers,

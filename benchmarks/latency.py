@@ -59,7 +59,8 @@ def compiled(model, mode: str, fullgraph: bool, backend: str):
     return torch.compile(model, fullgraph=fullgraph, backend=backend, **MODES[mode])
 
 
-def run(args) -> dict:
+def run(args, on_mode=None) -> dict:
+    """All modes' results; ``on_mode(out_so_far, mode)`` after each mode (progressive output)."""
     config = common.config_from_args(args)
     device, dtype = torch.device(args.device), common.DTYPES[args.dtype]
     H, _, W = args.resolution.lower().partition("x")
@@ -79,21 +80,23 @@ def run(args) -> dict:
                                   int(config.hidden_size * config.mlp_ratio))
     dev_name = common.device_name(device)
     peak = common.peak_tflops(dev_name, dtype) if device.type == "cuda" else None
-    modes = {}
+    out = {"benchmark": "latency", **common.environment(device), "preset": args.preset,
+            "config": common.config_dict(config), "dtype": str(dtype).removeprefix("torch."),
+            "resolution": [H, W], "batch": args.batch, "text_len": text_len, "image_tokens": n_img,
+            "fork_block": m, "ma_channels": common.ma_channels(config), "cfg": args.cfg, "dg": args.dg,
+            "steps": args.steps, "backend": args.backend, "warmup": args.warmup, "iters": args.iters, "peak_tflops": peak,
+            "matmul_tflops": matmul, "modes": {}}
     for mode in args.modes.split(","):
         torch._dynamo.reset()
         runner.peer = compiled(peer, mode, False, args.backend)
         cases = common.build_cases(compiled(ours, mode, True, args.backend), runner, config, inp, m, args.cfg, args.dg,
                                    args.cases.split(","))
-        modes[mode] = time_cases(cases, args, device, peak, matmul, {"ours": ours, "diffusers": peer},
-                                 cudagraphs=mode == "cudagraphs")
+        out["modes"][mode] = time_cases(cases, args, device, peak, matmul, {"ours": ours, "diffusers": peer},
+                                        cudagraphs=mode == "cudagraphs")
+        if on_mode is not None:
+            on_mode(out, mode)
     runner.peer = peer
-    return {"benchmark": "latency", **common.environment(device), "preset": args.preset,
-            "config": common.config_dict(config), "dtype": str(dtype).removeprefix("torch."),
-            "resolution": [H, W], "batch": args.batch, "text_len": text_len, "image_tokens": n_img,
-            "fork_block": m, "ma_channels": common.ma_channels(config), "cfg": args.cfg, "dg": args.dg,
-            "steps": args.steps, "backend": args.backend, "warmup": args.warmup, "iters": args.iters, "peak_tflops": peak,
-            "matmul_tflops": matmul, "modes": modes}
+    return out
 
 
 def time_cases(cases, args, device, peak, matmul, models: dict, cudagraphs: bool) -> dict:
@@ -159,14 +162,17 @@ def time_cases(cases, args, device, peak, matmul, models: dict, cudagraphs: bool
     return out
 
 
-def report(out: dict) -> str:
-    lines = [common.describe_model(out) + f", "
+def report(out: dict, modes=None, header: bool = True) -> str:
+    """The header and the table of each of ``modes`` (default: all)."""
+    lines = [] if not header else [common.describe_model(out) + f", "
              f"{out['resolution'][0]}x{out['resolution'][1]} ({out['image_tokens']} image + {out['text_len']} "
              f"text tokens), batch {out['batch']}, fork block {out['fork_block']}",
              f"device: {out['device']}; torch {out['torch']}, diffusers {out['diffusers']}; "
              f"median of {out['iters']} after {out['warmup']} warm-up, interleaved; "
-             f"measured {out['dtype']} matmul rate {out['matmul_tflops']:.3f} TFLOP/s"]
+             f"measured {out['dtype']} matmul rate {out['matmul_tflops']:.4g} TFLOP/s"]
     for mode, m in out["modes"].items():
+        if modes is not None and mode not in modes:
+            continue
         first = next(iter(m["results"].values()))
         mfu, cpu, mem = "mfu_ours" in first, "cpu_ratio" in first, "peak_mb_ours" in first
         lines.append(f"-- {mode} --")
@@ -199,8 +205,13 @@ def report(out: dict) -> str:
 
 def main(argv=None):
     args = parse(argv)
-    out = run(args)
-    print(report(out))
+    shown = []
+
+    def show(out, mode):  # each mode as soon as it is measured: a time limit keeps what finished
+        print(report(out, [mode], header=not shown), flush=True)
+        shown.append(mode)
+
+    out = run(args, show)
     if args.json:
         common.write_json(args.json, out)
 

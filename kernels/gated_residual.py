@@ -1,11 +1,12 @@
-"""Gated residual ``x + gate * y`` with the massive-activation fork of the last rows.
+"""Gated residual ``x + gate * y`` with the massive-activation fork of a range of rows.
 
-With F = ``fork_rows``, the last F of the B rows are the forked (or disrupted) rows:
+With F = ``fork_rows`` and S = ``fork_start`` (default B - F: the last rows), rows S..S+F-1
+are the forked (or disrupted) rows:
 
     out[b] = x[b] + gate[b] * y[b]                                    b < B
-    copy(b) = out[b] * (rho_i on channels c in C of tokens n in T, else 1),   i = b - (B - F)
-    append:   out[B + i] = copy(B - F + i)          -> (B + F, N, D)   (fork: a branch is born)
-    in place: out[b] = copy(b) for b >= B - F       -> (B, N, D)       (disrupt)
+    copy(b) = out[b] * (rho_i on channels c in C of tokens n in T, else 1),   i = b - S
+    append:   out[B + i] = copy(S + i)               -> (B + F, N, D)   (fork: a branch is born)
+    in place: out[b] = copy(b) for S <= b < S + F    -> (B, N, D)       (disrupt)
 
 C = ``channels`` (a (D,) bool table; None: no channel, the copy is exact), rho a number or
 (F,) per row, T = {lo <= n < hi} of ``token_range``, and where ``token_mask`` (M,) is given,
@@ -15,7 +16,7 @@ only those of the last M tokens (the image tokens) whose mask is True. The rows 
 Backward (f_i = the factor above of row b = B - F + i; g = dL/dout):
 
     append:   dval[b] = g[b] + g[B + i] * f_i        in place: dval[b] = g[b] * f_i
-    (rows before B - F: dval[b] = g[b]);   dx = dval,  dy = gate[b] * dval,  dgate[b] = sum_n dval * y[b]
+    (rows outside the range: dval[b] = g[b]);   dx = dval,  dy = gate[b] * dval,  dgate[b] = sum_n dval * y[b]
 
 Precision: x + gate * y is one fp32 fma rounded once to x.dtype; the copy starts from that
 rounded value and multiplies in fp32 (as the reference does), so rho = 1 or a channel
@@ -64,7 +65,7 @@ def _fold_copy(g, dout_ptr, chan_ptr, rho_ptr, tok_ptr, rho, B, i, n, N, tok_lo,
 @triton.jit
 def _gated_residual_fwd_kernel(
     x_ptr, y_ptr, gate_ptr, out_ptr, chan_ptr, rho_ptr, tok_ptr,
-    B, N, D, fork_rows, rho, tok_lo, tok_hi, M,
+    B, N, D, fork_start, fork_rows, rho, tok_lo, tok_hi, M,
     stride_xb, stride_xn, stride_xd,
     stride_yb, stride_yn, stride_yd,
     stride_gate_b, stride_gate_d,
@@ -81,8 +82,8 @@ def _gated_residual_fwd_kernel(
 
     tl.store(out_ptr + row * D + offs, out, mask=mask)
     if FORK:
-        i = b - (B - fork_rows)  # >= 0: b is the i-th forked row
-        if i >= 0:
+        i = b - fork_start  # in [0, fork_rows): b is the i-th forked row
+        if (i >= 0) & (i < fork_rows):
             copy = out.to(tl.float32)
             if CHAN:
                 copy = copy * _factor(chan_ptr, rho_ptr, tok_ptr, rho, i, n, N, tok_lo, tok_hi, offs, mask,
@@ -97,7 +98,7 @@ def _gated_residual_fwd_kernel(
 @triton.jit
 def _gated_residual_bwd_kernel(
     dout_ptr, y_ptr, gate_ptr, dx_ptr, dy_ptr, dgate_part_ptr, chan_ptr, rho_ptr, tok_ptr,
-    B, N, D, fork_rows, rho, tok_lo, tok_hi, M, rows_per_program,
+    B, N, D, fork_start, fork_rows, rho, tok_lo, tok_hi, M, rows_per_program,
     stride_gb, stride_gn, stride_gd,
     stride_yb, stride_yn, stride_yd,
     stride_gate_b, stride_gate_d,
@@ -109,12 +110,12 @@ def _gated_residual_bwd_kernel(
     b, offs, mask, n_start, n_end, part = program_chunk(N, D, rows_per_program, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + offs * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
-    i = b - (B - fork_rows)  # >= 0: b is the i-th forked row
+    i = b - fork_start  # in [0, fork_rows): b is the i-th forked row
     dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for n in range(n_start, n_end):
         g = tl.load(dout_ptr + b * stride_gb + n * stride_gn + offs * stride_gd, mask=mask, other=0.0).to(tl.float32)
         if FORK:
-            if i >= 0:
+            if (i >= 0) & (i < fork_rows):
                 g = _fold_copy(g, dout_ptr, chan_ptr, rho_ptr, tok_ptr, rho, B, i, n, N, tok_lo, tok_hi, M, offs, mask,
                                stride_gb, stride_gn, stride_gd, APPEND, CHAN, RHO_ROWS, TOK_MASK, BLOCK_D)
         y = tl.load(y_ptr + b * stride_yb + n * stride_yn + offs * stride_yd, mask=mask, other=0.0).to(tl.float32)
@@ -134,9 +135,10 @@ def _fork_args(x, fork_rows, channels, rho_rows, token_mask):
     return pointers, M, flags
 
 
-@kernel_op("gated_residual", fake=lambda x, y, gate, fork_rows, append, *_: x.new_empty(
+@kernel_op("gated_residual", fake=lambda x, y, gate, fork_start, fork_rows, append, *_: x.new_empty(
     (x.shape[0] + (fork_rows if append else 0), *x.shape[1:])))
-def _gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fork_rows: int, append: bool,
+def _gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fork_start: int, fork_rows: int,
+                        append: bool,
                         channels: torch.Tensor | None, rho: float, rho_rows: torch.Tensor | None,
                         tok_lo: int, tok_hi: int, token_mask: torch.Tensor | None) -> torch.Tensor:
     B, N, D = x.shape
@@ -146,7 +148,7 @@ def _gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fo
     pointers, M, flags = _fork_args(x, fork_rows, channels, rho_rows, token_mask)
     BLOCK_D = block_size(D)
     launch(_gated_residual_fwd_kernel)[(B * N,)](
-        x, y, gate, out, *pointers, B, N, D, fork_rows, rho, tok_lo, tok_hi, M,
+        x, y, gate, out, *pointers, B, N, D, fork_start, fork_rows, rho, tok_lo, tok_hi, M,
         *x.stride(), *y.stride(), *gate.stride(),
         APPEND=append, **flags, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D),
     )
@@ -159,7 +161,8 @@ def _bwd_fake(dout, y, gate, *_):
 
 
 @kernel_op("gated_residual_bwd", fake=_bwd_fake)
-def _gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fork_rows: int, append: bool,
+def _gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fork_start: int, fork_rows: int,
+                        append: bool,
                         channels: torch.Tensor | None, rho: float, rho_rows: torch.Tensor | None,
                         tok_lo: int, tok_hi: int, token_mask: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,7 +176,7 @@ def _gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
         pointers, M, flags = _fork_args(y, fork_rows, channels, rho_rows, token_mask)
         BLOCK_D = block_size(D)
         launch(_gated_residual_bwd_kernel)[(B, chunks)](
-            dout, y, gate, dx, dy, dgate_part, *pointers, B, N, D, fork_rows, rho, tok_lo, tok_hi, M,
+            dout, y, gate, dx, dy, dgate_part, *pointers, B, N, D, fork_start, fork_rows, rho, tok_lo, tok_hi, M,
             rows_per_program, *dout.stride(), *y.stride(), *gate.stride(),
             APPEND=append, **flags, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D),
         )
@@ -181,18 +184,18 @@ def _gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
 
 
 def _setup(ctx, inputs, output):
-    x, y, gate, fork_rows, append, channels, rho, rho_rows, tok_lo, tok_hi, token_mask = inputs
+    x, y, gate, fork_start, fork_rows, append, channels, rho, rho_rows, tok_lo, tok_hi, token_mask = inputs
     ctx.save_for_backward(y, gate, channels, rho_rows, token_mask)
-    ctx.scalars = fork_rows, append, rho, tok_lo, tok_hi
+    ctx.scalars = fork_start, fork_rows, append, rho, tok_lo, tok_hi
     ctx.x_dtype = x.dtype
 
 
 def _backward(ctx, dout):
     y, gate, channels, rho_rows, token_mask = ctx.saved_tensors
-    fork_rows, append, rho, tok_lo, tok_hi = ctx.scalars
-    dx, dy, dgate = _gated_residual_bwd(dout, y, gate, fork_rows, append, channels, rho, rho_rows, tok_lo, tok_hi,
-                                        token_mask)
-    return dx.to(ctx.x_dtype), dy, dgate.to(gate.dtype), *[None] * 8
+    fork_start, fork_rows, append, rho, tok_lo, tok_hi = ctx.scalars
+    dx, dy, dgate = _gated_residual_bwd(dout, y, gate, fork_start, fork_rows, append, channels, rho, rho_rows,
+                                        tok_lo, tok_hi, token_mask)
+    return dx.to(ctx.x_dtype), dy, dgate.to(gate.dtype), *[None] * 9
 
 
 _gated_residual_fwd.register_autograd(_backward, setup_context=_setup)
@@ -211,26 +214,29 @@ def disruption_factor(N: int, channels: torch.Tensor, rho, token_range: tuple[in
 
 
 def gated_residual_reference(x, y, gate, fork_rows: int = 0, append: bool = True, channels=None, rho=0.0,
-                             token_range=None, token_mask=None):
+                             token_range=None, token_mask=None, fork_start: int | None = None):
     """x, y: (B, N, D); gate: (B, D) -> (B + fork_rows, N, D) if append else (B, N, D).
 
-    The last ``fork_rows`` rows are copied (append) or replaced (in place) by themselves with
-    the ``channels`` (D,) bool of the chosen tokens multiplied by ``rho`` (a number or (F,)).
+    Rows ``fork_start`` .. + ``fork_rows`` (default: the last rows) are copied (append) or
+    replaced (in place) by themselves with the ``channels`` (D,) bool of the chosen tokens
+    multiplied by ``rho`` (a number or (F,)).
     """
     out = x + gate[:, None] * y
     if fork_rows == 0:
         return out
     B, N, D = x.shape
-    copy = out[B - fork_rows:]
+    start = B - fork_rows if fork_start is None else fork_start
+    copy = out[start:start + fork_rows]
     if channels is not None:
         copy = (copy.float() * disruption_factor(N, channels, rho, token_range, token_mask)).to(out.dtype)
-    return torch.cat([out, copy] if append else [out[:B - fork_rows], copy])
+    return torch.cat([out, copy] if append else [out[:start], copy, out[start + fork_rows:]])
 
 
 def gated_residual(x, y, gate, fork_rows: int = 0, *, append: bool = True, channels=None, rho=0.0,
-                   token_range: tuple[int, int] | None = None, token_mask=None):
-    """``x + gate[:, None] * y`` (B, N, D), with the last ``fork_rows`` rows forked (appended,
-    disrupted copies) or disrupted in place (``append=False``); see the module docstring.
+                   token_range: tuple[int, int] | None = None, token_mask=None, fork_start: int | None = None):
+    """``x + gate[:, None] * y`` (B, N, D), with ``fork_rows`` rows from ``fork_start`` (default:
+    the last rows) forked (appended, disrupted copies) or disrupted in place (``append=False``);
+    see the module docstring.
 
     channels: (D,) bool, the disrupted channels (None: an exact copy); rho: a number or (F,)
     tensor; token_range: (lo, hi) tokens touched (default all); token_mask: (M,) bool over
@@ -240,8 +246,9 @@ def gated_residual(x, y, gate, fork_rows: int = 0, *, append: bool = True, chann
     if y.shape != x.shape or gate.shape != (B, D):
         raise ValueError(f"x {tuple(x.shape)} needs y of the same shape and gate {(B, D)}, "
                          f"got {tuple(y.shape)} / {tuple(gate.shape)}")
-    if not 0 <= fork_rows <= B:
-        raise ValueError(f"fork_rows must be in 0..{B}, got {fork_rows}")
+    start = B - fork_rows if fork_start is None else fork_start
+    if not (0 <= fork_rows and 0 <= start and start + fork_rows <= B):
+        raise ValueError(f"fork rows {start}..{start + fork_rows - 1} must lie within the {B} rows")
     if channels is not None and (channels.shape != (D,) or channels.dtype != torch.bool):
         raise ValueError(f"channels must be a ({D},) bool table, got {channels.dtype} {tuple(channels.shape)}")
     if torch.is_tensor(rho) and rho.shape != (fork_rows,):
@@ -249,8 +256,8 @@ def gated_residual(x, y, gate, fork_rows: int = 0, *, append: bool = True, chann
     if token_mask is not None and (token_mask.dim() != 1 or token_mask.shape[0] > N):
         raise ValueError(f"token_mask must be 1-D over at most the {N} tokens, got {tuple(token_mask.shape)}")
     if not use_triton(x):
-        return gated_residual_reference(x, y, gate, fork_rows, append, channels, rho, token_range, token_mask)
+        return gated_residual_reference(x, y, gate, fork_rows, append, channels, rho, token_range, token_mask, start)
     lo, hi = token_range or (0, N)
-    rho_rows = rho.float() if torch.is_tensor(rho) else None
-    return _gated_residual_fwd(x, y, gate, fork_rows, append, channels, 0.0 if rho_rows is not None else float(rho),
-                               rho_rows, lo, hi, token_mask)
+    rho_rows = rho.float().contiguous() if torch.is_tensor(rho) else None  # an expanded rho has stride 0
+    return _gated_residual_fwd(x, y, gate, start, fork_rows, append, channels,
+                               0.0 if rho_rows is not None else float(rho), rho_rows, lo, hi, token_mask)

@@ -1,31 +1,88 @@
-"""The ``mmdit`` command: a thin layer over the library. One ``_add_<command>`` per command."""
+"""mmdit: text to image with SD3 / SD3.5 / FLUX.1 and Detail Guidance, and tools for massive activations."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
+from . import checks
+
 DTYPES = ("float32", "bfloat16", "float16")
+EXAMPLES = """examples:
+  mmdit generate --prompt "a red circle on a blue background" --output out.png
+  mmdit generate --model stabilityai/stable-diffusion-3.5-medium --device cuda --prompt "a fox" --dg 2
+  mmdit inspect sd3.5_medium.safetensors
+  mmdit COMMAND --help      the options of one command"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line (what was wrong, where to look) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, unless it has none or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmdit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mmdit", description=__doc__.splitlines()[0], epilog=EXAMPLES, formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_inspect, _add_analyze, _add_calibrate, _add_train):
         add(sub)
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning  # warnings as one line each, like the errors
+    warnings.formatwarning = lambda message, *rest, **kw: f"mmdit {args.command}: warning: {message}\n"
     try:
         return args.run(args) or 0
     except (ValueError, OSError) as e:  # user-caused: bad path, wrong file, bad settings
         print(f"mmdit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _command(sub, name: str, help: str, description: str | None = None):
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=_Help)
+
+
+def _checked(check, kind=int):
+    """An argparse type: convert with ``kind``, then apply one of ``mmdit.checks``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+STEPS = _checked(checks.steps)
+SEED = _checked(checks.seed)
+
+
+def _count(name, low=1, high=None):
+    return _checked(lambda v: checks.count(name, v, low, high))
 
 
 def _model_args(p) -> None:
     p.add_argument("--model", default=None,
-                   help="hub repo id or local diffusers pipeline folder (default: the shipped tiny-shapes model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+                   help="a hub repo id, a diffusers pipeline folder, or a folder written by `mmdit train` "
+                        "(default: the shipped tiny-shapes model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--text-device", default=None, help="where the text encoders run (default: --device)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
@@ -37,7 +94,6 @@ def _model_args(p) -> None:
 def _pipeline(args):
     import torch
 
-    from .lora import apply_lora
     from .pipeline import Pipeline
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -47,14 +103,8 @@ def _pipeline(args):
     if args.model is None:
         if args.device == "cpu":  # a 0.6M-parameter model: thread hand-offs cost more than they save
             torch.set_num_threads(1)
-        pipe = Pipeline.tiny(device=args.device, compile=getattr(args, "compile", False))
-        if weight_dtype is not None:
-            from .fp8 import quantize_linears
-
-            quantize_linears(pipe.transformer, weight_dtype)
-        for path, scale in loras:
-            apply_lora(pipe.transformer, path, scale)
-        return pipe
+        return Pipeline.tiny(device=args.device, compile=getattr(args, "compile", False), lora=loras,
+                             weight_dtype=weight_dtype)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return Pipeline.from_pretrained(args.model, dtype=dtype, device=args.device, text_device=args.text_device,
                                     compile=getattr(args, "compile", False), lora=loras, weight_dtype=weight_dtype)
@@ -81,23 +131,37 @@ def _prompt_args(p, many: bool) -> None:
         p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
         p.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
     else:
-        p.add_argument("--prompt", required=True)
+        p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="the CFG negative prompt (default: empty)")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None, help="FLUX.1-dev distilled guidance (default 3.5)")
-    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the pipeline's)")
+    p.add_argument("--height", type=_count("height"), default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--width", type=_count("width"), default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the initial noise: the same seed, settings and "
+                                                       "model give the same image")
+    p.add_argument("--guidance", type=_checked(lambda v: checks.scale("guidance", v, off=0), float), default=None,
+                   help="FLUX.1-dev's distilled guidance (default: 3.5; other models have none)")
+    p.add_argument("--max-sequence-length", type=_count("max sequence length", 1, 512), default=None,
+                   help="T5 tokens (default: 256 for SD3, 512 for FLUX)")
+
+
+def _interval(name):
+    return _checked(lambda v: checks.fraction(name, v), float)
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="text to image, with CFG and Detail Guidance")
+    p = _command(sub, "generate", "text to image, with CFG and Detail Guidance")
     _prompt_args(p, many=False)
     _model_args(p)
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--dg", type=float, default=None, help="Detail Guidance weight (0 = off)")
-    p.add_argument("--output", default="out.png", help="PNG path (default: out.png)")
+    p.add_argument("--steps", type=STEPS, default=None, help="sampling steps, 1-1000 (default: the model's)")
+    p.add_argument("--cfg", type=_checked(lambda v: checks.scale("cfg", v, off=1), float), default=None,
+                   help="classifier-free guidance scale, 1 = off (default: the model's)")
+    p.add_argument("--dg", type=_checked(lambda v: checks.scale("dg", v, off=0), float), default=None,
+                   help="Detail Guidance weight, 0 = off (default: the model's); the first use on a "
+                        "checkpoint finds its massive channels and caches them")
+    p.add_argument("--cfg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
+                   default=(0.0, 1.0), help="sigmas where CFG acts (1 = pure noise)")
+    p.add_argument("--dg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
+                   default=(0.0, 1.0), help="sigmas where DG acts")
+    p.add_argument("--output", default="out.png", help="where to write the PNG (its settings go into its metadata)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "
                         "the first image at a size waits for the compiler, later ones are faster")
@@ -105,11 +169,17 @@ def _add_generate(sub) -> None:
     def run(args):
         from PIL.PngImagePlugin import PngInfo
 
+        if Path(args.output).suffix.lower() != ".png":
+            raise ValueError(f"--output must name a .png file, got {args.output!r}")
+        if Path(args.output).is_dir():
+            raise ValueError(f"--output {args.output!r} is a folder; name a .png file")
+        checks.interval("--cfg-interval", args.cfg_interval), checks.interval("--dg-interval", args.dg_interval)
         pipe = _pipeline(args)
         height, width = _size(args, pipe)
         settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
                         dg=args.dg, guidance=args.guidance, height=height, width=width, seed=args.seed,
-                        max_sequence_length=args.max_sequence_length)
+                        max_sequence_length=args.max_sequence_length, cfg_interval=list(args.cfg_interval),
+                        dg_interval=list(args.dg_interval))
         image = pipe(args.prompt, args.negative_prompt, output="pil", progress=True,
                      **{k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")})[0]
         settings.update(model=args.model or "tiny-shapes (shipped)", **{k: pipe.defaults.get(k) for k in
@@ -124,7 +194,7 @@ def _add_generate(sub) -> None:
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="what a checkpoint is: layout, family, inferred config, dtype, size")
+    p = _command(sub, "inspect", "what a checkpoint is: layout, family, inferred config, dtype, size")
     p.add_argument("path", help="a .safetensors file, an index.json, a diffusers folder or a hub repo id")
 
     def run(args):
@@ -138,18 +208,26 @@ def _add_inspect(sub) -> None:
 def _ma_args(p) -> None:
     _prompt_args(p, many=True)
     _model_args(p)
-    p.add_argument("--steps", type=int, default=None, help="steps of the probed trajectories")
-    p.add_argument("--every", type=int, default=None, help="probe every n-th step")
-    p.add_argument("--block", type=int, default=None, help="fork block m (default: the family's)")
-    p.add_argument("--ratio", type=float, default=50.0, help="MA rule: mean |h| over the block's median channel")
-    p.add_argument("--absolute", type=float, default=None, help="MA rule: absolute mean |h| threshold")
-    p.add_argument("--top-k", type=int, default=8, help="keep at most this many channels")
+    p.add_argument("--steps", type=STEPS, default=None, help="steps of the probed trajectories (default: the model's)")
+    p.add_argument("--every", type=_count("--every"), default=None, help="probe every n-th step")
+    p.add_argument("--block", type=_count("--block", 0), default=None,
+                   help="fork block m, 0-based (default: FLUX 28 of 57, SD3 the middle block)")
+    p.add_argument("--ratio", type=_checked(lambda v: checks.positive("--ratio", v), float), default=50.0,
+                   help="MA rule: a channel's mean |h| over the block's median channel")
+    p.add_argument("--absolute", type=_checked(lambda v: checks.positive("--absolute", v), float), default=None,
+                   help="MA rule: an absolute mean |h| threshold (default: none)")
+    p.add_argument("--top-k", type=_count("--top-k"), default=8, help="keep at most this many channels")
 
 
 def _ma_inputs(args):
-    pipe = _pipeline(args)
     prompts = list(args.prompt) + (args.prompts.read_text().splitlines() if args.prompts else [])
-    prompts = [p for p in prompts if p.strip()] or ["a photo of a cat", "a red circle on a blue background"]
+    pipe = _pipeline(args)
+    total = pipe.transformer.config.total_blocks
+    if args.block is not None and args.block >= total:
+        raise ValueError(f"--block {args.block} is past the last block of this model (it has {total}: 0..{total - 1})")
+    prompts = [p for p in prompts if p.strip()] or (
+        ["a red circle on a blue background", "a black square on a yellow background"] if args.model is None
+        else ["a photo of a cat", "a red circle on a blue background"])  # the tiny model knows only shapes
     height, width = _size(args, pipe)
     shape = pipe.latent_shape(height, width)
     steps = args.steps or pipe.defaults["steps"]
@@ -161,14 +239,19 @@ def _ma_inputs(args):
 
 
 def _add_analyze(sub) -> None:
-    p = sub.add_parser("analyze-ma", help="massive-activation report (JSON + PNG plots, the paper's figures)")
+    p = _command(sub, "analyze-ma", "massive-activation report (JSON + PNG plots, the paper's figures)")
     _ma_args(p)
-    p.add_argument("--out", default="ma-report", help="output folder (default: ma-report)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", default="ma-report", help="output folder")
+    p.add_argument("--no-plots", action="store_true", help="write the JSON report only (no matplotlib needed)")
 
     def run(args):
+        import importlib.util
+
         from .ma_report import run_analyze
 
+        if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("the plots need matplotlib, which is not installed: pip install matplotlib "
+                             "(or run with --no-plots for the JSON report only)")
         pipe, conds, common = _ma_inputs(args)
         uncond = pipe.encode([args.negative_prompt], args.max_sequence_length)
         report = run_analyze(pipe.transformer, conds, args.out, uncond=uncond, every=args.every or 1,
@@ -180,9 +263,10 @@ def _add_analyze(sub) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate-ma", help="find the massive channels; cache the spec for this checkpoint")
+    p = _command(sub, "calibrate-ma", "find the massive channels; cache the spec for this checkpoint")
     _ma_args(p)
-    p.add_argument("--rho", type=float, default=0.0, help="factor for the MA channels in the degraded branch")
+    p.add_argument("--rho", type=_checked(lambda v: checks.fraction("--rho", v), float), default=0.0,
+                   help="factor for the MA channels in the degraded branch (0 zeroes them)")
 
     def run(args):
         from . import ma
@@ -200,11 +284,52 @@ def _add_calibrate(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train the tiny-shapes model (flow matching, caption dropout)")
+    p = _command(sub, "train", "train the tiny-shapes model (flow matching, caption dropout)",
+                 "Train the tiny-shapes model as the shipped one was trained (the defaults are its\n"
+                 "recipe), calibrate its massive channels, and write a folder that\n"
+                 "`mmdit generate --model FOLDER` uses.")
 
-    from .train import add_arguments, run
+    def number(name, check=checks.positive):
+        return _checked(lambda v: check(name, v), float)
 
-    add_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("tiny-shapes"),
+                   help="folder to write; `--out weights/tiny` in the checkout replaces the shipped model")
+    p.add_argument("--steps", type=_count("--steps"), default=2500, help="optimizer steps")
+    p.add_argument("--batch-size", type=_count("--batch-size", 1, 4096), default=16, help="images per step")
+    p.add_argument("--lr", type=number("--lr"), default=1e-3, help="AdamW peak learning rate")
+    p.add_argument("--warmup", type=_count("--warmup", 0), default=50,
+                   help="linear warm-up steps, then cosine to lr/10")
+    p.add_argument("--weight-decay", type=number("--weight-decay", checks.fraction), default=0.01,
+                   help="on matrices only")
+    p.add_argument("--sigma-mode", choices=("logit_normal", "uniform"), default="logit_normal",
+                   help="training noise-level distribution")
+    p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal mean")
+    p.add_argument("--sigma-std", type=number("--sigma-std"), default=1.5, help="logit-normal std")
+    p.add_argument("--shift", type=number("--shift"), default=3.0,
+                   help="SD3 time shift of the training sigmas; > 1 favours high noise")
+    p.add_argument("--caption-dropout", type=number("--caption-dropout", checks.fraction), default=0.12,
+                   help="fraction of empty captions, for CFG")
+    p.add_argument("--ema", type=_checked(lambda v: checks.fraction("--ema", v, closed_top=False), float),
+                   default=0.998, help="EMA decay, 0 = off; the EMA weights are saved")
+    p.add_argument("--seed", type=SEED, default=0, help="model init, data, noise")
+    p.add_argument("--layers", type=_count("--layers"), default=None, help="transformer depth (default: 4)")
+    p.add_argument("--heads", type=_count("--heads"), default=None,
+                   help="transformer heads of 32 channels (default: 2)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--threads", type=_count("--threads"), default=None,
+                   help="torch CPU threads (1 is fastest on a busy machine; default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--log-every", type=_count("--log-every"), default=25, help="steps between loss lines")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the MA calibration after training")
+    p.add_argument("--calibrate-only", action="store_true",
+                   help="no training: recalibrate the MAs of the model in --out and update its config.json")
+
+    def run(args):
+        from .tiny.recipe import run
+
+        return run(args)
+
     p.set_defaults(run=run)
 
 

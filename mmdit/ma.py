@@ -1,7 +1,7 @@
 """Massive activations (MAs): the disruption spec, a probe, calibration and a per-checkpoint cache.
 
 The probe records the residual stream at the OUTPUT of every block (after its last gated
-residual add, where the disruption acts; DESIGN.md "Massive activations") with forward
+residual add, where the disruption acts; docs/architecture.md, "Massive activations") with forward
 hooks; calibration flags channels far above the median channel and returns an MASpec.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ class MASpec:
 
 def default_block(config) -> int:
     """The fork block m when none is given: FLUX block 28 of 57 (single block 9), SD3 the
-    middle joint block (12 of 24); scaled to the model's depth (PAPER.md, "ours")."""
+    middle joint block (12 of 24); scaled to the model's depth (our choice: docs/architecture.md)."""
     total = config.total_blocks
     m = (28 * total) // 57 if config.family == "flux" else total // 2
     return min(max(m, 0), total - 1)
@@ -202,6 +202,40 @@ def probe(model: nn.Module, x, sigma, context, pooled, guidance=None, disrupt=No
 
 
 # ---------------------------------------------------------------------------------------------
+# The channels the paper reports
+
+# MA channels reported by the paper and its authors' code for the official checkpoints, at
+# the default fork block. Hints: ``Pipeline.ensure_ma`` checks them on the checkpoint first.
+PAPER_CHANNELS: dict[str, tuple[int, ...]] = {
+    "sd3-medium": (810,),
+    "sd3.5-medium": (676,),
+    "sd3.5-large": (676,),
+    "flux.1-dev": (154, 1446),
+}
+
+
+def paper_channels(config) -> tuple[int, ...] | None:
+    """The reported MA channels for a model whose config is an official preset's, else None."""
+    from .config import PRESETS
+
+    for name, channels in PAPER_CHANNELS.items():
+        if PRESETS[name] == config:
+            return channels
+    return None
+
+
+@torch.no_grad()
+def channel_ratios(model: nn.Module, sample, channels: Sequence[int], block: int) -> list[float]:
+    """One forward: each channel's mean |h| over image tokens at the output of ``block``, over
+    the block's median channel (the ``select_massive`` statistic). sample: (x, sigma, context,
+    pooled[, guidance])."""
+    x, sigma, context, pooled, guidance = _unpack(sample)
+    mag = probe(model, x, sigma, context, pooled, guidance).image_mean[block].mean(0)  # (D,)
+    median = mag.median().clamp_min(1e-12)
+    return [(mag[c] / median).item() for c in channels]
+
+
+# ---------------------------------------------------------------------------------------------
 # Calibration
 
 @dataclass
@@ -316,7 +350,7 @@ def ablation_effects(model: nn.Module, sample, channel_sets, block: int, rho: fl
     control compares MA channels against as many random non-MA channels. v is computed once."""
     x, sigma, context, pooled, guidance = _unpack(sample)
     v = model(x, sigma, context, pooled, guidance=guidance).float()
-    rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    rows = slice(0, x.shape[0])  # every row
     saved, effects = model.ma, []
     try:
         for channels in channel_sets:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,16 +11,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import checks, ma
 from .compiled import CompiledTransformer
 from .lora import apply_lora
+from .ma import MASpec
 from .samplers import flux_sigmas, sample, sd3_sigmas
-from .tokenizers import load_tokenizer
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
 from .weights.transformer import load_transformer
 
-# The diffusers pipelines' defaults (REFERENCE.md 4.3, 4.4).
+# The diffusers pipelines' defaults (docs/architecture.md, "Text conditioning").
 DEFAULTS = {"sd3": dict(steps=28, cfg=7.0, max_sequence_length=256, size=1024),
             "flux": dict(steps=28, cfg=1.0, guidance=3.5, max_sequence_length=512, size=1024)}
 PIPELINE_FILES = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder*/*", "tokenizer*/*"]
@@ -99,11 +102,14 @@ class Pipeline:
         self.defaults = {**DEFAULTS[family], **(defaults or {})}
 
     @classmethod
-    def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool = False) -> Pipeline:
-        """The project's own small pixel-space model (default: the one shipped in the package)."""
+    def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool = False, *,
+             lora: list[tuple] | None = None, weight_dtype: torch.dtype | None = None) -> Pipeline:
+        """The project's own small pixel-space model (default: the one shipped in the package).
+        ``lora``, ``weight_dtype``: as in ``from_pretrained``."""
         from .tiny import load_tiny
 
         tiny = load_tiny(folder, device=device)
+        _adapt(tiny.transformer, lora, weight_dtype)
         s = tiny.settings
         return cls(tiny.transformer, lambda prompts, _: tiny.conditioner.encode(prompts), PixelSpace(s.channels),
                    "sd3", {"shift": s.shift}, dict(steps=s.steps, cfg=s.cfg, dg=s.dg, size=s.size), compile)
@@ -113,18 +119,22 @@ class Pipeline:
                         text_device=None, revision: str | None = None, token=None,
                         compile: bool = False, lora: list[tuple] | None = None,
                         weight_dtype: torch.dtype | None = None) -> Pipeline:
-        """An SD3 / SD3.5 / FLUX diffusers repo id or folder (model_index.json + components).
+        """An SD3 / SD3.5 / FLUX diffusers repo id or folder (model_index.json + components), or a
+        folder written by ``mmdit train`` (a tiny model).
 
         ``text_device``: where the text encoders run (default: ``device``); "cpu" keeps
         them off the GPU. ``lora``: ``[(path or state dict, scale), ...]`` applied to the
         transformer (``mmdit.apply_lora``, unfused). ``weight_dtype=torch.float8_e4m3fn``:
         the transformer's Linear weights stay fp8 (see ``load_transformer``).
         """
+        from .tokenizers import load_tokenizer
+
+        if _is_tiny_folder(source):  # written by `mmdit train`
+            return cls.tiny(source, device=device, compile=compile, lora=lora, weight_dtype=weight_dtype)
         root = _pipeline_folder(source, revision, token)
         index = read_json(root / "model_index.json")
         transformer = load_transformer(root / "transformer", dtype=dtype, device=device, weight_dtype=weight_dtype)
-        for path, scale in lora or ():
-            apply_lora(transformer, path, scale)
+        _adapt(transformer, lora, None)
         family = transformer.config.family
         text_device = text_device or device
         names = ["text_encoder", "text_encoder_2", "text_encoder_3"] if family == "sd3" else \
@@ -146,7 +156,9 @@ class Pipeline:
             text = FluxText(tuple(tokenizers), tuple(encoders))
         vae = load_vae(root / "vae", dtype=dtype, device=device, family=family)
         scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
-        return cls(transformer, text, vae, family, scheduler, compile=compile)
+        sample_size = (read_json(root / "transformer" / "config.json") or {}).get("sample_size")
+        size = {"size": sample_size * vae.config.downsample} if isinstance(sample_size, int) else None  # as diffusers
+        return cls(transformer, text, vae, family, scheduler, size, compile=compile)
 
     # --- pieces, usable on their own --------------------------------------------------------
 
@@ -174,6 +186,12 @@ class Pipeline:
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}; "
                              f"try {max(multiple, height - height % multiple)}x{max(multiple, width - width % multiple)}")
+        table = getattr(self.transformer.config, "pos_embed_max_size", None)  # SD3: a learned table; FLUX: RoPE
+        if table is not None and max(height, width) > table * multiple:
+            space = "pixel space, no VAE" if down == 1 else f"latents at 1/{down} of the image size"
+            raise ValueError(f"height and width can be at most {table * multiple} pixels for this model ({space}; "
+                             f"its position table covers {table}x{table} patches of {multiple} pixels), "
+                             f"got {height}x{width}")
         return self.vae.config.latent_channels, height // down, width // down
 
     @torch.no_grad()
@@ -188,18 +206,31 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int | None = None,
                  cfg: float | None = None, dg: float | None = None, guidance: float | None = None,
-                 height: int | None = None, width: int | None = None, seed: int | None = None, latents: torch.Tensor | None = None,
+                 height: int | None = None, width: int | None = None, seed: int | list[int] | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 num_images_per_prompt: int = 1, latents: torch.Tensor | None = None,
                  max_sequence_length: int | None = None, output: str = "pil",
-                 cfg_interval=(0.0, 1.0), dg_interval=(0.0, 1.0), progress: bool = False):
-        """Generate images. ``latents``: (B, 16, h, w) initial noise in the unpacked layout.
+                 cfg_interval=(0.0, 1.0), dg_interval=(0.0, 1.0), callback=None, progress: bool = False):
+        """Generate ``len(prompts) * num_images_per_prompt`` images, prompt by prompt (the images of
+        prompt 0 first).
 
+        Noise: ``seed=s`` gives image i (in that order) its own generator seeded ``s + i``, so any
+        image can be made again alone (``num_images_per_prompt=1, seed=s + i``); a list gives one
+        seed per image. ``generator``: one torch.Generator drawing the whole batch in one call, or
+        one per image (as in diffusers). Neither: torch's global RNG. ``latents``: the initial
+        noise itself, (B, C, h, w) in the unpacked layout.
+        callback: called after every step as ``callback(step, sigma_next, latents)``.
         output: "pil" (list of PIL images), "np" ((B, H, W, 3) floats in [0, 1]) or "latent".
+        DG (``dg`` > 0) on a model without an MA spec finds one first (``ensure_ma``).
         """
         defaults = self.defaults
         height, width = height or defaults["size"], width or defaults["size"]
-        steps = steps or defaults["steps"]
-        cfg = defaults["cfg"] if cfg is None else cfg
-        dg = defaults.get("dg", 0.0) if dg is None else dg
+        steps = checks.steps(defaults["steps"] if steps is None else steps)
+        cfg = checks.scale("cfg", defaults["cfg"] if cfg is None else cfg, off=1)
+        dg = checks.scale("dg", defaults.get("dg", 0.0) if dg is None else dg, off=0)
+        cfg_interval = checks.interval("cfg_interval", cfg_interval)
+        dg_interval = checks.interval("dg_interval", dg_interval)
+        per_prompt = checks.count("num_images_per_prompt", num_images_per_prompt, 1, 256)
         max_sequence_length = max_sequence_length or defaults["max_sequence_length"]
         if output not in ("pil", "np", "latent"):
             raise ValueError(f"output must be 'pil', 'np' or 'latent', got {output!r}")
@@ -207,27 +238,105 @@ class Pipeline:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        negatives = [n for n in negatives for _ in range(per_prompt)]
         C, h, w = self.latent_shape(height, width)
         device, dtype = _where(self.transformer)
         if latents is None:
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            latents = torch.randn(len(prompts), C, h, w, generator=generator)
+            latents = initial_noise(len(prompts), (C, h, w), seed, generator)
         elif tuple(latents.shape) != (len(prompts), C, h, w):
-            raise ValueError(f"latents must be ({len(prompts)}, {C}, {h}, {w}) "
-                             f"for {len(prompts)} prompt(s) at {height}x{width}, got {tuple(latents.shape)}")
+            raise ValueError(f"latents must be ({len(prompts)}, {C}, {h}, {w}) for {len(prompts)} image(s) "
+                             f"at {height}x{width}, got {tuple(latents.shape)}")
         cond = self.encode(prompts, max_sequence_length)
         uncond = self.encode(negatives, max_sequence_length) if cfg != 1.0 else None
         if self.family == "flux" and getattr(self.transformer.config, "guidance_embed", False):
             guidance = defaults["guidance"] if guidance is None else guidance
-        else:
+        elif guidance is not None:
+            warnings.warn(f"guidance={guidance} is ignored: it is FLUX.1-dev's distilled guidance, and this model "
+                          "has no guidance input (cfg= is the guidance scale here)", stacklevel=2)
             guidance = None
-        x = sample(self.denoiser, latents.to(device=device, dtype=dtype), self.sigmas(steps, h, w),
-                   cond, uncond, cfg=cfg, dg=dg, cfg_interval=cfg_interval, dg_interval=dg_interval,
-                   guidance=guidance, progress=progress)
+        sigmas = self.sigmas(steps, h, w)
+        latents = latents.to(device=device, dtype=dtype)
+        if dg != 0.0:
+            self.ensure_ma(cond, latents, sigmas, guidance)
+        x = sample(self.denoiser, latents, sigmas, cond, uncond, cfg=cfg, dg=dg, cfg_interval=cfg_interval,
+                   dg_interval=dg_interval, guidance=guidance, progress=progress, callback=callback)
         if output == "latent":
             return x
         images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
         return images if output == "np" else to_pil(images)
+
+    def ensure_ma(self, cond: dict, latents: torch.Tensor, sigmas, guidance=None, *, ratio: float = 50.0) -> MASpec:
+        """The transformer's MA spec, found now if it has none (DG out of the box).
+
+        A spec set by hand or loaded from the cache is kept. Otherwise: for an official
+        architecture, one forward checks whether the channels the paper reports
+        (``ma.PAPER_CHANNELS``) are massive (>= ``ratio`` x the median channel) at the fork block
+        of this checkpoint, and uses them if so; else the channels are calibrated on a short
+        cond-only trajectory of the first prompt. Either way the spec is cached under the
+        checkpoint's content hash (when the model came from files) and one line on stderr says
+        what was done.
+        """
+        model = self.transformer
+        if getattr(model, "ma", None) is not None:
+            return model.ma
+        m = ma.default_block(model.config)
+        first = {k: v[:1] for k, v in cond.items()}
+        g = () if guidance is None else (torch.full((1,), float(guidance), device=latents.device),)
+        hint = ma.paper_channels(model.config)
+        ratios = ma.channel_ratios(model, (latents[:1], float(sigmas[0]), first["context"], first["pooled"], *g),
+                                   hint, m) if hint else []
+        if hint and min(ratios) >= ratio:
+            spec = MASpec(channels=hint, block=m)
+            how = (f"the paper's channels {list(hint)} are massive at block {m} of this checkpoint "
+                   f"({min(ratios):.0f}x the median channel or more): using them")
+        else:
+            from .ma_report import trajectory_samples
+
+            steps, every = 8, 2  # an 8-step cond-only trajectory, every 2nd state probed
+            short = self.sigmas(steps, latents.shape[-2], latents.shape[-1])
+            why = (f"the paper's channels {list(hint)} are only {min(ratios):.1f}x the median at block {m} here"
+                   if hint else "no channels are known for this architecture")
+            print(f"DG: no MA spec for this model and {why}; calibrating "
+                  f"({steps + steps // every} forward passes, once)...", file=sys.stderr, flush=True)
+            samples = trajectory_samples(model, {"": first}, short, latent_shape=tuple(latents.shape[1:]),
+                                         guidance=guidance, every=every)
+            rows = [(x, s, c, p, *rest) for (_, s), (x, c, p, *rest) in samples.items()]
+            try:
+                spec = ma.find_massive(model, rows, ratio=ratio, block=m).spec
+            except ValueError as e:
+                raise ValueError(f"dg needs massive activations, and none were found: {e} Set them with "
+                                 "pipe.transformer.ma = mmdit.MASpec(channels=..., block=...), or calibrate with "
+                                 "a looser rule: mmdit calibrate-ma --model MODEL --ratio 10") from None
+            how = f"calibrated the MA channels: {list(spec.channels)} at block {m}"
+        model.ma = spec
+        files = getattr(model, "source_files", None)
+        if files:
+            where = f"cached as {ma.save_spec(spec, ma.checkpoint_hash(files))}"
+        else:
+            where = "not cached (the model was not loaded from checkpoint files)"
+        print(f"DG: {how}; {where}", file=sys.stderr, flush=True)
+        return spec
+
+
+def initial_noise(n: int, shape: tuple, seed=None, generator=None) -> torch.Tensor:
+    """(n, *shape) standard normal float32 noise; see ``Pipeline.__call__`` for how seeds map to images."""
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if generator is not None:
+        if isinstance(generator, torch.Generator):
+            return torch.randn(n, *shape, generator=generator, device=generator.device).cpu()
+        generators = list(generator)
+        if len(generators) != n:
+            raise ValueError(f"{len(generators)} generators for {n} images; give one, or one per image")
+        return torch.stack([torch.randn(*shape, generator=g, device=g.device).cpu() for g in generators])
+    if seed is None:
+        return torch.randn(n, *shape)
+    seeds = [checks.seed(seed) + i for i in range(n)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} images; give one seed, or one per image")
+    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(checks.seed(s)))
+                        for s in seeds])
 
 
 def to_pil(images: np.ndarray):
@@ -236,10 +345,33 @@ def to_pil(images: np.ndarray):
     return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
 
 
+def _adapt(transformer, lora: list[tuple] | None, weight_dtype: torch.dtype | None) -> None:
+    """fp8 weights (for a model loaded in full precision) and LoRAs ``[(path, scale), ...]``."""
+    if weight_dtype is not None:
+        from .fp8 import quantize_linears
+
+        quantize_linears(transformer, weight_dtype)
+    for path, scale in lora or ():
+        apply_lora(transformer, path, scale)
+
+
 def _where(module) -> tuple[torch.device, torch.dtype]:
     """Device and compute dtype (fp8-stored weights compute in the dtype of the others)."""
     p = next(p for p in module.parameters() if p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2))
     return p.device, p.dtype
+
+
+def _is_tiny_folder(source) -> bool:
+    """A folder in the tiny model's format (``mmdit.tiny.save_tiny``)."""
+    path = Path(source).expanduser() / "config.json"
+    if not path.is_file():
+        return False
+    from .tiny.model import FORMAT
+
+    try:
+        return read_json(path).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        return False
 
 
 def _pipeline_folder(source, revision, token) -> Path:

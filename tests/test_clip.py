@@ -161,7 +161,7 @@ def test_presets_and_config_checks():
     g = clip_config("clip-g")
     assert (g.width, g.num_layers, g.num_heads, g.mlp_dim) == (1280, 32, 20, 5120)
     assert (g.activation, g.projection_dim) == ("gelu", 1280)
-    with torch.device("meta"):  # parameter counts from REFERENCE.md 1.2
+    with torch.device("meta"):  # docs/architecture.md, parameter counts
         n_l = sum(p.numel() for p in CLIPTextEncoder(clip_config("clip-l", projection_dim=None)).parameters())
         n_g = sum(p.numel() for p in CLIPTextEncoder(CLIP_PRESETS["clip-g"]).parameters())
     assert (n_l, n_g) == (123_060_480, 694_659_840)

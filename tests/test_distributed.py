@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mmdit import shapes, tiny, train
+from mmdit import tiny, train
+from mmdit.tiny import recipe, shapes
 
 WORLD = 2
 BATCH = 4  # per step, over both ranks
@@ -24,7 +25,7 @@ def make_model():
     with torch.no_grad():  # leave adaLN-zero so that every parameter sees a gradient
         for p in transformer.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    return train.TextToImage(transformer, conditioner)
+    return recipe.TextToImage(transformer, conditioner)
 
 
 def batches():

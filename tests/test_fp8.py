@@ -27,7 +27,7 @@ FP8_MEMORY = 0.55  # weight bytes of an fp8-in-memory model / the bf16 model
 # (e4m3 keeps 3 mantissa bits: ~3% per weight; measured 0.02-0.07)
 FP8_ROUNDING = 0.2
 SCALED_MM = 0.1  # fp8 activations too (GPU only)
-BF16_GPU = 2e-2  # compiled vs eager in bf16 on a GPU (DESIGN.md)
+BF16_GPU = 2e-2  # compiled vs eager in bf16 on a GPU (the project's bf16 tolerance)
 
 FAMILIES = {"flux": dict(num_double=1, num_single=2, heads=2, guidance=True),
             "sd3.5": dict(num_layers=2, heads=2, head_dim=64, qk_norm=True, dual=(0,))}

@@ -31,16 +31,18 @@ def modulate_formula(x, shift, scale):
 
 
 def gated_residual_formula(x, y, gate, fork_rows=0, append=True, channels=(), rho=0.0, token_range=None,
-                           token_mask=None):
-    """The last fork_rows rows copied (append) or replaced, channels x chosen tokens times rho."""
+                           token_mask=None, fork_start=None):
+    """fork_rows rows from fork_start (default: the last) copied (append) or replaced,
+    channels x chosen tokens times rho."""
     out = x + gate.unsqueeze(1) * y
     if fork_rows == 0:
         return out
     B, N, D = x.shape
     lo, hi = token_range or (0, N)
     M = 0 if token_mask is None else len(token_mask)
+    start = B - fork_rows if fork_start is None else fork_start
     copies = []
-    for i, b in enumerate(range(B - fork_rows, B)):
+    for i, b in enumerate(range(start, start + fork_rows)):
         r = float(rho[i]) if torch.is_tensor(rho) else float(rho)
         factor = torch.ones(N, D, dtype=out.dtype)
         for n in range(lo, hi):
@@ -49,7 +51,7 @@ def gated_residual_formula(x, y, gate, fork_rows=0, append=True, channels=(), rh
                     factor[n, int(c)] = r
         copies.append(out[b] * factor)
     copies = torch.stack(copies)
-    return torch.cat([out, copies] if append else [out[:B - fork_rows], copies])
+    return torch.cat([out, copies] if append else [out[:start], copies, out[start + fork_rows:]])
 
 
 def table(channels, D):
@@ -133,6 +135,8 @@ FORKS = {
     "rho_range": dict(fork_rows=1, channels=[0, 41], rho=0.37, token_range=(9, 30)),
     "rho_per_row_mask": dict(fork_rows=2, channels=[7, 64], rho=[0.5, -2.0], token_range=(4, 37), token_mask=33),
     "in_place_mask": dict(fork_rows=2, append=False, channels=[1, 2, 60], rho=0.25, token_mask=20),
+    "middle_row": dict(fork_rows=1, fork_start=1, channels=[4, 8], rho=[0.3]),  # [u | c | branch]: c forks
+    "first_rows_in_place": dict(fork_rows=2, fork_start=0, append=False, channels=[9], rho=-1.5),
 }
 
 

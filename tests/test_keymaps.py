@@ -9,7 +9,7 @@ from mmdit.weights import keymaps
 import peers
 
 PRESETS = list(peers.FULL)
-# tensors per file, original / diffusers (REFERENCE.md 1.1)
+# tensors per file, original / diffusers (docs/architecture.md, key maps)
 TENSOR_COUNTS = {"sd3-medium": (491, 683), "sd3.5-medium": (665, 909), "sd3.5-large": (923, 1227),
                  "flux.1-dev": (780, 1160), "flux.1-schnell": (776, 1156)}
 

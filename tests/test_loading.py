@@ -104,6 +104,13 @@ def test_load_casts_to_the_requested_dtype(tmp_path):
     assert {p.dtype for p in model.state_dict().values()} == {torch.bfloat16}
 
 
+def test_loaded_for_inference_unless_a_trainer_asks(tmp_path):
+    """requires_grad=False by default (no autograd graph in a plain call), True for trainers."""
+    path = write_bfl(make_peer("flux", SCHNELL), tmp_path, None)
+    assert not any(p.requires_grad for p in load_transformer(path).parameters())
+    assert all(p.requires_grad for p in load_transformer(path, requires_grad=True).parameters())
+
+
 def test_flux_with_other_head_dim_loads_with_axes_given(tmp_path):
     peer = peers.flux_peer(num_double=1, num_single=1, heads=2, head_dim=64, axes=(8, 28, 28))
     path = write_bfl(peer, tmp_path, None)
@@ -175,21 +182,24 @@ def test_hub_repo_not_in_the_offline_cache_is_one_clear_error(offline_cache):
 
 def test_hub_online_downloads_only_transformer_files(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    import huggingface_hub  # mmdit imports it where used; patch the module itself
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     peer = make_peer("flux", SCHNELL)
     folder = peers.save_diffusers_folder(peer, tmp_path / "snap", pipeline=True)
     calls = []
-    monkeypatch.setattr(hub.huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: [
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: [
         "model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors", "flux1-schnell.safetensors", "ae.safetensors"])
-    monkeypatch.setattr(hub.huggingface_hub, "snapshot_download",
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, **kw: calls.append((repo, kw)) or str(folder))
     assert peers.parity(load_transformer("org/flux-schnell-tiny", revision="v1", token="tok"), peer) <= TOL
     (repo, kw), = calls
     assert repo == "org/flux-schnell-tiny" and kw["revision"] == "v1" and kw["token"] == "tok"
     assert kw["allow_patterns"] == ["transformer/*.json", "transformer/*.safetensors"]
     # single-file repo: the one transformer file, not the VAE or text encoders
-    monkeypatch.setattr(hub.huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: [
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: [
         "flux1-dev.safetensors", "ae.safetensors", "text_encoders/clip_l.safetensors", "README.md"])
     assert hub._patterns("org/x", None, None) == ["flux1-dev.safetensors"]
 

@@ -4,7 +4,7 @@ import torch
 
 import mmdit
 
-# Learned parameter counts of the official checkpoints (REFERENCE.md 1.1), pos_embed excluded.
+# Learned parameter counts of the official checkpoints (docs/architecture.md), pos_embed excluded.
 OFFICIAL_PARAMS = {
     "sd3-medium": 2_028_328_000,
     "sd3.5-medium": 2_243_171_520,

@@ -22,7 +22,7 @@ def test_sd3_matches_diffusers(steps, shift):
 
 
 def test_sd3_reference_values():
-    s = sd3_sigmas(28)  # REFERENCE.md 6.2
+    s = sd3_sigmas(28)  # docs/architecture.md, schedules
     torch.testing.assert_close(s[:3], torch.tensor([1.0, 0.987381, 0.974108]), atol=1e-6, rtol=0)
     torch.testing.assert_close(s[-3:], torch.tensor([0.110906, 0.008929, 0.0]), atol=1e-6, rtol=0)
 
@@ -48,7 +48,7 @@ def test_flux_matches_diffusers(steps, hw):
 def test_flux_reference_values():
     assert flux_seq_len(1024, 1024) == 4096 and flux_seq_len(1024, 768) == 3072
     assert flux_mu(flux_seq_len(1024, 768)) == pytest.approx(0.976667, abs=1e-6)
-    s = flux_sigmas(28, 4096)  # REFERENCE.md 6.3, mu = 1.15
+    s = flux_sigmas(28, 4096)  # docs/architecture.md, schedules: mu = 1.15
     torch.testing.assert_close(s[:3], torch.tensor([1.0, 0.988409, 0.976222]), atol=1e-6, rtol=0)
     torch.testing.assert_close(s[-3:], torch.tensor([0.195455, 0.104721, 0.0]), atol=1e-6, rtol=0)
 

@@ -144,7 +144,7 @@ def test_presets():
     xxl = t5_config("t5-xxl")
     assert xxl == T5_PRESETS["t5-xxl"]
     assert (xxl.d_model, xxl.num_layers, xxl.num_heads, xxl.d_kv, xxl.d_ff) == (4096, 24, 64, 64, 10240)
-    with torch.device("meta"):  # REFERENCE.md 1.2
+    with torch.device("meta"):  # docs/architecture.md, parameter counts
         assert sum(p.numel() for p in T5Encoder(xxl).parameters()) == 4_762_310_656
     with pytest.raises(ValueError, match="unknown T5 preset"):
         t5_config("t5-small")

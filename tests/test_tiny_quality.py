@@ -18,7 +18,8 @@ import json
 import pytest
 import torch
 
-from mmdit import shapes, tiny
+from mmdit import tiny
+from mmdit.tiny import shapes
 
 N = 32
 STEPS = 12

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mmdit
-from mmdit import shapes, tiny, train
+from mmdit import cli, tiny, train
+from mmdit.tiny import recipe, shapes
 from mmdit.kernels import dispatch
 from mmdit.sd3 import SD3Transformer
 
@@ -21,7 +22,7 @@ def random_model(seed=0, **overrides):
     torch.manual_seed(seed + 1)
     fresh = SD3Transformer(transformer.config)
     fresh.pos_embed.copy_(transformer.pos_embed)
-    return train.TextToImage(fresh, conditioner)
+    return recipe.TextToImage(fresh, conditioner)
 
 
 def fixed_batch(n=2, size=16, seed=0):
@@ -89,7 +90,7 @@ def test_loss_decreases():
     """40 AdamW steps on 32x32 shapes: the loss on a held-out fixed batch drops by > 30%."""
     transformer, conditioner = tiny.build_tiny(0, transformer=dict(SMALL, num_heads=2, head_dim=32, context_dim=32),
                                                text=SMALL_TEXT)
-    model = train.TextToImage(transformer, conditioner)
+    model = recipe.TextToImage(transformer, conditioner)
     held = fixed_batch(16, size=32, seed=99)
 
     def held_loss():
@@ -225,7 +226,7 @@ def test_ema():
 
 
 def test_lr_schedule():
-    lrs = [train.lr_at(s, 100, 1.0, 10) for s in range(100)]
+    lrs = [recipe.lr_at(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
@@ -264,8 +265,8 @@ def test_load_errors(tmp_path):
 
 
 def test_train_entry_point(tmp_path):
-    """``python -m mmdit.train`` end to end on a 1-layer model: trains, calibrates, saves, loads."""
-    assert train.main(["--steps", "2", "--batch-size", "2", "--layers", "1", "--out", str(tmp_path),
+    """``mmdit train`` end to end on a 1-layer model: trains, calibrates, saves, loads."""
+    assert cli.main(["train", "--steps", "2", "--batch-size", "2", "--layers", "1", "--out", str(tmp_path),
                        "--log-every", "1"]) == 0
     loaded = tiny.load_tiny(tmp_path)
     assert loaded.transformer.config.num_layers == 1 and loaded.meta["training"]["steps"] == 2

@@ -7,7 +7,7 @@ import pytest
 import mmdit
 from peers import flux_peer, parity, save_diffusers_folder, sd3_peer
 
-PARITY = 1e-4  # max abs err / max abs output, fp32 (DESIGN.md)
+PARITY = 1e-4  # max abs err / max abs output, fp32 (docs/architecture.md, tolerances)
 # Small enough for the Triton interpreter: 1-2 blocks, 2 heads, a 4x4 latent, 3 text tokens.
 PEERS = {
     "sd3.5-medium-like": lambda: sd3_peer(num_layers=2, heads=2, head_dim=16, qk_norm=True, dual=(0,), pos_max=4),

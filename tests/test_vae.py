@@ -105,7 +105,7 @@ def test_keymap_both_directions_full_size():
     assert vae_key("decoder.up.3.block.2.conv1.weight", 4, "diffusers") == "decoder.up_blocks.0.resnets.2.conv1.weight"
     shortcut = vae_key("decoder.up_blocks.2.resnets.0.conv_shortcut.bias", 4, "ldm")
     assert shortcut == "decoder.up.1.block.0.nin_shortcut.bias"
-    with torch.device("meta"):  # REFERENCE.md 1.2
+    with torch.device("meta"):  # docs/architecture.md, parameter counts
         model = VAE(vae_config("flux"))
     assert sum(p.numel() for p in model.encoder.parameters()) == 34_274_208
     assert sum(p.numel() for p in model.decoder.parameters()) == 49_545_475

@@ -11,10 +11,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub
-from huggingface_hub import constants
-from huggingface_hub import errors as hf_errors
-
 from .checkpoint import CheckpointError, foreign_file, open_checkpoint, read_json, shard_set
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
@@ -85,6 +81,8 @@ def _config_json(folder: Path) -> dict | None:
 
 def offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants  # imported where used: `import mmdit` stays light
+
     env = os.environ.get("HF_HUB_OFFLINE", "")
     return constants.HF_HUB_OFFLINE or env.upper() in {"1", "ON", "YES", "TRUE"}
 
@@ -95,10 +93,15 @@ def cache_dir() -> str:
         return os.environ["HF_HUB_CACHE"]
     if os.environ.get("HF_HOME"):
         return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
     return constants.HF_HUB_CACHE
 
 
 def _hub(text: str, revision: str | None, token) -> Source:
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
     org, name, *rest = text.split("/", 2)
     repo, filename = f"{org}/{name}", (rest[0] if rest else None)
     where = f"{repo}" + (f" (revision {revision})" if revision else "")
@@ -135,6 +138,9 @@ def _cached_snapshot(repo: str, revision: str | None, token, patterns: list[str]
     its cached listing of the repo, so a repo of which only the transformer was downloaded is
     fine. If the listing names transformer/ files that aren't here (a single-file download from a
     repo that has both), take the folder as it is: the caller looks at what is actually present."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
     try:
         return Path(huggingface_hub.snapshot_download(repo, revision=revision, cache_dir=cache_dir(),
                                                       local_files_only=True, token=token, allow_patterns=patterns))
@@ -145,6 +151,9 @@ def _cached_snapshot(repo: str, revision: str | None, token, patterns: list[str]
 
 def _patterns(repo: str, revision: str | None, token) -> list[str]:
     """Which files of ``repo`` make up its transformer (listing the repo, downloading nothing)."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
     try:
         files = huggingface_hub.list_repo_files(repo, revision=revision, token=token)
     except (hf_errors.GatedRepoError, hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError):

@@ -10,7 +10,7 @@ ops (our tensor <- diffusers tensors; every op is exactly invertible):
   qkv_mlp  cat(q, k, v, mlp): FLUX single-block ``linear1``; q, k, v have ``hidden`` rows each
   adaln    a 2-chunk adaLN (``hidden`` * 2 rows) is (shift, scale) in the original and
            (scale, shift) in diffusers: swap the halves. The 6- and 9-chunk ones are copied.
-           (REFERENCE.md 2.4: only SD3 ``final_layer``, SD3 last-block ``context_block`` and
+           (docs/architecture.md, key maps: only SD3 ``final_layer``, SD3 last-block ``context_block`` and
            FLUX ``final_layer`` have 2 chunks.)
 
 Original layout -> ours is the identity once the prefix (``model.diffusion_model.``) is off.

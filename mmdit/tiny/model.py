@@ -1,18 +1,4 @@
-"""The tiny default model: a pixel-space SD3-family MMDiT trained on ``mmdit.shapes``.
-
-Three parts, saved together in one folder (the shipped one is ``mmdit/weights/tiny/``):
-
-    transformer.safetensors   SD3Transformer (Stability key names), 64x64 RGB in [-1, 1], patch 4
-    text_encoder.safetensors  a 2-layer CLIPTextEncoder over a word-level vocabulary
-    vocab.json                the WordTokenizer's words -> ids
-    config.json               both configs, the prompt length, the image settings
-                              (size, steps, cfg, dg, shift), the MA spec and how it was trained
-
-``load_tiny()`` returns them ready to sample::
-
-    tiny = mmdit.tiny.load_tiny()
-    images = mmdit.tiny.generate(tiny, ["a red circle on a blue background"], seed=0)  # (B, 3, 64, 64)
-"""
+"""The tiny model itself: its transformer and text-encoder configs, the conditioner, save / load, sampling."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,10 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .clip import CLIPConfig, CLIPTextEncoder
-from .config import SD3Config
-from .ma import MASpec, spec_from_json, spec_to_json
-from .sd3 import SD3Transformer
+from ..clip import CLIPConfig, CLIPTextEncoder
+from ..config import SD3Config
+from ..ma import MASpec, spec_from_json, spec_to_json
+from ..sd3 import SD3Transformer
 from .wordtok import WordTokenizer
 
 FORMAT = "mmdit-tiny/1"
@@ -171,7 +157,7 @@ def build_tiny(seed: int = 0, tokenizer: WordTokenizer | None = None, *, transfo
 
 def default_folder() -> Path:
     """The shipped ``mmdit/weights/tiny/`` (package data of ``mmdit.weights``)."""
-    from . import weights
+    from .. import weights
 
     return Path(weights.__file__).parent / "tiny"
 
@@ -218,7 +204,7 @@ def load_tiny(folder: str | os.PathLike | None = None, *, device: str | torch.de
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         hint = ("the package was installed without its data; reinstall with `pip install -e .`"
-                if folder == default_folder() else "train one with `python -m mmdit.train --out FOLDER`")
+                if folder == default_folder() else "train one with `mmdit train --out FOLDER`")
         raise FileNotFoundError(f"no tiny model at {folder} (config.json missing); {hint}")
     config = json.loads(cfg_path.read_text())
     if config.get("format") != FORMAT:
@@ -258,7 +244,7 @@ def generate(tiny: Tiny, prompts: str | Sequence[str], seed: int | Sequence[int]
 
     seed: one seed for the batch, or one per prompt (each image's noise then depends only on it).
     """
-    from .samplers import sample, sd3_sigmas
+    from ..samplers import sample, sd3_sigmas
 
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -2,7 +2,8 @@
 
 Text is lower-cased and split into words and punctuation marks; each maps to an id from a
 ``vocab.json`` (``{"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, "a": 4, ...}``); a word
-outside it becomes ``<unk>``. ``tok(prompts, max_length)`` gives ``<bos> words <eos> <pad>...``
+outside it becomes ``<unk>``, with a warning naming it and the vocabulary (once per word).
+``tok(prompts, max_length)`` gives ``<bos> words <eos> <pad>...``
 as a (B, max_length) LongTensor, CLIP-style (the pooled state is read at the first ``<eos>``).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -35,6 +37,7 @@ class WordTokenizer:
         self.vocab = dict(vocab)
         self.words = {i: w for w, i in vocab.items()}
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = (vocab[s] for s in SPECIALS)
+        self._warned: set[str] = set()
 
     @classmethod
     def from_words(cls, words: Iterable[str]) -> WordTokenizer:
@@ -61,8 +64,18 @@ class WordTokenizer:
         return len(self.vocab)
 
     def encode(self, text: str) -> list[int]:
-        """Word ids of ``text``, without specials."""
-        return [self.vocab.get(w, self.unk_id) for w in split_words(text)]
+        """Word ids of ``text``, without specials; unknown words warn once and become ``<unk>``."""
+        words = split_words(text)
+        unknown = sorted({w for w in words if w not in self.vocab} - self._warned)
+        if unknown:
+            self._warned.update(unknown)
+            known = [w for w in self.vocab if w not in SPECIALS]
+            words_known = " ".join(w for w in known if w.isalnum())
+            marks = " ".join(w for w in known if not w.isalnum())
+            warnings.warn(f"the tiny model does not know the word(s) {', '.join(map(repr, unknown))}; they become "
+                          f"<unk>. It knows: {words_known}" + (f" (and the marks {marks})" if marks else ""),
+                          stacklevel=3)
+        return [self.vocab.get(w, self.unk_id) for w in words]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> words joined by spaces, specials dropped."""

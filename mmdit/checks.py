@@ -10,6 +10,8 @@ import numbers
 from collections.abc import Sequence
 
 MAX_STEPS = 1000  # the models were trained on 1000 noise levels; more steps add nothing
+SAMPLERS = ("euler", "dpmpp_2m", "heun")  # the solvers in samplers/solvers.py
+SCHEDULES = ("default", "beta", "karras", "exponential")  # the sigma spacings in samplers/schedules.py
 
 
 def count(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -48,6 +50,12 @@ def positive(name: str, value) -> float:
     return float(value)
 
 
+def choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
 def interval(name: str, value: Sequence[float]) -> tuple[float, float]:
     """A sigma interval ``(start, stop)`` with 0 <= start <= stop <= 1."""
     try:
@@ -58,6 +66,22 @@ def interval(name: str, value: Sequence[float]) -> tuple[float, float]:
         raise ValueError(f"{name} must be two sigmas with 0 <= start <= stop <= 1 (sigma 1 is pure noise), "
                          f"got ({lo:g}, {hi:g})")
     return lo, hi
+
+
+def layers(name: str, value, total: int | None = None) -> tuple[int, ...]:
+    """Block indices: whole numbers >= 0 (and < ``total``, the model's blocks, when known);
+    a "7,8,9" string is accepted too (the CLI's form)."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be block numbers like 7,8,9, got {value!r}") from None
+    bad = [i for i in out if i < 0 or (total is not None and i >= total)]
+    if bad:
+        where = f"0..{total - 1} (this model has {total} blocks)" if total is not None else "whole numbers >= 0"
+        raise ValueError(f"{name} {bad} outside {where}")
+    return out
 
 
 def seed(value) -> int:

@@ -161,6 +161,41 @@ def _add_generate(sub) -> None:
                    default=(0.0, 1.0), help="sigmas where CFG acts (1 = pure noise)")
     p.add_argument("--dg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
                    default=(0.0, 1.0), help="sigmas where DG acts")
+    guides = p.add_argument_group("other guidance terms (each a copy of the cond rows inside the step's one model call)")
+    def scale(name):
+        return _checked(lambda v: checks.scale(name, v, off=0), float)
+
+    def layers(name):
+        return _checked(lambda v: checks.layers(name, v), str)
+
+    guides.add_argument("--slg", type=scale("--slg"), default=0.0, help="Skip Layer Guidance scale, 0 = off (SD3.5: 2.5-2.8)")
+    guides.add_argument("--slg-layers", type=layers("--slg-layers"), default=(), metavar="I,J,...",
+                        help="blocks SLG skips, e.g. 7,8,9")
+    guides.add_argument("--slg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"), default=None,
+                        help="sigmas where SLG acts (default: steps between --slg-start and --slg-stop)")
+    guides.add_argument("--slg-start", type=_interval("--slg-start"), default=None,
+                        help="SLG from this fraction of the steps, as diffusers (default 0.01)")
+    guides.add_argument("--slg-stop", type=_interval("--slg-stop"), default=None,
+                        help="SLG until this fraction of the steps (default 0.2)")
+    guides.add_argument("--pag", type=scale("--pag"), default=0.0, help="Perturbed Attention Guidance scale, 0 = off")
+    guides.add_argument("--pag-layers", type=layers("--pag-layers"), default=(), metavar="I,J,...",
+                        help="blocks whose image attention PAG replaces by the identity")
+    guides.add_argument("--pag-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
+                        default=(0.0, 1.0), help="sigmas where PAG acts")
+    guides.add_argument("--cfg-zero-star", action="store_true", help="CFG-Zero* in place of plain CFG")
+    guides.add_argument("--apg", action="store_true", help="Adaptive Projected Guidance in place of plain CFG")
+    guides.add_argument("--apg-eta", type=_checked(float, float), default=1.0,
+                        help="APG: weight of the update's part parallel to the cond prediction")
+    guides.add_argument("--apg-norm-threshold", type=_checked(lambda v: checks.scale("threshold", v, off=0), float),
+                        default=15.0, help="APG: cap on the update's norm, 0 = none")
+    guides.add_argument("--apg-momentum", type=_checked(float, float), default=None,
+                        help="APG: momentum over steps (e.g. -0.5; default none)")
+    p.add_argument("--sampler", choices=checks.SAMPLERS, default="euler",
+                   help="the ODE solver: euler (1 model call per step), dpmpp_2m (DPM++ 2M, 1 per step), "
+                        "heun (2 per step)")
+    p.add_argument("--schedule", choices=checks.SCHEDULES, default="default",
+                   help="the spacing of the sigmas: default (the model's own), or karras, exponential or beta "
+                        "(re-spaced between the default's first and last sigma)")
     p.add_argument("--output", default="out.png", help="where to write the PNG (its settings go into its metadata)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "
@@ -174,14 +209,28 @@ def _add_generate(sub) -> None:
         if Path(args.output).is_dir():
             raise ValueError(f"--output {args.output!r} is a folder; name a .png file")
         checks.interval("--cfg-interval", args.cfg_interval), checks.interval("--dg-interval", args.dg_interval)
+        if args.cfg_zero_star and args.apg:
+            raise ValueError("--cfg-zero-star and --apg both replace plain CFG: choose one")
+        from .samplers import APG
+
         pipe = _pipeline(args)
         height, width = _size(args, pipe)
         settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
                         dg=args.dg, guidance=args.guidance, height=height, width=width, seed=args.seed,
                         max_sequence_length=args.max_sequence_length, cfg_interval=list(args.cfg_interval),
-                        dg_interval=list(args.dg_interval))
+                        dg_interval=list(args.dg_interval), sampler=args.sampler, schedule=args.schedule,
+                        slg=args.slg, slg_layers=list(args.slg_layers), pag=args.pag, pag_layers=list(args.pag_layers),
+                        pag_interval=list(args.pag_interval), cfg_zero_star=args.cfg_zero_star)
+        if args.slg_interval is not None:
+            settings["slg_interval"] = list(args.slg_interval)
+        elif args.slg:
+            settings.update(slg_start=args.slg_start, slg_stop=args.slg_stop)
+        if args.apg:
+            settings["apg"] = dict(eta=args.apg_eta, norm_threshold=args.apg_norm_threshold,
+                                   momentum=args.apg_momentum)
+        call = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt", "apg")}
         image = pipe(args.prompt, args.negative_prompt, output="pil", progress=True,
-                     **{k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")})[0]
+                     apg=APG(**settings["apg"]) if args.apg else None, **call)[0]
         settings.update(model=args.model or "tiny-shapes (shipped)", **{k: pipe.defaults.get(k) for k in
                                                                        ("steps", "cfg", "dg") if settings[k] is None})
         info = PngInfo()

@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import FluxConfig
 from .kernels import gated_residual, modulate, qk_norm_rope
+from .branches import Rows
 from .layers import (FinalLayer, Fork, MLPEmbedder, Transformer, attention, gelu_tanh, modulations, split_heads,
                      timestep_embedding)
 
@@ -90,14 +91,15 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn, self.txt_attn = StreamAttention(dim, heads), StreamAttention(dim, heads)
         self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
 
-    def forward(self, img, txt, vec, cos, sin, fork: Fork | None = None):
-        """img (B, N, D), txt (B, L, D), vec (B, D), cos/sin (L + N, Dh/2) -> (img, txt)."""
+    def forward(self, img, txt, vec, cos, sin, fork: Fork | None = None, identity=()):
+        """img (B, N, D), txt (B, L, D), vec (B, D), cos/sin (L + N, Dh/2) -> (img, txt).
+        ``identity``: row ranges whose image-to-image attention is the identity (PAG)."""
         L = txt.shape[1]
         img_msa, img_mlp = self.img_mod(vec)
         txt_msa, txt_mlp = self.txt_mod(vec)
         qi, ki, vi = self.img_attn.qkv_heads(modulate(img, img_msa.shift, img_msa.scale), cos[L:], sin[L:])
         qt, kt, vt = self.txt_attn.qkv_heads(modulate(txt, txt_msa.shift, txt_msa.scale), cos[:L], sin[:L])
-        a = attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2))
+        a = attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), identity, L, L)
         at, ai = a.split([L, img.shape[1]], dim=1)
         img = gated_residual(img, self.img_attn.proj(ai), img_msa.gate)
         txt = gated_residual(txt, self.txt_attn.proj(at), txt_msa.gate)
@@ -121,14 +123,15 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNorm(dim // self.heads)
 
-    def forward(self, x, vec, cos, sin, text_len: int, fork: Fork | None = None):
-        """x (B, L + N, D) -> (B [+ forked], L + N, D)."""
+    def forward(self, x, vec, cos, sin, text_len: int, fork: Fork | None = None, identity=()):
+        """x (B, L + N, D) -> (B [+ forked], L + N, D); ``identity``: PAG rows, as in the double block."""
         (mod,) = self.modulation(vec)
         qkv, h = self.linear1(modulate(x, mod.shift, mod.scale)).split(
             [3 * x.shape[-1], self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)
         q, k = self.norm(q, k, cos, sin)
-        y = self.linear2(torch.cat([attention(q, k, v.transpose(1, 2)), gelu_tanh(h)], dim=-1))
+        a = attention(q, k, v.transpose(1, 2), identity, text_len, text_len)
+        y = self.linear2(torch.cat([a, gelu_tanh(h)], dim=-1))
         if fork is None:
             return gated_residual(x, y, mod.gate)
         return fork.residual(x, y, mod.gate, "joint", text_len=text_len)
@@ -155,9 +158,9 @@ class FluxTransformer(Transformer):
         self.final_layer = FinalLayer(dim, config.in_channels)
         self.ma = None
 
-    def velocity(self, x, sigma, context, pooled, guidance, fork: Fork | None):
+    def velocity(self, x, sigma, context, pooled, guidance, rows: Rows):
         """x (B, C, H, W), sigma (B,) and guidance (B,) float32 (or None), context (B, L, Dc),
-        pooled (B, Dp); ``fork`` acts on the last rows at its block."""
+        pooled (B, Dp); ``rows`` says what each block does to which rows."""
         B, C, H, W = x.shape
         cfg = self.config
         if H % 2 or W % 2:
@@ -177,17 +180,18 @@ class FluxTransformer(Transformer):
         L = txt.shape[1]
         ids = torch.cat([torch.zeros(L, 3, device=x.device), image_ids(h, w, x.device)])
         cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
-        m = -1 if fork is None else fork.block
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, cos, sin, fork if i == m else None)
-            if i == m:
-                vec = fork.extend(vec)
+            img, txt, vec = rows.enter(i, [img, txt, vec])
+            (img, txt), vec = rows.run(i, [img, txt], vec, rows.fork_at(i),
+                                       lambda img, txt, vec, fork, identity, block=block:
+                                       block(img, txt, vec, cos, sin, fork, identity))
         joint = torch.cat([txt, img], dim=1)
         for j, block in enumerate(self.single_blocks):
             i = cfg.num_double + j
-            joint = block(joint, vec, cos, sin, L, fork if i == m else None)
-            if i == m:
-                vec = fork.extend(vec)
+            joint, vec = rows.enter(i, [joint, vec])
+            (joint,), vec = rows.run(i, [joint], vec, rows.fork_at(i),
+                                     lambda joint, vec, fork, identity, block=block:
+                                     (block(joint, vec, cos, sin, L, fork, identity),))
         out = self.final_layer(joint[:, L:], vec)  # (B', h*w, 4C)
         out = out.view(-1, h, w, C, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(-1, C, H, W)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .branches import Branch, MADisruption, Rows
 from .kernels import gated_residual, modulate
 
 
@@ -79,10 +80,31 @@ def split_heads(qkv: torch.Tensor, heads: int):
     return q, k, v
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v: (B, H, L, Dh) -> (B, L, H*Dh)."""
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).flatten(2)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identity=(), q_text: int = 0,
+              k_text: int = 0) -> torch.Tensor:
+    """q, k, v: (B, H, L, Dh) -> (B, L, H*Dh).
+
+    ``identity``: (start, stop) row ranges whose image tokens attend to no other image token
+    (PAG's perturbed rows); the first ``q_text`` query and ``k_text`` key tokens are text.
+    """
+    if not identity:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    mask = identity_mask(q.shape[2], k.shape[2], q_text, k_text, q.device)
+    pieces, row = [], 0
+    for a, b in [*identity, (q.shape[0], q.shape[0])]:
+        if row < a:
+            pieces.append(F.scaled_dot_product_attention(q[row:a], k[row:a], v[row:a]))
+        if a < b:
+            pieces.append(F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], attn_mask=mask))
+        row = b
+    return torch.cat(pieces).transpose(1, 2).flatten(2)
+
+
+def identity_mask(q_len: int, k_len: int, q_text: int, k_text: int, device) -> torch.Tensor:
+    """(q_len, k_len) bool, True = may attend: everything, except image query i to image key j != i."""
+    qi = torch.arange(q_len, device=device) - q_text
+    kj = torch.arange(k_len, device=device) - k_text
+    return (qi[:, None] < 0) | (kj[None, :] < 0) | (qi[:, None] == kj[None, :])
 
 
 def gelu_tanh(x):
@@ -91,7 +113,7 @@ def gelu_tanh(x):
 
 @dataclass(frozen=True)
 class Fork:
-    """The MA disruption at the output of block ``block``, on the LAST ``rows`` rows of the batch.
+    """The MA disruption at the output of block ``block``, on ``rows`` rows from row ``start``.
 
     append: True for ``fork`` (disrupted copies of those rows are appended after the batch),
     False for ``disrupt`` (the rows themselves are disrupted). channels: (D,) bool table on the
@@ -106,6 +128,7 @@ class Fork:
     rho: float | torch.Tensor
     streams: tuple[str, ...]
     token_mask: torch.Tensor | None = None
+    start: int = 0
 
     def residual(self, x, y, gate, stream: str, text_len: int = 0):
         """``x + gate*y`` for one stream of the fork block, with this fork applied.
@@ -114,7 +137,7 @@ class Fork:
         tokens first, then image tokens).
         """
         if stream != "joint" and stream not in self.streams:  # untouched: exact copies (or nothing)
-            return gated_residual(x, y, gate, self.rows if self.append else 0)
+            return gated_residual(x, y, gate, self.rows if self.append else 0, fork_start=self.start)
         N = x.shape[1]
         token_range, mask = None, self.token_mask
         if stream == "text":
@@ -128,11 +151,11 @@ class Fork:
             raise ValueError(f"the MA spec's token_mask has {mask.shape[0]} entries; this image has {images} "
                              "image tokens (one per patch): build the mask for this size")
         return gated_residual(x, y, gate, self.rows, append=self.append, channels=self.channels, rho=self.rho,
-                              token_range=token_range, token_mask=mask)
+                              token_range=token_range, token_mask=mask, fork_start=self.start)
 
     def extend(self, t: torch.Tensor) -> torch.Tensor:
         """The conditioning vector's rows after the fork block."""
-        return torch.cat([t, t[t.shape[0] - self.rows:]]) if self.append else t
+        return torch.cat([t, t[self.start:self.start + self.rows]]) if self.append else t
 
 
 def row_indices(rows, batch: int, name: str) -> tuple[int, ...]:
@@ -166,7 +189,7 @@ class Transformer(nn.Module):
     """What SD3 and FLUX share: input checks, the MA spec (``model.ma``) and the rows it acts on.
 
     Subclasses set ``self.config`` and implement ``velocity(x, sigma, context, pooled,
-    guidance, fork)`` with fork rows always the last ones.
+    guidance, rows)``, running each block through ``rows`` (a ``branches.Rows``).
     """
 
     def __init__(self):
@@ -200,8 +223,13 @@ class Transformer(nn.Module):
         self.ma_channels, self.ma_token_mask = channels, mask
         self.__dict__["_ma"] = spec
 
-    def forward(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
-        """Velocity (B [+ forked], C, H, W); see the family's ``velocity`` for the inputs."""
+    def forward(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None, branches=()):
+        """Velocity (B [+ branch rows], C, H, W); see the family's ``velocity`` for the inputs.
+
+        fork: rows (a slice, or a (B,) bool mask) whose MA-disrupted copies are appended (DG);
+        disrupt: rows disrupted in place; branches: more perturbed copies (``mmdit.branches``),
+        appended after the fork's rows in the order given.
+        """
         B = x.shape[0]
         cfg = self.config
         if context.shape[-1] != cfg.context_dim or pooled.shape[-1] != cfg.pooled_dim:
@@ -209,21 +237,20 @@ class Transformer(nn.Module):
                              f"got {tuple(context.shape)} and {tuple(pooled.shape)}")
         sigma = per_row(sigma, B, x)
         guidance = None if guidance is None else per_row(guidance, B, x)
-        if disrupt is None and fork is None:
-            return self.velocity(x, sigma, context, pooled, guidance, None)
         if disrupt is not None and fork is not None:
             raise ValueError("give either disrupt or fork, not both")
-        spec = self.ma
-        if spec is None:
+        rows = ()
+        if disrupt is not None or fork is not None:
+            append = fork is not None
+            rows = row_indices(fork if append else disrupt, B, "fork" if append else "disrupt")
+        ma = any(isinstance(b.perturbation, MADisruption) for b in branches)
+        if (rows or ma) and self.ma is None:
             raise ValueError("disrupt/fork need an MA spec: set model.ma = mmdit.MASpec(channels, block) "
                              "or calibrate one with `mmdit calibrate-ma`")
-        append = fork is not None
-        rows = row_indices(fork if append else disrupt, B, "fork" if append else "disrupt")
-        n = len(rows)
-        if n == 0:
-            return self.velocity(x, sigma, context, pooled, guidance, None)
-        if rows == tuple(range(B - n, B)):  # the sampler's layout: the static path
-            return self.velocity(x, sigma, context, pooled, guidance, self._fork(spec, n, append, sigma))
+        if not rows or rows == tuple(range(rows[0], rows[-1] + 1)):  # contiguous: the static path
+            return self._rows_forward(x, sigma, context, pooled, guidance, rows, fork is not None, branches)
+        if branches:
+            raise ValueError("with branches, give fork / disrupt as a slice of contiguous rows")
         # Other rows: move them last, run the static path, put the B rows back in order.
         order = [b for b in range(B) if b not in rows] + list(rows)
         back = [order.index(b) for b in range(B)]
@@ -232,14 +259,25 @@ class Transformer(nn.Module):
         def moved(t):
             return t if t is None or t.shape[0] != B else t.index_select(0, pick[0])
 
-        out = self.velocity(moved(x), moved(sigma), moved(context), moved(pooled), moved(guidance),
-                            self._fork(spec, n, append, moved(sigma)))
+        out = self._rows_forward(moved(x), moved(sigma), moved(context), moved(pooled), moved(guidance),
+                                 tuple(range(B - len(rows), B)), fork is not None, ())
         return torch.cat([out[:B].index_select(0, pick[1]), out[B:]])
 
-    def _fork(self, spec, n: int, append: bool, sigma: torch.Tensor) -> Fork:
-        device = sigma.device
-        channels, mask = self.ma_channels, self.ma_token_mask
-        if channels.device != device:  # the model was moved without .to() (e.g. loaded in place)
-            channels = channels.to(device)
-            mask = None if mask is None else mask.to(device)
-        return Fork(n, append, spec.block, channels, spec.rho_for(sigma[sigma.shape[0] - n:]), spec.streams, mask)
+    def _rows_forward(self, x, sigma, context, pooled, guidance, rows: tuple, append: bool, branches):
+        """The forward with contiguous fork / disrupt ``rows`` and the branches."""
+        source = slice(rows[0], rows[-1] + 1) if rows else None
+        if append and source is not None:
+            branches = (Branch(source, MADisruption()), *branches)
+        spec = self.ma
+
+        def make_fork(src: slice, fork_append: bool) -> Fork:
+            channels, mask = self.ma_channels, self.ma_token_mask
+            if channels.device != x.device:  # the model was moved without .to() (e.g. loaded in place)
+                channels = channels.to(x.device)
+                mask = None if mask is None else mask.to(x.device)
+            n = src.stop - src.start
+            return Fork(n, fork_append, spec.block, channels, spec.rho_for(sigma[src]), spec.streams, mask, src.start)
+
+        plan = Rows(x.shape[0], self.config.total_blocks, branches, None if append else source, make_fork,
+                    -1 if spec is None else spec.block)
+        return plan.finish(self.velocity(x, sigma, context, pooled, guidance, plan))

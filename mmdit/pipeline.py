@@ -15,7 +15,7 @@ from . import checks, ma
 from .compiled import CompiledTransformer
 from .lora import apply_lora
 from .ma import MASpec
-from .samplers import flux_sigmas, sample, sd3_sigmas
+from .samplers import APG, flux_sigmas, sample, sd3_sigmas
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
@@ -168,16 +168,17 @@ class Pipeline:
         device, dtype = _where(self.transformer)
         return {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
 
-    def sigmas(self, steps: int, latent_h: int, latent_w: int) -> torch.Tensor:
-        """The schedule the diffusers pipeline would use with this scheduler config."""
+    def sigmas(self, steps: int, latent_h: int, latent_w: int, schedule: str = "default") -> torch.Tensor:
+        """The schedule the diffusers pipeline would use with this scheduler config; ``schedule`` as
+        its ``use_beta_sigmas`` / ``use_karras_sigmas`` / ``use_exponential_sigmas`` would re-space it."""
         s = self.scheduler
         if self.family == "flux" or s.get("use_dynamic_shifting"):
             return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2),
                                base_shift=s.get("base_shift", 0.5), max_shift=s.get("max_shift", 1.15),
                                base_seq_len=s.get("base_image_seq_len", 256),
                                max_seq_len=s.get("max_image_seq_len", 4096),
-                               shift=s.get("use_dynamic_shifting", True))
-        return sd3_sigmas(steps, shift=s.get("shift", 3.0))
+                               shift=s.get("use_dynamic_shifting", True), schedule=schedule)
+        return sd3_sigmas(steps, shift=s.get("shift", 3.0), schedule=schedule)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents for a height x width image; a clear error for bad sizes."""
@@ -210,7 +211,11 @@ class Pipeline:
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None,
                  max_sequence_length: int | None = None, output: str = "pil",
-                 cfg_interval=(0.0, 1.0), dg_interval=(0.0, 1.0), callback=None, progress: bool = False):
+                 cfg_interval=(0.0, 1.0), dg_interval=(0.0, 1.0), callback=None, progress: bool = False,
+                 sampler: str = "euler", schedule: str = "default",
+                 slg: float = 0.0, slg_layers=(), slg_interval=None, slg_start: float | None = None,
+                 slg_stop: float | None = None, pag: float = 0.0, pag_layers=(), pag_interval=(0.0, 1.0),
+                 cfg_zero_star: bool = False, apg: APG | None = None):
         """Generate ``len(prompts) * num_images_per_prompt`` images, prompt by prompt (the images of
         prompt 0 first).
 
@@ -220,8 +225,17 @@ class Pipeline:
         one per image (as in diffusers). Neither: torch's global RNG. ``latents``: the initial
         noise itself, (B, C, h, w) in the unpacked layout.
         callback: called after every step as ``callback(step, sigma_next, latents)``.
+        sampler: "euler", "dpmpp_2m" or "heun" (``samplers.sample``); schedule: the spacing of the
+        steps, "default" (the model's scheduler config), "beta", "karras" or "exponential".
         output: "pil" (list of PIL images), "np" ((B, H, W, 3) floats in [0, 1]) or "latent".
         DG (``dg`` > 0) on a model without an MA spec finds one first (``ensure_ma``).
+        slg / slg_layers: Skip Layer Guidance (e.g. SD3.5-medium: 2.5 on blocks 7, 8, 9), either
+        in a sigma interval (``slg_interval``, like ``dg_interval``) or, as diffusers'
+        StableDiffusion3Pipeline, between step fractions ``slg_start`` / ``slg_stop`` (steps i
+        with start * steps < i < stop * steps; default 0.01 and 0.2 when no interval is given).
+        pag / pag_layers / pag_interval: Perturbed Attention Guidance. cfg_zero_star / apg:
+        CFG-Zero* or an ``mmdit.samplers.APG`` in place of plain CFG. Each perturbation is a
+        copy of the cond rows inside the step's one model call (``samplers.guidance``).
         """
         defaults = self.defaults
         height, width = height or defaults["size"], width or defaults["size"]
@@ -230,6 +244,16 @@ class Pipeline:
         dg = checks.scale("dg", defaults.get("dg", 0.0) if dg is None else dg, off=0)
         cfg_interval = checks.interval("cfg_interval", cfg_interval)
         dg_interval = checks.interval("dg_interval", dg_interval)
+        sampler = checks.choice("sampler", sampler, checks.SAMPLERS)
+        schedule = checks.choice("schedule", schedule, checks.SCHEDULES)
+        slg = checks.scale("slg", slg, off=0)
+        pag = checks.scale("pag", pag, off=0)
+        pag_interval = checks.interval("pag_interval", pag_interval)
+        total = self.transformer.config.total_blocks
+        slg_layers, pag_layers = checks.layers("slg_layers", slg_layers, total), checks.layers("pag_layers", pag_layers, total)
+        for name, scale_, chosen in (("slg", slg, slg_layers), ("pag", pag, pag_layers)):
+            if scale_ != 0 and not chosen:
+                raise ValueError(f"{name}={scale_:g} needs {name}_layers, the blocks it perturbs (e.g. 7,8,9)")
         per_prompt = checks.count("num_images_per_prompt", num_images_per_prompt, 1, 256)
         max_sequence_length = max_sequence_length or defaults["max_sequence_length"]
         if output not in ("pil", "np", "latent"):
@@ -255,12 +279,18 @@ class Pipeline:
             warnings.warn(f"guidance={guidance} is ignored: it is FLUX.1-dev's distilled guidance, and this model "
                           "has no guidance input (cfg= is the guidance scale here)", stacklevel=2)
             guidance = None
-        sigmas = self.sigmas(steps, h, w)
+        sigmas = self.sigmas(steps, h, w, schedule)
         latents = latents.to(device=device, dtype=dtype)
         if dg != 0.0:
             self.ensure_ma(cond, latents, sigmas, guidance)
+        slg_interval = step_interval(sigmas, slg_start, slg_stop) if slg_interval is None else \
+            checks.interval("slg_interval", slg_interval)
+        if slg_interval is None:  # no step between the fractions
+            slg, slg_interval = 0.0, (0.0, 1.0)
         x = sample(self.denoiser, latents, sigmas, cond, uncond, cfg=cfg, dg=dg, cfg_interval=cfg_interval,
-                   dg_interval=dg_interval, guidance=guidance, progress=progress, callback=callback)
+                   dg_interval=dg_interval, slg=slg, slg_layers=slg_layers, slg_interval=slg_interval, pag=pag,
+                   pag_layers=pag_layers, pag_interval=pag_interval, cfg_zero_star=cfg_zero_star, apg=apg,
+                   guidance=guidance, progress=progress, callback=callback, sampler=sampler)
         if output == "latent":
             return x
         images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
@@ -337,6 +367,18 @@ def initial_noise(n: int, shape: tuple, seed=None, generator=None) -> torch.Tens
         raise ValueError(f"{len(seeds)} seeds for {n} images; give one seed, or one per image")
     return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(checks.seed(s)))
                         for s in seeds])
+
+
+def step_interval(sigmas, start: float | None, stop: float | None) -> tuple[float, float] | None:
+    """The sigma interval holding the steps i with ``start * n < i < stop * n`` (n steps), the
+    rule diffusers' StableDiffusion3Pipeline applies to skip-layer guidance; None if no step is."""
+    start = checks.fraction("slg_start", 0.01 if start is None else start)
+    stop = checks.fraction("slg_stop", 0.2 if stop is None else stop)
+    n = len(sigmas) - 1
+    steps = [i for i in range(n) if start * n < i < stop * n]
+    if not steps:
+        return None
+    return float(sigmas[steps[-1]]), float(sigmas[steps[0]])
 
 
 def to_pil(images: np.ndarray):

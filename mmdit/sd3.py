@@ -6,6 +6,7 @@ from torch import nn
 
 from .config import SD3Config
 from .kernels import gated_residual, modulate, qk_norm_rope
+from .branches import Rows
 from .layers import (FinalLayer, Fork, SequentialEmbedder, Transformer, attention, gelu_tanh, modulations,
                      split_heads, timestep_embedding)
 
@@ -71,14 +72,15 @@ class StreamBlock(nn.Module):
         mods = modulations(self.adaLN_modulation(c), self.n_mod)
         return self.attn.qkv_heads(modulate(h, mods[0].shift, mods[0].scale)), mods
 
-    def post_attention(self, h, a, mods, fork: Fork | None, stream: str):
-        """h + gate*proj(a) [+ gate2*attn2] + gate_mlp*MLP; the fork acts on the last residual."""
+    def post_attention(self, h, a, mods, fork: Fork | None, stream: str, identity=()):
+        """h + gate*proj(a) [+ gate2*attn2] + gate_mlp*MLP; the fork acts on the last residual.
+        ``identity``: rows whose attn2 (image-only attention) is the identity (PAG)."""
         msa, mlp = mods[0], mods[1]
         out = gated_residual(h, self.attn.proj(a), msa.gate)
         if self.dual:
             msa2 = mods[2]
             q, k, v = self.attn2.qkv_heads(modulate(h, msa2.shift, msa2.scale))
-            out = gated_residual(out, self.attn2.proj(attention(q, k, v)), msa2.gate)
+            out = gated_residual(out, self.attn2.proj(attention(q, k, v, identity)), msa2.gate)
         y = self.mlp(modulate(out, mlp.shift, mlp.scale))
         if fork is None:
             return gated_residual(out, y, mlp.gate)
@@ -96,16 +98,18 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, heads, config.mlp_ratio, config.qk_norm,
                                    dual=index in config.dual_attention_layers)
 
-    def forward(self, ctx, x, c, fork: Fork | None = None):
-        """ctx (B, Lc, D), x (B, N, D), c (B, D) -> (ctx or None after the last block, x)."""
+    def forward(self, ctx, x, c, fork: Fork | None = None, identity=()):
+        """ctx (B, Lc, D), x (B, N, D), c (B, D) -> (ctx or None after the last block, x).
+        ``identity``: row ranges whose image-to-image attention is the identity (PAG)."""
         (qc, kc, vc), cmods = self.context_block.pre_attention(ctx, c)
         (qx, kx, vx), xmods = self.x_block.pre_attention(x, c)
+        Lc = ctx.shape[1]
         if self.context_block.pre_only:  # last block: context tokens are keys/values only
-            ax = attention(qx, torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))
-            return None, self.x_block.post_attention(x, ax, xmods, fork, "image")
-        a = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))
-        ac, ax = a.split([ctx.shape[1], x.shape[1]], dim=1)
-        x = self.x_block.post_attention(x, ax, xmods, fork, "image")
+            ax = attention(qx, torch.cat([kc, kx], 2), torch.cat([vc, vx], 2), identity, 0, Lc)
+            return None, self.x_block.post_attention(x, ax, xmods, fork, "image", identity)
+        a = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2), identity, Lc, Lc)
+        ac, ax = a.split([Lc, x.shape[1]], dim=1)
+        x = self.x_block.post_attention(x, ax, xmods, fork, "image", identity)
         return self.context_block.post_attention(ctx, ac, cmods, fork, "text"), x
 
 
@@ -148,9 +152,9 @@ class SD3Transformer(Transformer):
         table = self.pos_embed.view(1, M, M, -1)[:, top:top + h, left:left + w]
         return table.reshape(1, h * w, -1)
 
-    def velocity(self, x, sigma, context, pooled, guidance, fork: Fork | None):
+    def velocity(self, x, sigma, context, pooled, guidance, rows: Rows):
         """x (B, C, H, W), sigma (B,) float32, context (B, L, Dc), pooled (B, Dp); ``guidance``
-        is unused (SD3 has no distilled guidance); ``fork`` acts on the last rows at its block."""
+        is unused (SD3 has no distilled guidance); ``rows`` says what each block does to which rows."""
         B, C, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p:
@@ -160,11 +164,9 @@ class SD3Transformer(Transformer):
         img = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
         c = self.t_embedder(timestep_embedding(1000 * sigma).to(x.dtype)) + self.y_embedder(pooled)
         ctx = self.context_embedder(context)
-        m = -1 if fork is None else fork.block
         for i, block in enumerate(self.joint_blocks):
-            ctx, img = block(ctx, img, c, fork if i == m else None)
-            if i == m:
-                c = fork.extend(c)  # the block itself appended the forked image/context rows
+            ctx, img, c = rows.enter(i, [ctx, img, c])
+            (ctx, img), c = rows.run(i, [ctx, img], c, rows.fork_at(i), block)
         out = self.final_layer(img, c)  # (B', h*w, p*p*C) with (p, q, c) order per token
         out = out.view(-1, h, w, p, p, self.config.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, self.config.out_channels, H, W)

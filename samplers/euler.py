@@ -1,4 +1,4 @@
-"""The flow-matching Euler sampler with batched CFG / Detail Guidance."""
+"""``sample()``: batched CFG / Detail Guidance handed to a flow-matching solver (Euler, Heun, DPM++ 2M)."""
 from __future__ import annotations
 
 import sys
@@ -8,41 +8,60 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .guidance import Guidance, guided_velocity
+from ..checks import choice
+from .guidance import APG, Guidance, GuidanceState, guided_velocity
+from .solvers import SAMPLERS
 
 
 def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.Tensor | Sequence[float],
            cond: Mapping, uncond: Mapping | None = None, *, cfg: float = 1.0, dg: float = 0.0,
            cfg_interval: tuple[float, float] = (0.0, 1.0), dg_interval: tuple[float, float] = (0.0, 1.0),
+           slg: float = 0.0, slg_layers: Sequence[int] = (), slg_interval: tuple[float, float] = (0.0, 1.0),
+           pag: float = 0.0, pag_layers: Sequence[int] = (), pag_interval: tuple[float, float] = (0.0, 1.0),
+           cfg_zero_star: bool = False, apg: APG | None = None,
            guidance: torch.Tensor | float | None = None, generator: torch.Generator | None = None,
-           progress: bool = False, callback: Callable | None = None, grad: bool = False) -> torch.Tensor:
-    """Integrate the flow-matching ODE with Euler steps over a sigma schedule.
+           progress: bool = False, callback: Callable | None = None, grad: bool = False,
+           sampler: str = "euler") -> torch.Tensor:
+    """Integrate the flow-matching ODE over a sigma schedule with the solver ``sampler``.
 
-    Algorithm (first-order Euler on the velocity field, REFERENCE.md 6.1): for each
+    Algorithm (default: first-order Euler on the velocity field, docs/architecture.md "Schedules"): for each
     consecutive pair (sigma, sigma_next) of ``sigmas`` (1 -> ... -> 0),
 
         v = guided velocity at (x, sigma)                    one model call, see guidance.py
         x = x + (sigma_next - sigma) * v                     in float32, cast back to x's dtype
 
-    with ``v = v_u + cfg * (v_c - v_u) + dg * (v_c - v_m)``: v_u from ``uncond``, v_c from
-    ``cond``, v_m from the cond rows forked at the model's MA block (``model.ma``).
+    with ``v = v_u + cfg * (v_c - v_u) + dg * (v_c - v_dg) + slg * (v_c - v_slg) + pag * (v_c - v_pag)``:
+    v_u from ``uncond``, v_c from ``cond``, the others from copies of the cond rows that the
+    model perturbs (guidance.py): v_dg MA-disrupted at the model's MA block (``model.ma``),
+    v_slg with ``slg_layers`` skipped, v_pag with identity image attention in ``pag_layers``.
 
     noise: (B, C, H, W) initial latents at sigmas[0]; or a shape, drawn from ``generator``
         (standard normal, float32, on the CPU, so a seed gives the same noise on any device)
         and moved to the model's device.
     cond / uncond: {"context": (B|1, L, Dc), "pooled": (B|1, Dp)}; uncond is the negative prompt.
-    cfg: classifier-free scale (1 = off); dg: Detail Guidance weight (0 = off).
-    cfg_interval / dg_interval: inclusive sigma ranges where each term is computed.
+    cfg: classifier-free scale (1 = off); dg: Detail Guidance weight (0 = off); slg / pag:
+        Skip Layer / Perturbed Attention Guidance scales (0 = off) on their blocks (global indices).
+    cfg_interval, dg_interval, slg_interval, pag_interval: inclusive sigma ranges where each
+        term is computed (1 = pure noise).
+    cfg_zero_star: CFG-Zero* in place of plain CFG (the uncond prediction scaled by its
+        optimal projection; the first step's velocity is zero), as diffusers' guider.
+    apg: an ``APG(eta, norm_threshold, momentum)`` in place of plain CFG, or None.
     guidance: FLUX.1-dev's distilled guidance (a number or (B,)); None for the others.
     callback: called after every step as ``callback(step, sigma_next, latents)`` (UIs, trainers).
+    sampler: "euler" (1 model call per step), "heun" (2 per step, 1 on the step to sigma 0) or
+        "dpmpp_2m" (DPM++ 2M, multistep: 1 per step); see solvers.py. Every guidance term works
+        with each: a solver only sees the guided velocity, one batched model call per evaluation.
     grad: False (default) runs under ``torch.inference_mode()``: no autograd graph, even when
         the parameters require grad; True keeps autograd on for differentiable sampling.
     Returns the latents at sigmas[-1].
 
     A pure function of its arguments: no scheduler state; call it on ``sigmas[i:j + 1]`` to
-    run steps i..j-1 only.
+    run steps i..j-1 only (a multistep solver restarts its history at i).
     """
-    rule = Guidance(float(cfg), float(dg), tuple(cfg_interval), tuple(dg_interval))
+    solve = SAMPLERS[choice("sampler", sampler, tuple(SAMPLERS))]
+    rule = Guidance(float(cfg), float(dg), float(slg), tuple(slg_layers), float(pag), tuple(pag_layers),
+                    tuple(cfg_interval), tuple(dg_interval), tuple(slg_interval), tuple(pag_interval),
+                    bool(cfg_zero_star), apg)
     if rule.dg != 0.0 and getattr(model, "ma", True) is None:
         raise ValueError("dg needs the model's MA spec: run `mmdit calibrate-ma --model MODEL` once (it is "
                          "cached per checkpoint) or set model.ma = mmdit.MASpec(channels=..., block=...)")
@@ -59,8 +78,18 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     sigmas = [float(s) for s in sigmas]
     if len(sigmas) < 2:
         raise ValueError(f"sigmas needs at least 2 values (start and end), got {len(sigmas)}")
+    state, first = GuidanceState(), sigmas[0]
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if rule.cfg_zero_star and sigma == first:  # CFG-Zero*'s zero init: no model call
+            return torch.zeros_like(x, dtype=torch.float32)
+        return guided_velocity(model, x, sigma, cond, uncond, rule, guidance, state)[0]
+
+    report = _StepReport(len(sigmas) - 1, callback, progress)
     with torch.inference_mode(not grad):
-        return _euler(model, noise, sigmas, cond, uncond, rule, guidance, progress, callback)
+        x = solve(velocity, noise, sigmas, report)
+    report.close()
+    return x
 
 
 def _device_of(model) -> torch.device:
@@ -68,18 +97,21 @@ def _device_of(model) -> torch.device:
     return next(params, torch.empty(0)).device
 
 
-def _euler(model, noise, sigmas, cond, uncond, rule, guidance, progress, callback):
-    x = noise
-    steps, start = len(sigmas) - 1, time.perf_counter()
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        v, _ = guided_velocity(model, x, sigma, cond, uncond, rule, guidance)
-        x = (x.float() + (sigma_next - sigma) * v).to(noise.dtype)
-        if callback is not None:
-            callback(i, sigma_next, x)
-        if progress:
-            elapsed = time.perf_counter() - start
-            print(f"\rstep {i + 1}/{steps}  sigma {sigma_next:.4f}  {elapsed:.1f}s", end="",
+class _StepReport:
+    """The solvers' per-step hook: the user's callback, then an optional progress line on stderr."""
+
+    def __init__(self, steps: int, callback: Callable | None, progress: bool):
+        self.steps, self.callback, self.progress = steps, callback, progress
+        self.start = time.perf_counter()
+
+    def __call__(self, i: int, sigma_next: float, x: torch.Tensor) -> None:
+        if self.callback is not None:
+            self.callback(i, sigma_next, x)
+        if self.progress:
+            elapsed = time.perf_counter() - self.start
+            print(f"\rstep {i + 1}/{self.steps}  sigma {sigma_next:.4f}  {elapsed:.1f}s", end="",
                   file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    return x
+
+    def close(self) -> None:
+        if self.progress:
+            print(file=sys.stderr)

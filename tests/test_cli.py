@@ -33,6 +33,18 @@ def test_generate_with_detail_guidance_changes_the_image(tmp_path):
     assert np.abs(a - b).mean() > 1.0  # 8-bit levels
 
 
+def test_generate_sampler_and_schedule(tmp_path):
+    """--sampler / --schedule reach the Pipeline (the image changes) and the PNG's settings."""
+    paths = {name: tmp_path / f"{name}.png" for name in ("euler", "heun")}
+    for name, path in paths.items():
+        assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "3", "--sampler", name,
+                     "--schedule", "karras", "--output", str(path)]) == 0
+    settings = json.loads(Image.open(paths["heun"]).text["mmdit"])
+    assert settings["sampler"] == "heun" and settings["schedule"] == "karras"
+    a, b = (np.asarray(Image.open(p), dtype=np.float32) for p in paths.values())
+    assert np.abs(a - b).mean() > 0.1  # 8-bit levels
+
+
 def test_analyze_and_calibrate_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["analyze-ma", "--prompt", "a red circle on a blue background", "--prompt",
@@ -127,6 +139,8 @@ BAD = [
     (["generate", "--seed", "-1"], "seed must be a whole number from 0"),
     (["generate", "--max-sequence-length", "0"], "max sequence length must be a whole number from 1 to 512"),
     (["generate", "--output", "out.jpg"], "--output must name a .png file"),
+    (["generate", "--sampler", "ddim"], "argument --sampler: invalid choice: 'ddim'"),
+    (["generate", "--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
     (["generate", "--colour", "red"], "unrecognized arguments: --colour red"),
     (["generate", "--model", "/no/such/folder"], "does not exist"),
     (["generate", "--model", "someone/not-cached"], "not in the local Hugging Face cache"),
@@ -227,3 +241,30 @@ def test_run_sh_runs_commands_in_the_callers_folder(tmp_path):
     bad = run("bogus")
     assert bad.returncode == 2 and "usage: bash run.sh" in bad.stderr
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("bash run.sh test")
+
+
+def test_generate_with_every_guidance_term_in_one_call_per_step(tmp_path, capsys):
+    out = tmp_path / "all.png"
+    assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "4", "--dg", "1",
+                 "--slg", "2", "--slg-layers", "1,2", "--slg-start", "0", "--slg-stop", "1", "--pag", "1",
+                 "--pag-layers", "2", "--cfg-zero-star", "--output", str(out)]) == 0
+    settings = json.loads(Image.open(out).text["mmdit"])
+    assert settings["slg_layers"] == [1, 2] and settings["pag"] == 1.0 and settings["cfg_zero_star"] is True
+    plain = tmp_path / "plain.png"
+    assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "4", "--dg", "1",
+                 "--output", str(plain)]) == 0
+    a, b = (np.asarray(Image.open(p), dtype=np.float32) for p in (out, plain))
+    assert np.abs(a - b).mean() > 1.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--slg-layers", "9", "--slg", "2"], "slg_layers [9] outside 0..3 (this model has 4 blocks)"),
+    (["--slg", "2"], "slg=2 needs slg_layers"),
+    (["--pag-layers", "x"], "--pag-layers must be block numbers like 7,8,9"),
+    (["--apg", "--cfg-zero-star"], "choose one"),
+])
+def test_guidance_argument_errors_are_one_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert cli(["generate", "--prompt", "x", "--steps", "2", "--output", str(out), *argv]) == 2
+    one_error_line(capsys, message)
+    assert not out.exists()

@@ -48,17 +48,19 @@ def tokenizer_files(root, names_pads):
         write_clip_tokenizer(root / name, pad=pad) if pad else write_t5_tokenizer(root / name)
 
 
-def sd3_folder(root):
+def sd3_folder(root, **transformer):
+    """A tiny SD3.5-medium-like pipeline (dual attention in block 0, qk norm); ``transformer``
+    overrides the transformer's config (e.g. SD3-medium: no qk norm, no dual attention)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     tokenizer_files(root / "tok", [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"), ("tokenizer_3", None)])
     toks = [CLIPTokenizer.from_pretrained(root / "tok/tokenizer"), CLIPTokenizer.from_pretrained(root / "tok/tokenizer_2"),
             T5TokenizerFast.from_pretrained(root / "tok/tokenizer_3")]
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
-                                        num_attention_heads=2, joint_attention_dim=80, caption_projection_dim=32,
-                                        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=12,
-                                        dual_attention_layers=(0,), qk_norm="rms_norm")
+    config = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=80, caption_projection_dim=32, pooled_projection_dim=64,
+                  out_channels=16, pos_embed_max_size=12, dual_attention_layers=(0,), qk_norm="rms_norm")
+    transformer = SD3Transformer2DModel(**{**config, **transformer})
     pipe = StableDiffusion3Pipeline(
         transformer=randomize(transformer.eval(), 1), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae(1.5305, 0.0609, 2), text_encoder=clip(32, True, len(toks[0]), 3), tokenizer=toks[0],
@@ -93,7 +95,11 @@ def saved(tmp_path_factory):
 
     def get(family):
         if family not in cache:
-            cache[family] = (sd3_folder if family == "sd3" else flux_folder)(tmp_path_factory.mktemp(family))
+            root = tmp_path_factory.mktemp(family)
+            if family == "sd3-medium":  # 3 joint blocks without qk norm or dual attention (diffusers' PAG has neither)
+                cache[family] = sd3_folder(root, num_layers=3, dual_attention_layers=(), qk_norm=None)
+            else:
+                cache[family] = (sd3_folder if family == "sd3" else flux_folder)(root)
         return cache[family]
 
     return get
@@ -118,6 +124,86 @@ def test_pipeline_matches_diffusers(saved, monkeypatch, family):
     err = abs(images - ref).max()
     assert err <= PIXEL_TOL, f"max pixel error {err:.2e}"
     assert ref.std() > 0.01  # the comparison is not between two flat images
+
+
+def _dpm_on_sd3_sigmas():
+    """diffusers' DPM++ 2M configured for flow models as it is for SD3 (flow_prediction, flow sigmas, shift 3),
+    stepped over the SD3 schedule of FlowMatchEulerDiscreteScheduler, the schedule our Pipeline uses (its own
+    flow sigmas start at shift(0.999) instead of 1, and it hands the model whole-number timesteps)."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    class DPMOnSD3Sigmas(DPMSolverMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kw):
+            super().set_timesteps(num_inference_steps, device=device, **kw)
+            sd3 = FlowMatchEulerDiscreteScheduler(shift=self.config.flow_shift)
+            sd3.set_timesteps(num_inference_steps, device=device)
+            self.sigmas, self.timesteps = sd3.sigmas.cpu(), sd3.timesteps
+
+    return DPMOnSD3Sigmas(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+
+
+def _peer_scheduler(sampler, schedule):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    if sampler == "dpmpp_2m":
+        return _dpm_on_sd3_sigmas()
+    if sampler == "heun":
+        return FlowMatchHeunDiscreteScheduler(shift=3.0)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, **{f"use_{schedule}_sigmas": True})
+
+
+@pytest.mark.parametrize("sampler,schedule", [("dpmpp_2m", "default"), ("heun", "default"), ("euler", "karras")])
+def test_pipeline_samplers_and_schedules_match_diffusers(saved, monkeypatch, sampler, schedule):
+    """Our Pipeline with ``sampler=`` / ``schedule=`` equals StableDiffusion3Pipeline with the matching
+    diffusers scheduler swapped in."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, peer = saved("sd3")
+    monkeypatch.setattr(peer, "scheduler", _peer_scheduler(sampler, schedule))
+    ours = mmdit.Pipeline.from_pretrained(folder)
+    latents = torch.randn(1, 16, H // 2, W // 2, generator=torch.Generator().manual_seed(1))
+    ref = peer(PROMPTS[:1], negative_prompt="", num_inference_steps=4, guidance_scale=4.5, height=H, width=W,
+               latents=latents.clone(), max_sequence_length=T5_LEN, output_type="np").images
+    images = ours(PROMPTS[:1], height=H, width=W, latents=latents, max_sequence_length=T5_LEN, output="np",
+                  steps=4, cfg=4.5, sampler=sampler, schedule=schedule)
+    err = abs(images - ref).max()
+    assert err <= PIXEL_TOL, f"max pixel error {err:.2e}"
+    assert ref.std() > 0.01
+
+
+@pytest.mark.parametrize("way", ["slg_fractions", "pag"])
+def test_perturbation_guidance_matches_diffusers(saved, monkeypatch, way):
+    """SLG as StableDiffusion3Pipeline(skip_guidance_layers=...) between step fractions, PAG as
+    StableDiffusion3PAGPipeline; ours runs each as a branch of the cond rows in the one call."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, peer = saved("sd3-medium")
+    ours = mmdit.Pipeline.from_pretrained(folder)
+    calls = []
+    ours.transformer.register_forward_hook(lambda m, a, kw, out: calls.append(out.shape[0]), with_kwargs=True)
+    latents = torch.randn(len(PROMPTS), 16, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
+    common = dict(num_inference_steps=5, guidance_scale=4.5, height=H, width=W, max_sequence_length=T5_LEN,
+                  output_type="np")
+    if way == "pag":
+        parts = {k: v for k, v in peer.components.items() if k not in ("image_encoder", "feature_extractor")}
+        pag = StableDiffusion3PAGPipeline(**parts, pag_applied_layers=["blocks.1"])
+        ref = pag(PROMPTS, negative_prompt="", latents=latents.clone(), pag_scale=2.0, **common).images
+        kw = dict(pag=2.0, pag_layers=(1,))
+    else:
+        ref = peer(PROMPTS, negative_prompt="", latents=latents.clone(), skip_guidance_layers=[1, 2],
+                   skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.7,
+                   **common).images
+        kw = dict(slg=2.8, slg_layers=(1, 2), slg_start=0.1, slg_stop=0.7)
+    images = ours(PROMPTS, height=H, width=W, latents=latents, steps=5, cfg=4.5, max_sequence_length=T5_LEN,
+                  output="np", **kw)
+    plain = ours(PROMPTS, height=H, width=W, latents=latents, steps=5, cfg=4.5, max_sequence_length=T5_LEN,
+                 output="np")
+    err = abs(images - ref).max()
+    assert err <= PIXEL_TOL, f"max pixel error {err:.2e}"
+    assert abs(images - plain).max() > 10 * PIXEL_TOL  # the guidance changed the image
+    B = len(PROMPTS)  # one call per step: [u | c] + B perturbed rows where the term is active
+    want = [3 * B] * 5 if way == "pag" else [2 * B, 3 * B, 3 * B, 3 * B, 2 * B]  # steps 1..3: 0.5 < i < 3.5
+    assert calls[:5] == want
 
 
 def test_pipeline_runs_dg_and_cfg_in_one_call_per_step(saved, monkeypatch):
@@ -151,4 +237,8 @@ def test_pipeline_errors_are_clear(saved, tmp_path, monkeypatch):
         pipe("x", height=30, width=24)
     with pytest.raises(ValueError, match="calibrate-ma"):
         pipe("x", height=H, width=W, dg=2.0, steps=1)
+    with pytest.raises(ValueError, match="sampler must be one of 'euler', 'dpmpp_2m', 'heun'; got 'ddim'"):
+        pipe("x", height=H, width=W, sampler="ddim")
+    with pytest.raises(ValueError, match="schedule must be one of 'default', 'beta', 'karras', 'exponential'"):
+        pipe("x", height=H, width=W, schedule="linear")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"

@@ -81,12 +81,12 @@ def test_readme_library_snippets_run(stand_ins, capsys):
 
 def test_the_repository_stands_alone():
     """No file points to design notes that live outside the repository; docs/architecture.md
-    holds what the code relies on (the lead owns samplers/, whose pointers follow)."""
+    holds what the code relies on."""
     root = README.parent
     outside = re.compile(r"REFERENCE\.md|PAPER\.md|DESIGN\.md|\.\./shared")
     files = []
     for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("samplers", "build", "__pycache__")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("build", "__pycache__")]
         files += [Path(folder, n) for n in names if n.endswith((".py", ".md", ".sh"))]
     assert [str(p.relative_to(root)) for p in files if outside.search(p.read_text(errors="replace"))] == []
     assert (root / "docs" / "architecture.md").is_file()

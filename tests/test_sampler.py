@@ -40,29 +40,35 @@ class Recorder:
     def ma(self):
         return self.model.ma
 
-    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
+    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None, **kw):
         self.calls.append((x.shape[0], fork))
-        return self.model(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork)
+        return self.model(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork, **kw)
+
+
+def reference_velocity(model, x, s, cond, uncond, cfg, dg, cfg_interval=(0, 1), dg_interval=(0, 1), guidance=None):
+    """The guided velocity from separate cond / uncond / disrupted calls (intervals in float32)."""
+    B = x.shape[0]
+    cfg_interval, dg_interval = [[torch.tensor(float(v)).item() for v in iv] for iv in (cfg_interval, dg_interval)]
+    s = torch.tensor(float(s)).item()
+    g = None if guidance is None else torch.full((B,), float(guidance))
+    sig = torch.full((B,), s)
+    v_c = model(x, sig, cond["context"], cond["pooled"], guidance=g)
+    v = v_c
+    if uncond is not None and cfg != 1 and cfg_interval[0] <= s <= cfg_interval[1]:
+        v_u = model(x, sig, uncond["context"], uncond["pooled"], guidance=g)
+        v = v_u + cfg * (v_c - v_u)
+    if dg != 0 and dg_interval[0] <= s <= dg_interval[1]:
+        v_m = model(x, sig, cond["context"], cond["pooled"], guidance=g, disrupt=torch.ones(B, dtype=torch.bool))
+        v = v + dg * (v_c - v_m)
+    return v
 
 
 def reference_loop(model, x, sigmas, cond, uncond, cfg, dg, cfg_interval=(0, 1), dg_interval=(0, 1),
                    guidance=None):
-    """Separate cond / uncond / disrupted calls, combined and stepped by hand (intervals in float32)."""
-    B = x.shape[0]
-    cfg_interval, dg_interval = [[torch.tensor(float(v)).item() for v in iv] for iv in (cfg_interval, dg_interval)]
-    g = None if guidance is None else torch.full((B,), float(guidance))
+    """Euler steps on ``reference_velocity``, by hand."""
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        sig = torch.full((B,), s)
-        v_c = model(x, sig, cond["context"], cond["pooled"], guidance=g)
-        v = v_c
-        if uncond is not None and cfg != 1 and cfg_interval[0] <= s <= cfg_interval[1]:
-            v_u = model(x, sig, uncond["context"], uncond["pooled"], guidance=g)
-            v = v_u + cfg * (v_c - v_u)
-        if dg != 0 and dg_interval[0] <= s <= dg_interval[1]:
-            v_m = model(x, sig, cond["context"], cond["pooled"], guidance=g,
-                        disrupt=torch.ones(B, dtype=torch.bool))
-            v = v + dg * (v_c - v_m)
-        x = x + (s_next - s) * v
+        x = x + (s_next - s) * reference_velocity(model, x, s, cond, uncond, cfg, dg, cfg_interval, dg_interval,
+                                                  guidance)
     return x
 
 

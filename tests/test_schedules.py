@@ -3,11 +3,39 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit.samplers.schedules import flux_mu, flux_seq_len, flux_sigmas, sd3_sigmas
+from mmdit.samplers.schedules import SCHEDULES, beta_ppf, flux_mu, flux_seq_len, flux_sigmas, sd3_sigmas
 
 diffusers = pytest.importorskip("diffusers")
+import diffusers.schedulers.scheduling_flow_match_euler_discrete as flow_euler  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
+
+SIGMA_ATOL = 1e-6  # float32 schedules, as diffusers builds them
+RESPACED = [s for s in SCHEDULES if s != "default"]
+USE = {"beta": "use_beta_sigmas", "karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas"}
+
+
+def _mp_beta_ppf(q, a, b):
+    """An independent Beta quantile (mpmath, 30 digits) standing in for scipy.stats.beta.ppf."""
+    import mpmath
+
+    if q <= 0 or q >= 1:
+        return float(q >= 1)
+    with mpmath.workdps(30):
+        return float(mpmath.findroot(lambda x: mpmath.betainc(a, b, 0, x, regularized=True) - q, (0, 1),
+                                     solver="anderson"))
+
+
+@pytest.fixture
+def beta_sigmas_without_scipy(monkeypatch):
+    """diffusers' beta sigmas call scipy.stats.beta.ppf; without scipy, feed it mpmath's quantile."""
+    try:
+        import scipy.stats  # noqa: F401
+    except ImportError:
+        pytest.importorskip("mpmath")
+        stats = type("stats", (), {"beta": type("beta", (), {"ppf": staticmethod(_mp_beta_ppf)})})
+        monkeypatch.setattr(flow_euler, "scipy", type("scipy", (), {"stats": stats}), raising=False)
+        monkeypatch.setattr(flow_euler, "is_scipy_available", lambda: True)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 28, 50])
@@ -61,6 +89,44 @@ def test_schnell_unshifted(steps):
     torch.testing.assert_close(ours, sched.sigmas, atol=1e-6, rtol=0)
     if steps == 4:
         assert ours.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 28])
+@pytest.mark.parametrize("shift", [3.0, 1.0])
+@pytest.mark.parametrize("schedule", RESPACED)
+def test_sd3_respaced_match_diffusers(steps, shift, schedule, beta_sigmas_without_scipy):
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift, **{USE[schedule]: True})
+    sched.set_timesteps(steps)
+    ours = sd3_sigmas(steps, shift=shift, schedule=schedule)
+    assert ours.dtype == torch.float32 and ours.shape == (steps + 1,)
+    torch.testing.assert_close(ours, sched.sigmas, atol=SIGMA_ATOL, rtol=0)
+    assert ours[0] == 1 and ours[-1] == 0 and (ours[1:] <= ours[:-1]).all()
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28])
+@pytest.mark.parametrize("seq", [flux_seq_len(1024, 1024), flux_seq_len(512, 768)])
+@pytest.mark.parametrize("schedule", RESPACED)
+def test_flux_respaced_match_diffusers(steps, seq, schedule, beta_sigmas_without_scipy):
+    sched = _flux_scheduler(**{USE[schedule]: True})
+    sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq, 256, 4096, 0.5, 1.15))
+    torch.testing.assert_close(flux_sigmas(steps, seq, schedule=schedule), sched.sigmas, atol=SIGMA_ATOL, rtol=0)
+    schnell = FlowMatchEulerDiscreteScheduler(shift=1.0, **{USE[schedule]: True})
+    schnell.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps))
+    torch.testing.assert_close(flux_sigmas(steps, seq, shift=False, schedule=schedule), schnell.sigmas,
+                               atol=SIGMA_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("q", [1e-9, 0.01, 0.3, 0.5, 0.77, 1 - 1e-6])
+@pytest.mark.parametrize("ab", [(0.6, 0.6), (2.0, 0.5)])
+def test_beta_quantile(q, ab):
+    pytest.importorskip("mpmath")
+    assert beta_ppf(q, *ab) == pytest.approx(_mp_beta_ppf(q, *ab), rel=1e-10, abs=1e-15)
+
+
+def test_bad_schedule_names_the_choices():
+    for fn in (lambda: sd3_sigmas(4, schedule="cosine"), lambda: flux_sigmas(4, 4096, schedule="Karras")):
+        with pytest.raises(ValueError, match="schedule must be one of 'default', 'beta', 'karras', 'exponential'"):
+            fn()
 
 
 def test_bad_steps():

@@ -17,6 +17,7 @@ if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")) and _root not
 _PUBLIC = {
     "PRESETS": ".config", "SD3Config": ".config", "FluxConfig": ".config", "preset": ".config",
     "MASpec": ".ma",
+    "apply_lora": ".lora",
     "build_transformer": ".models",
     "load_transformer": ".weights.transformer",
     "load_text_encoder": ".weights.encoders", "load_vae": ".weights.encoders",

@@ -85,6 +85,10 @@ def _model_args(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--text-device", default=None, help="where the text encoders run (default: --device)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA .safetensors (kohya, diffusers, ComfyUI or XLabs keys), scale 1 by default; repeatable")
+    p.add_argument("--weight-dtype", default=None, choices=("fp8",),
+                   help="fp8: keep the transformer's Linear weights in float8_e4m3fn (about half the memory)")
 
 
 def _pipeline(args):
@@ -94,13 +98,27 @@ def _pipeline(args):
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} asked for a GPU, but torch sees none; use --device cpu")
+    loras = [_lora_arg(text) for text in args.lora]
+    weight_dtype = torch.float8_e4m3fn if args.weight_dtype == "fp8" else None
     if args.model is None:
         if args.device == "cpu":  # a 0.6M-parameter model: thread hand-offs cost more than they save
             torch.set_num_threads(1)
-        return Pipeline.tiny(device=args.device, compile=getattr(args, "compile", False))
+        return Pipeline.tiny(device=args.device, compile=getattr(args, "compile", False), lora=loras,
+                             weight_dtype=weight_dtype)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return Pipeline.from_pretrained(args.model, dtype=dtype, device=args.device, text_device=args.text_device,
-                                    compile=getattr(args, "compile", False))
+                                    compile=getattr(args, "compile", False), lora=loras, weight_dtype=weight_dtype)
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a path with a colon in it is fine when SCALE is absent."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def _size(args, pipe) -> tuple[int, int]:

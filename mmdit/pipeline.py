@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import checks, ma
 from .compiled import CompiledTransformer
+from .lora import apply_lora
 from .ma import MASpec
 from .samplers import APG, flux_sigmas, sample, sd3_sigmas
 from .weights.checkpoint import CheckpointError, read_json
@@ -101,11 +102,14 @@ class Pipeline:
         self.defaults = {**DEFAULTS[family], **(defaults or {})}
 
     @classmethod
-    def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool = False) -> Pipeline:
-        """The project's own small pixel-space model (default: the one shipped in the package)."""
+    def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool = False, *,
+             lora: list[tuple] | None = None, weight_dtype: torch.dtype | None = None) -> Pipeline:
+        """The project's own small pixel-space model (default: the one shipped in the package).
+        ``lora``, ``weight_dtype``: as in ``from_pretrained``."""
         from .tiny import load_tiny
 
         tiny = load_tiny(folder, device=device)
+        _adapt(tiny.transformer, lora, weight_dtype)
         s = tiny.settings
         return cls(tiny.transformer, lambda prompts, _: tiny.conditioner.encode(prompts), PixelSpace(s.channels),
                    "sd3", {"shift": s.shift}, dict(steps=s.steps, cfg=s.cfg, dg=s.dg, size=s.size), compile)
@@ -113,20 +117,24 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
                         text_device=None, revision: str | None = None, token=None,
-                        compile: bool = False) -> Pipeline:
+                        compile: bool = False, lora: list[tuple] | None = None,
+                        weight_dtype: torch.dtype | None = None) -> Pipeline:
         """An SD3 / SD3.5 / FLUX diffusers repo id or folder (model_index.json + components), or a
         folder written by ``mmdit train`` (a tiny model).
 
         ``text_device``: where the text encoders run (default: ``device``); "cpu" keeps
-        them off the GPU.
+        them off the GPU. ``lora``: ``[(path or state dict, scale), ...]`` applied to the
+        transformer (``mmdit.apply_lora``, unfused). ``weight_dtype=torch.float8_e4m3fn``:
+        the transformer's Linear weights stay fp8 (see ``load_transformer``).
         """
         from .tokenizers import load_tokenizer
 
         if _is_tiny_folder(source):  # written by `mmdit train`
-            return cls.tiny(source, device=device, compile=compile)
+            return cls.tiny(source, device=device, compile=compile, lora=lora, weight_dtype=weight_dtype)
         root = _pipeline_folder(source, revision, token)
         index = read_json(root / "model_index.json")
-        transformer = load_transformer(root / "transformer", dtype=dtype, device=device)
+        transformer = load_transformer(root / "transformer", dtype=dtype, device=device, weight_dtype=weight_dtype)
+        _adapt(transformer, lora, None)
         family = transformer.config.family
         text_device = text_device or device
         names = ["text_encoder", "text_encoder_2", "text_encoder_3"] if family == "sd3" else \
@@ -379,8 +387,19 @@ def to_pil(images: np.ndarray):
     return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
 
 
+def _adapt(transformer, lora: list[tuple] | None, weight_dtype: torch.dtype | None) -> None:
+    """fp8 weights (for a model loaded in full precision) and LoRAs ``[(path, scale), ...]``."""
+    if weight_dtype is not None:
+        from .fp8 import quantize_linears
+
+        quantize_linears(transformer, weight_dtype)
+    for path, scale in lora or ():
+        apply_lora(transformer, path, scale)
+
+
 def _where(module) -> tuple[torch.device, torch.dtype]:
-    p = next(module.parameters())
+    """Device and compute dtype (fp8-stored weights compute in the dtype of the others)."""
+    p = next(p for p in module.parameters() if p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2))
     return p.device, p.dtype
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ma
+from .lora import inject_lora, save_lora  # noqa: F401  LoRA training: inject, optimize handle.parameters(), save
 
 
 # ---------------------------------------------------------------------------------------------

@@ -295,3 +295,89 @@ def test_cli_inspect_describes_a_checkpoint(tmp_path, capsys):
 def test_cli_inspect_bad_path_exits_2(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---- files as people have them (issue 12): variants that load, formats that are named -------
+
+def test_comfy_flux_norm_weight_variant_loads(tmp_path):
+    peer = make_peer("flux", DEV)
+    sd = {k.replace("_norm.scale", "_norm.weight"): v for k, v in peers.original_state(peer).items()}
+    assert any(k.endswith("query_norm.weight") for k in sd)
+    model = load_transformer(peers.save(sd, tmp_path / "comfy_flux.safetensors"))
+    assert peers.parity(model, peer) <= TOL
+
+
+def test_shards_without_an_index_load_or_name_what_is_missing(tmp_path):
+    peer = make_peer("sd3", SD35M)
+    folder = write_sharded(peer, tmp_path, None) / "transformer"
+    (folder / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert peers.parity(load_transformer(folder), peer) <= TOL
+    with pytest.raises(CheckpointError, match=r"(?s)missing.*one shard of a multi-file set: point at the folder"):
+        load_transformer(shards[0])
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=rf"shard files are missing: \['{shards[1].name}'\]"):
+        load_transformer(folder)
+    # a BFL-named set beside a VAE file, no index
+    peer = make_peer("flux", SCHNELL)
+    sd = peers.original_state(peer, "")
+    keys = sorted(sd)
+    bfl = tmp_path / "bfl"
+    for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        peers.save({k: sd[k] for k in part}, bfl / f"flux1-schnell-0000{i + 1}-of-00002.safetensors")
+    peers.save({"decoder.conv_in.weight": torch.zeros(4, 16, 3, 3)}, bfl / "ae.safetensors")
+    assert peers.parity(load_transformer(bfl), peer) <= TOL
+
+
+def _bnb_nf4(sd):  # bitsandbytes 4-bit: packed uint8 weights + quant-state tensors
+    out = dict(sd)
+    for k in [k for k in sd if k.endswith("attn.qkv.weight")]:
+        out[k] = torch.zeros(sd[k].numel() // 2, 1, dtype=torch.uint8)
+        out[k + ".absmax"] = torch.zeros(4)
+        out[k + ".quant_map"] = torch.zeros(16)
+        out[k + ".quant_state.bitsandbytes__nf4"] = torch.zeros(8, dtype=torch.uint8)
+    return out
+
+
+def _quanto(sd):
+    out = dict(sd)
+    for k in [k for k in sd if k.endswith("attn.qkv.weight")]:
+        out[k + "._data"] = out.pop(k).to(torch.int8)
+        out[k + "._scale"] = torch.ones(1)
+    return out
+
+
+def _lora_residue(sd):
+    return {**sd, "double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 256),
+            "double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(768, 4)}
+
+
+REFUSED = {  # what: (make the file from a FLUX original-layout state dict, the message)
+    "gguf": (None, r"is a GGUF file: GGUF is not supported; use the bf16 or fp8 safetensors"),
+    "bitsandbytes nf4": (_bnb_nf4, r"is a bitsandbytes NF4/FP4 quantized checkpoint .* not supported; use the bf16"),
+    "optimum-quanto": (_quanto, r"is an optimum-quanto quantized checkpoint"),
+    "chroma": (lambda sd: {**sd, "distilled_guidance_layer.in_proj.weight": torch.zeros(8, 8)}, r"is Chroma"),
+    "a lora": (lambda sd: {k: v for k, v in _lora_residue(sd).items() if "lora" in k},
+               r"is a LoRA adapter .* not a model: load the base model and apply it with mmdit.apply_lora"),
+    "lora residue": (_lora_residue, r"(?s)unexpected 2 key.*2 of them are LoRA tensors"),
+    "ema residue": (lambda sd: {**sd, "model_ema.decay": torch.zeros(()), "model_ema.num_updates": torch.zeros(())},
+                    r"(?s)unexpected 2 key.*2 of them are EMA residue"),
+}
+
+
+@pytest.mark.parametrize("what", list(REFUSED))
+def test_unsupported_files_are_named_and_inspect_fails_on_them(what, tmp_path, capsys):
+    make, pattern = REFUSED[what]
+    if make is None:
+        path = tmp_path / "flux1-dev-Q4_K_S.gguf"
+        path.write_bytes(b"GGUF" + b"\0" * 60)
+    else:
+        path = peers.save(make(peers.original_state(make_peer("flux", DEV), "")), tmp_path / "f.safetensors")
+    with pytest.raises(CheckpointError, match=pattern) as e:
+        load_transformer(path)
+    assert "download" not in str(e.value) and "truncated" not in str(e.value)
+    assert cli_main(["inspect", str(path)]) == 2
+    assert str(e.value).splitlines()[0] in capsys.readouterr().err
+    if what == "gguf":  # the folder holding it, too
+        with pytest.raises(CheckpointError, match=pattern):
+            load_transformer(tmp_path)

@@ -64,7 +64,7 @@ def stand_ins(tmp_path, monkeypatch):
 
 def test_readme_library_snippets_run(stand_ins, capsys):
     blocks = snippets()
-    assert len(blocks) == 4  # text to image, the transformer alone, sampling, a trainer
+    assert len(blocks) == 5  # text to image, the transformer alone, sampling, fp8 and LoRA, a trainer
     namespace = dict(stand_ins)
     for code in blocks:
         exec(compile(code, str(README), "exec"), namespace)
@@ -76,6 +76,7 @@ def test_readme_library_snippets_run(stand_ins, capsys):
     assert (ns["v3"][2] - ns["v3"][1]).abs().max() > 0.01 * ns["v"].abs().max()  # row 2: disrupted
     assert "step 3: sigma 0.000" in capsys.readouterr().out
     assert torch.isfinite(ns["loss"]) and ns["ema"].updates == 1
+    assert Path("my_lora.safetensors").is_file() and not ns["style"].adapters  # saved, applied, removed
 
 
 def test_the_repository_stands_alone():

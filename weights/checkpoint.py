@@ -33,6 +33,9 @@ class Checkpoint(Mapping):
             try:
                 self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types with terse text
+                foreign = foreign_file(path)
+                if foreign:
+                    raise CheckpointError(foreign) from None
                 raise CheckpointError(f"{path} is not a readable safetensors file ({e}). "
                                       "Pass a .safetensors file, its *.index.json, or a folder holding them.") from None
         return self._handles[path]
@@ -91,6 +94,9 @@ def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpo
             return open_checkpoint(indexes[0])
         files = sorted(path.glob(f"{stem or '*'}.safetensors"))
         if len(files) != 1:
+            shards = sorted(path.glob(f"{stem or '*'}-*-of-*.safetensors"))
+            if shards:
+                return open_shards(path, shards)
             found = [f.name for f in path.iterdir()]
             raise CheckpointError(f"{path} holds {len(files)} candidate .safetensors files "
                                   f"(found {found}); point at one file or its index.json")
@@ -105,10 +111,57 @@ def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpo
         if missing:
             raise CheckpointError(f"{path} lists shards that are missing: {missing}")
         return Checkpoint(sorted(set(files.values())), files)
+    foreign = foreign_file(path)
+    if foreign:
+        raise CheckpointError(foreign)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path} is not a .safetensors file; only safetensors checkpoints are "
                               "supported (convert .ckpt/.bin/.pt with safetensors.torch.save_file)")
     return Checkpoint([path])
+
+
+def open_shards(folder: Path, files: list[Path]) -> Checkpoint:
+    """The shards of one ``name-0000i-of-0000n.safetensors`` set without an index.json: opened
+    together if the set is complete, else one error naming the missing shard files."""
+    found = shard_set(files)
+    if found is None:
+        raise CheckpointError(f"{folder} holds several .safetensors files that are not one shard set "
+                              f"({[f.name for f in files]}); point at one file or the index.json")
+    shards, missing = found
+    if missing:
+        raise CheckpointError(f"{folder} holds {len(shards)} shard(s) of a set without its index.json, and "
+                              f"these shard files are missing: {missing}")
+    return Checkpoint(shards)
+
+
+def shard_set(files: list[Path]) -> tuple[list[Path], list[str]] | None:
+    """``name-00001-of-00003.safetensors``-style files: (the shards found, the names missing),
+    or None if ``files`` are not the shards of one set."""
+    rx = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+    hits = [(f, rx.match(f.name)) for f in files]
+    if not hits or not all(m for _, m in hits):
+        return None
+    sets = {(m["stem"], m["n"]) for _, m in hits}
+    if len(sets) != 1:
+        return None
+    (stem, n), = sets
+    width = len(n)
+    have = {int(m["i"]) for _, m in hits}
+    missing = [f"{stem}-{i:0{width}d}-of-{n}.safetensors" for i in range(1, int(n) + 1) if i not in have]
+    return sorted(f for f, _ in hits), missing
+
+
+def foreign_file(path: Path) -> str | None:
+    """A message if ``path`` is a file format we refuse by name (GGUF), else None."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        magic = b""
+    if path.suffix.lower() == ".gguf" or magic == b"GGUF":
+        return (f"{path} is a GGUF file: GGUF is not supported; use the bf16 or fp8 safetensors of the same "
+                "model (e.g. flux1-dev.safetensors or a ComfyUI fp8 file)")
+    return None
 
 
 def load_into(module: torch.nn.Module, tensors: Mapping[str, Callable[[], torch.Tensor]],

@@ -48,7 +48,7 @@ class Detected:
 
 def shapes_of(tensors) -> dict[str, tuple[int, ...]]:
     """name -> shape for a Checkpoint, a state dict, or a mapping of shapes."""
-    if isinstance(tensors, Checkpoint):
+    if isinstance(tensors, Checkpoint) or callable(getattr(tensors, "shape", None)):  # or a formats.Canonical
         return {k: tensors.shape(k) for k in tensors}
     return {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in tensors.items()}
 
@@ -133,7 +133,9 @@ def _what_is_it(shapes: Mapping) -> str:
 def _need(shapes: Mapping, key: str, where: str, family: str) -> tuple[int, ...]:
     if key not in shapes:
         raise CheckpointError(f"{where} looks like a {family} transformer but has no {key!r} "
-                              "(or its diffusers equivalent); the file may be truncated or a partial shard set")
+                              "(or its diffusers equivalent): it is one shard of a multi-file checkpoint (point at "
+                              "the folder or its index.json), or a variant of the architecture this loader does not "
+                              "know")
     return shapes[key]
 
 

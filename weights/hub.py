@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointError, open_checkpoint, read_json
+from .checkpoint import CheckpointError, foreign_file, open_checkpoint, read_json, shard_set
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 TRANSFORMER_FILES = ["transformer/*.json", "transformer/*.safetensors"]  # of a diffusers repo
@@ -62,7 +62,12 @@ def _local(path: Path) -> Source:
     candidates = [f for f in files if not NOT_TRANSFORMER.search(f.name)] or files
     if len(candidates) == 1:
         return Source(candidates[0], None, _config_json(path))
+    if shard_set(candidates) is not None:  # shards without their index.json: opened as one set
+        return Source(path, None, _config_json(path))
     if not candidates:
+        gguf = sorted(path.glob("*.gguf"))
+        if gguf:
+            raise CheckpointError(foreign_file(gguf[0]))
         raise CheckpointError(f"{path} holds no .safetensors files (found {sorted(p.name for p in path.iterdir())})")
     raise CheckpointError(f"{path} holds several checkpoint files {[f.name for f in candidates]}; "
                           "pass the one you mean")

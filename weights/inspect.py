@@ -6,7 +6,11 @@ import math
 import os
 from collections import Counter
 
+import torch
+
+from ..models import transformer_for
 from .detect import detect
+from .formats import Canonical
 from .hub import resolve
 
 # safetensors dtype tags -> torch names
@@ -17,10 +21,16 @@ _BUFFERS = ("pos_embed", "pos_embed.pos_embed")  # stored tables (original, diff
 
 
 def describe(source: str | os.PathLike, *, revision: str | None = None, token=None) -> str:
-    """A few lines: source, files and size, layout, family, matched preset, config, dtypes, counts."""
+    """A few lines: source, files and size, layout, family, matched preset, config, format, dtypes,
+    counts. Raises the error ``load_transformer`` would (every key and shape is checked on a
+    model built on ``meta``), so ``mmdit inspect`` fails on a file that would not load."""
+    from .transformer import check_keys
+
     src = resolve(source, revision=revision, token=token)
-    ckpt = src.open()
+    ckpt = Canonical(src.open(), str(src.path))
     det = detect(ckpt, src.config_json, where=str(src.path))
+    with torch.device("meta"):
+        check_keys(transformer_for(det.config), ckpt, det, where=str(src.path))
     n_params = n_buffers = 0
     dtypes: Counter = Counter()
     for k in det.keys:
@@ -40,6 +50,8 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
         ("family", {"sd3": "SD3 / SD3.5 (MMDiT)", "flux": "FLUX.1"}[det.family]),
         ("preset", det.preset or "none (custom config)"),
         ("config", f"from {det.config_source}: hidden={cfg.hidden_size} {fields}"),
+        ("format", f"{ckpt.format}: {ckpt.quantized} weights stored as fp8 with a per-tensor scale"
+         if ckpt.format else "plain tensors"),
         ("dtype", ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())),
         ("parameters", f"{n_params:,}" + (f" (+ {n_buffers:,} in the stored pos_embed table)" if n_buffers else "")),
         ("tensors", str(len(det.keys))),

@@ -1,0 +1,191 @@
+"""Checkpoint files as people have them: ComfyUI scaled fp8, renamed norms, and what we refuse.
+
+``Canonical`` is a read-only view of a ``Checkpoint`` that the transformer loader and
+``inspect`` use instead of the raw file:
+
+* ComfyUI **scaled fp8**, both forms, is recognised and its scales are applied:
+  - ``<layer>.weight`` (float8) + ``<layer>.scale_weight`` (fp32 scalar), a top-level
+    ``scaled_fp8`` marker, sometimes ``<layer>.scale_input``;
+  - ``<layer>.weight`` + ``<layer>.weight_scale`` + ``<layer>.comfy_quant`` (uint8 bytes of
+    a JSON ``{"format": "float8_e4m3fn"}``), sometimes ``<layer>.input_scale``.
+  The scale and marker tensors are hidden from the key set; reading ``<layer>.weight``
+  gives ``weight.float() * scale`` (in fp32), ``raw()`` gives the stored tensor and scale.
+  Input scales only matter to fp8 activation kernels and are not used.
+* FLUX RMSNorm weights saved as ``*_norm.weight`` (current ComfyUI) read as ``*_norm.scale``.
+* Formats this project does not load (GGUF, bitsandbytes NF4/FP4/int8, optimum-quanto,
+  int4 SVDQuant/GPTQ, Chroma, a LoRA adapter instead of a model) are one error that names
+  them and says what to use instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError
+
+FORMAT = "scaled fp8 (ComfyUI)"
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # the comfy_quant formats read here
+# leaf suffix -> the weight it scales (None: only marks the layer or scales its input)
+_OLD = {".scale_weight": ".weight", ".scale_input": None}
+_NEW = {".weight_scale": ".weight", ".input_scale": None, ".comfy_quant": None}
+_NORM_ALIASES = {".query_norm.weight": ".query_norm.scale", ".key_norm.weight": ".key_norm.scale"}
+
+_USE_INSTEAD = "use the bf16/fp16 safetensors, or a ComfyUI scaled-fp8 file, of the same model"
+# (what it is, a test on one key) for formats refused with a clear message
+_FOREIGN = [
+    ("a bitsandbytes NF4/FP4 quantized checkpoint", lambda k: ".quant_state.bitsandbytes__" in k
+     or k.endswith((".weight.absmax", ".weight.quant_map", ".weight.nested_absmax"))),
+    ("a bitsandbytes int8 (LLM.int8) checkpoint", lambda k: k.endswith((".SCB", ".weight_format"))),
+    ("an optimum-quanto quantized checkpoint", lambda k: k.endswith((".weight._data", ".weight._scale"))),
+    ("an int4 checkpoint (nunchaku SVDQuant / GPTQ / AWQ: qweight, wscales, qzeros)",
+     lambda k: k.endswith((".qweight", ".wscales", ".qzeros"))),
+    ("Chroma (a FLUX-derived architecture with a distilled guidance layer)",
+     lambda k: "distilled_guidance_layer." in k),
+]
+LORA_MARKS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".lora.down.", ".lora.up.", "lora_unet_",
+              ".processor.qkv_lora", ".processor.proj_lora")
+EMA_MARKS = ("model_ema.", "ema.", "ema_model.")
+
+
+def refuse_foreign(keys, where: str) -> None:
+    """One error naming the format, if ``keys`` are of a checkpoint kind this project can't load."""
+    keys = list(keys)
+    for what, test in _FOREIGN:
+        hits = [k for k in keys if test(k)]
+        if hits:
+            raise CheckpointError(f"{where} is {what} ({len(hits)} keys such as {hits[0]!r}): that format "
+                                  f"is not supported; {_USE_INSTEAD}")
+    lora = [k for k in keys if is_lora_key(k)]
+    if lora and len(lora) == len(keys):
+        raise CheckpointError(f"{where} is a LoRA adapter ({len(keys)} tensors such as {keys[0]!r}), not a model: "
+                              "load the base model and apply it with mmdit.apply_lora(model, path) "
+                              "(CLI: --lora PATH[:SCALE])")
+
+
+def is_lora_key(k: str) -> bool:
+    """A key of a LoRA adapter in any of the layouts ``mmdit.lora`` reads."""
+    return any(m in k for m in LORA_MARKS) or k.startswith(("lora_te", "lora_unet")) or k.endswith(".alpha")
+
+
+def residue_hints(unexpected: list[str]) -> list[str]:
+    """Lines explaining unexpected keys that are LoRA or EMA residue, for the strict-load error."""
+    lines = []
+    lora = [k for k in unexpected if is_lora_key(k)]
+    if lora:
+        lines.append(f"{len(lora)} of them are LoRA tensors ({lora[0]!r}, ...): the file holds an unmerged LoRA "
+                     "beside the model. Save the base model and the LoRA apart, then use mmdit.apply_lora")
+    ema = [k for k in unexpected if k.startswith(EMA_MARKS)]
+    if ema:
+        lines.append(f"{len(ema)} of them are EMA residue ({ema[0]!r}, ...): a training checkpoint with EMA "
+                     "weights beside the model; export the model (or the EMA weights) alone")
+    return lines
+
+
+def _comfy_format(raw: torch.Tensor) -> str:
+    try:
+        return json.loads(bytes(raw.to(torch.uint8).flatten().tolist()).decode("utf-8")).get("format", "?")
+    except (ValueError, AttributeError):
+        return "?"
+
+
+class Canonical(Mapping):
+    """name -> tensor over a ``Checkpoint``, with scaled fp8 applied and aliases resolved."""
+
+    def __init__(self, ckpt: Checkpoint, where: str):
+        self.ckpt, self.where, self.files = ckpt, where, ckpt.files
+        keys = list(ckpt)
+        refuse_foreign(keys, where)
+        present = set(keys)
+        self.scales: dict[str, str] = {}  # stored weight key -> its scale key
+        hidden = set()
+        for k in keys:
+            leaf = next((s for s in (*_OLD, *_NEW) if k.endswith(s)), None)
+            if k == "scaled_fp8" or k.endswith(".scaled_fp8"):
+                hidden.add(k)
+            elif leaf is not None:
+                hidden.add(k)
+                target = {**_OLD, **_NEW}[leaf]
+                if target is not None:
+                    self.scales[k[:-len(leaf)] + target] = k
+        orphans = sorted(s for w, s in self.scales.items() if w not in present)
+        if orphans:
+            raise CheckpointError(f"{where} has fp8 scales for weights it does not hold: {orphans[:6]}")
+        wide = [(s, self.ckpt.shape(s)) for s in self.scales.values() if math.prod(self.ckpt.shape(s)) != 1]
+        if wide:
+            raise CheckpointError(f"{where}: {wide[0][0]} has shape {wide[0][1]} ({len(wide)} such scales): only "
+                                  f"per-tensor (scalar) fp8 scales are supported; {_USE_INSTEAD}")
+        self.marker = next((k for k in keys if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
+        self._check_comfy_quant([k for k in keys if k.endswith(".comfy_quant")])
+        self.hidden = sorted(hidden)
+        self.alias = {}  # our name -> stored name
+        for k in keys:
+            if k in hidden:
+                continue
+            for old, new in _NORM_ALIASES.items():
+                if k.endswith(old):
+                    self.alias[k[:-len(old)] + new] = k
+        stored = {v for v in self.alias.values()}
+        self._keys = [k for k in keys if k not in hidden and k not in stored] + list(self.alias)
+
+    def _check_comfy_quant(self, markers: list[str]) -> None:
+        bad = {}
+        for k in markers:
+            fmt = _comfy_format(self.ckpt[k])
+            if fmt not in FP8_FORMATS:
+                bad.setdefault(fmt, []).append(k[:-len(".comfy_quant")])
+        if bad:
+            what = ", ".join(f"{fmt!r} ({len(v)} layers, e.g. {v[0]})" for fmt, v in bad.items())
+            raise CheckpointError(f"{self.where} is a ComfyUI quantized checkpoint with layer formats {what}: only "
+                                  f"per-tensor float8 ('float8_e4m3fn', 'float8_e5m2') is supported; {_USE_INSTEAD}")
+
+    # ---- what the file is --------------------------------------------------------------
+
+    @property
+    def format(self) -> str | None:
+        """"scaled fp8 (ComfyUI)" or None."""
+        return FORMAT if self.scales or self.marker else None
+
+    @property
+    def quantized(self) -> int:
+        """Weights stored with a scale."""
+        return len(self.scales)
+
+    # ---- Mapping + the Checkpoint interface --------------------------------------------
+
+    def _stored(self, name: str) -> str:
+        return self.alias.get(name, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, name) -> bool:
+        return name in self.alias or (name in self.ckpt and name not in self.hidden)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.ckpt.shape(self._stored(name))
+
+    def dtype(self, name: str) -> str:
+        return self.ckpt.dtype(self._stored(name))
+
+    def metadata(self) -> dict[str, str]:
+        return self.ckpt.metadata()
+
+    def nbytes(self) -> int:
+        return self.ckpt.nbytes()
+
+    def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stored tensor and its fp32 scale (None if it has none)."""
+        stored = self._stored(name)
+        scale = self.scales.get(stored)
+        return self.ckpt[stored], (None if scale is None else self.ckpt[scale].float().reshape(()))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor as the model wants it: scaled fp8 dequantized as ``fp8.float() * scale``."""
+        t, scale = self.raw(name)
+        return t if scale is None else t.float() * scale

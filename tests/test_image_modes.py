@@ -222,3 +222,47 @@ def test_tiny_model_img2img_and_inpainting():
     assert (background, shape) == ("blue", "green")
     keep = mask == 0
     assert abs(out[keep] - image[keep] / 255).max() < 1e-6
+
+
+def test_cli_img2img_and_inpaint_on_the_tiny_model(tmp_path, capsys):
+    import json
+
+    from mmdit.cli import main
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:] = (30, 60, 220)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "--prompt", "a green circle on a blue background", "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--strength", "0.8", "--steps", "4", "--output", str(out)]) == 0
+    written = Image.open(out)
+    settings = json.loads(written.text["mmdit"])
+    assert settings["strength"] == 0.8 and settings["mask"].endswith("mask.png") and written.size == (64, 64)
+    assert np.array_equal(np.asarray(written)[:16], image[:16])  # outside the mask: the image itself
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strength", "0"], "strength must be a number in (0, 1]"),
+    (["--strength", "1.5"], "strength must be a number in (0, 1]"),
+    (["--mask", "{small}"], "--mask is 32x32 pixels but --image is 64x64"),
+    (["--control", "{text}"], "is not an image file"),
+    (["--mask", "{missing}"], "no such file"),
+])
+def test_cli_bad_image_arguments_are_one_line(tmp_path, capsys, args, message):
+    from mmdit.cli import main
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths = dict(small=tmp_path / "small.png", text=tmp_path / "notes.txt", missing=tmp_path / "nope.png")
+    argv = ["generate", "--prompt", "x", "--image", str(tmp_path / "in.png"), "--output", str(tmp_path / "o.png")]
+    try:
+        code = main(argv + [a.format(**paths) for a in args])
+    except SystemExit as e:  # argparse's own errors exit
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o.png").exists()

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from .samplers import sample
 
+GUIDANCE = {"fill": 30.0}  # FLUX.1-Fill-dev's distilled guidance default (BFL, diffusers); the others keep 3.5
+
 
 @dataclass
 class Plan:
@@ -37,9 +39,6 @@ class Plan:
     keep: torch.Tensor | None = None
     condition: torch.Tensor | None = None
 
-    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
-        """What the transformer sees for ``latents``: the conditioning channels appended."""
-        return latents if self.condition is None else torch.cat([latents, self.condition.to(latents)], dim=1)
 
 
 def pick_mode(pipe, image, mask, control_image) -> str:
@@ -72,6 +71,16 @@ def pick_mode(pipe, image, mask, control_image) -> str:
             raise ValueError("a FLUX.1 Kontext model edits the whole image: drop mask= (or use a Fill model)")
         return "text" if image is None else "kontext"
     return "inpaint" if mask is not None else "img2img" if image is not None else "text"
+
+
+def check_dg(model, plan: Plan) -> None:
+    """DG with Fill / Depth / Canny needs an MA spec: finding one (``Pipeline.ensure_ma``) samples
+    text to image, which a model with extra input channels cannot do. (Kontext can: it has
+    FLUX.1-dev's shapes, and its channels are found without the reference.)"""
+    if plan.mode in ("fill", "control") and model.ma is None:
+        raise ValueError(f"dg in {plan.mode} mode needs this model's MA channels, and it has none: set "
+                         "pipe.transformer.ma = mmdit.MASpec(channels=..., block=...) (e.g. the base model's, "
+                         "from `mmdit calibrate-ma --model BASE`)")
 
 
 def strength_sigmas(sigmas, strength: float, steps: int):

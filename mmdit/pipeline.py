@@ -263,7 +263,7 @@ class Pipeline:
         cond = self.encode(prompts, max_sequence_length)
         uncond = self.encode(negatives, max_sequence_length) if cfg != 1.0 else None
         if self.family == "flux" and getattr(self.transformer.config, "guidance_embed", False):
-            guidance = defaults["guidance"] if guidance is None else guidance
+            guidance = image_modes.GUIDANCE.get(mode, defaults["guidance"]) if guidance is None else guidance
         elif guidance is not None:
             warnings.warn(f"guidance={guidance} is ignored: it is FLUX.1-dev's distilled guidance, and this model "
                           "has no guidance input (cfg= is the guidance scale here)", stacklevel=2)
@@ -274,7 +274,8 @@ class Pipeline:
             sigmas = image_modes.strength_sigmas(sigmas, strength, steps)
         latents = latents.to(device=device, dtype=dtype)
         if dg != 0.0:
-            self.ensure_ma(cond, plan.model_input(latents), sigmas, guidance)
+            image_modes.check_dg(self.transformer, plan)
+            self.ensure_ma(cond, latents, sigmas, guidance)
         x = image_modes.denoise(self.denoiser, plan, latents, sigmas, cond, uncond, cfg=cfg, dg=dg,
                                 cfg_interval=cfg_interval, dg_interval=dg_interval, guidance=guidance,
                                 progress=progress, callback=callback)

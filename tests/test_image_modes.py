@@ -178,6 +178,8 @@ def test_modes_are_picked_from_the_checkpoint_and_the_arguments(saved):
     control = mmdit.Pipeline.from_pretrained(saved("control")[0])
     with pytest.raises(ValueError, match="give control_image="):
         control("x", steps=1, height=H, width=W)
+    with pytest.raises(ValueError, match="dg in fill mode needs this model's MA channels"):
+        fill("x", image=make_image(), mask=make_mask(), steps=1, dg=2.0)
     sd3 = mmdit.Pipeline.from_pretrained(saved("sd3")[0])
     with pytest.raises(ValueError, match="needs a FLUX.1 Depth / Canny model"):
         sd3("x", control_image=make_image(), steps=1)

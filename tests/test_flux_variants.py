@@ -120,3 +120,20 @@ def test_wrong_input_channels_is_one_clear_error():
                                     in_channels=128, out_channels=64)
     with pytest.raises(ValueError, match="expected 32 input channels, got 16"):
         model(torch.randn(1, 16, 4, 4), 0.5, torch.randn(1, 3, 8), torch.randn(1, 8), guidance=3.5)
+
+
+@pytest.mark.parametrize("in_channels, refs", [(384, 0), (64, 1)])
+def test_fill_and_kontext_forward_with_the_fork_is_one_graph(in_channels, refs):
+    """The conditioning channels and the reference tokens add no graph break or host sync."""
+    model = mmdit.build_transformer(mmdit.FluxConfig(num_double=1, num_single=1, num_heads=1, context_dim=40,
+                                                     pooled_dim=24, in_channels=in_channels, out_channels=64))
+    model.ma = mmdit.MASpec(channels=(3, 77), block=1)
+    x, sigma, ctx, pooled, guid = variant_inputs(variant_peer(in_channels), refs, B=2)
+    kw = dict(guidance=guid, fork=slice(1, 2))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, sigma, ctx, pooled, **kw)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        want = model(x, sigma, ctx, pooled, **kw)
+        assert (compiled(x, sigma, ctx, pooled, **kw) - want).abs().max() <= 1e-5 * want.abs().max()

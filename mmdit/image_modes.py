@@ -40,7 +40,6 @@ class Plan:
     condition: torch.Tensor | None = None
 
 
-
 def pick_mode(pipe, image, mask, control_image) -> str:
     """The mode for this checkpoint and these arguments; one clear error when they don't fit."""
     cfg = pipe.transformer.config
@@ -159,12 +158,10 @@ def prepare(pipe, mode: str, n: int, height: int, width: int, image=None, mask=N
     if mode == "text":
         return Plan(mode)
     down = pipe.vae.config.downsample
-    plan = Plan(mode)
     pixels = None if image is None else _fit(as_images(image, "image"), n, height, width, "image")
-    if mode == "kontext":
+    if mode == "kontext":  # the image is the reference, resized to the output's size
         return Plan(mode, condition=encode(pipe, pixels))
-    if pixels is not None:
-        plan.start = encode(pipe, pixels)
+    plan = Plan(mode, start=None if pixels is None else encode(pipe, pixels))
     if mask is not None:
         m = _fit(as_images(mask, "mask", gray=True), n, height, width, "mask")
         m = (m >= 0.5).float()  # white = repaint, binarized as diffusers does
@@ -201,8 +198,7 @@ def denoise(model, plan: Plan, noise: torch.Tensor, sigmas, cond, uncond, *, cal
     """Sample from ``noise`` over ``sigmas`` (already cut by strength) in the Plan's mode."""
     dtype = noise.dtype
     if plan.condition is not None:
-        plan.condition = plan.condition.to(device=noise.device, dtype=dtype)
-        model = Conditioned(model, plan.condition)
+        model = Conditioned(model, plan.condition.to(device=noise.device, dtype=dtype))
     x = noise
     if plan.start is not None:
         start = plan.start.to(device=noise.device, dtype=torch.float32)

@@ -173,7 +173,8 @@ def _add_generate(sub) -> None:
                         dg_interval=list(args.dg_interval))
         if images:
             settings.update(image=args.image, mask=args.mask, control=args.control, strength=args.strength)
-        inputs = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt", "image", "mask", "control")}
+        named = ("prompt", "negative_prompt", "image", "mask", "control")
+        inputs = {k: v for k, v in settings.items() if k not in named}
         image = pipe(args.prompt, args.negative_prompt, output="pil", progress=True, **inputs, **images)[0]
         width, height = image.size
         settings.update(height=height, width=width)

@@ -43,6 +43,14 @@ def fraction(name: str, value, *, closed_top: bool = True) -> float:
     return float(value)
 
 
+def strength(value) -> float:
+    """img2img / inpaint strength: in (0, 1]; 1 starts from pure noise, small keeps the image."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 < value <= 1:
+        raise ValueError(f"strength must be a number in (0, 1] (1 = start from pure noise), got {value!r}")
+    return float(value)
+
+
 def positive(name: str, value) -> float:
     """A finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:

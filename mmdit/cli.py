@@ -13,6 +13,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 EXAMPLES = """examples:
   mmdit generate --prompt "a red circle on a blue background" --output out.png
   mmdit generate --model stabilityai/stable-diffusion-3.5-medium --device cuda --prompt "a fox" --dg 2
+  mmdit generate --prompt "a green circle on a yellow background" --image in.png --strength 0.6
   mmdit inspect sd3.5_medium.safetensors
   mmdit COMMAND --help      the options of one command"""
 
@@ -161,6 +162,13 @@ def _add_generate(sub) -> None:
                    default=(0.0, 1.0), help="sigmas where CFG acts (1 = pure noise)")
     p.add_argument("--dg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
                    default=(0.0, 1.0), help="sigmas where DG acts")
+    p.add_argument("--image", default=None, help="start from this image (img2img; with --mask inpainting; "
+                                                  "FLUX.1 Kontext models: the image to edit)")
+    p.add_argument("--strength", type=_checked(checks.strength, float), default=1.0,
+                   help="with --image: how much of the schedule runs, in (0, 1]; 1 starts from pure noise, "
+                        "0.6 keeps the layout")
+    p.add_argument("--mask", default=None, help="with --image: white = repaint (FLUX.1 Fill models: fill in)")
+    p.add_argument("--control", default=None, help="a FLUX.1 Depth / Canny model's depth map or edge image")
     guides = p.add_argument_group("other guidance terms (each a copy of the cond rows inside the step's one model call)")
     def scale(name):
         return _checked(lambda v: checks.scale(name, v, off=0), float)
@@ -213,8 +221,9 @@ def _add_generate(sub) -> None:
             raise ValueError("--cfg-zero-star and --apg both replace plain CFG: choose one")
         from .samplers import APG
 
+        images = _input_images(args)
         pipe = _pipeline(args)
-        height, width = _size(args, pipe)
+        height, width = (args.height, args.width) if images else _size(args, pipe)  # images: their size
         settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
                         dg=args.dg, guidance=args.guidance, height=height, width=width, seed=args.seed,
                         max_sequence_length=args.max_sequence_length, cfg_interval=list(args.cfg_interval),
@@ -228,9 +237,14 @@ def _add_generate(sub) -> None:
         if args.apg:
             settings["apg"] = dict(eta=args.apg_eta, norm_threshold=args.apg_norm_threshold,
                                    momentum=args.apg_momentum)
-        call = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt", "apg")}
+        if images:
+            settings.update(image=args.image, mask=args.mask, control=args.control, strength=args.strength)
+        named = ("prompt", "negative_prompt", "image", "mask", "control", "apg")
+        inputs = {k: v for k, v in settings.items() if k not in named}
         image = pipe(args.prompt, args.negative_prompt, output="pil", progress=True,
-                     apg=APG(**settings["apg"]) if args.apg else None, **call)[0]
+                     apg=APG(**settings["apg"]) if args.apg else None, **inputs, **images)[0]
+        width, height = image.size
+        settings.update(height=height, width=width)
         settings.update(model=args.model or "tiny-shapes (shipped)", **{k: pipe.defaults.get(k) for k in
                                                                        ("steps", "cfg", "dg") if settings[k] is None})
         info = PngInfo()
@@ -240,6 +254,33 @@ def _add_generate(sub) -> None:
         print(f"wrote {args.output} ({width}x{height})")
 
     p.set_defaults(run=run)
+
+
+def _input_images(args) -> dict:
+    """--image / --mask / --control opened (PIL), checked before any model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    if args.mask and not args.image:
+        raise ValueError("--mask needs --image (the image whose white-masked part is repainted)")
+    if args.strength < 1 and not args.image:
+        raise ValueError("--strength needs --image (the image to start from)")
+    opened = {}
+    for flag, key, path in (("--image", "image", args.image), ("--mask", "mask", args.mask),
+                            ("--control", "control_image", args.control)):
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as im:
+                im.load()
+                opened[key] = im.copy()
+        except FileNotFoundError:
+            raise ValueError(f"{flag} {path!r}: no such file") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{flag} {path!r} is not an image file PIL can read ({type(e).__name__})") from None
+    if "mask" in opened and opened["mask"].size != opened["image"].size:
+        (mw, mh), (iw, ih) = opened["mask"].size, opened["image"].size
+        raise ValueError(f"--mask is {mw}x{mh} pixels but --image is {iw}x{ih}; they must be the same size")
+    return opened
 
 
 def _add_inspect(sub) -> None:

@@ -49,7 +49,8 @@ class FluxConfig:
     num_single: int = 38
     num_heads: int = 24
     head_dim: int = 128
-    in_channels: int = 64  # 16 latent channels packed 2x2
+    in_channels: int = 64  # 16 latent channels packed 2x2 (+ conditioning: Fill 384, Depth / Canny 128)
+    out_channels: int | None = None  # None: in_channels; 64 for every released FLUX.1
     context_dim: int = 4096
     pooled_dim: int = 768
     guidance_embed: bool = True  # FLUX.1-dev distilled guidance input; schnell has none
@@ -65,8 +66,11 @@ class FluxConfig:
                              f"but head_dim is {self.head_dim}; they must be equal")
         if any(d % 2 for d in self.axes_dim):
             raise ValueError(f"every RoPE axis dim must be even, got {self.axes_dim}")
-        if self.in_channels % 4:
-            raise ValueError(f"in_channels={self.in_channels} must be 4 * latent channels (2x2 packing)")
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        if self.in_channels % 4 or self.out_channels % 4 or self.out_channels > self.in_channels:
+            raise ValueError(f"in_channels={self.in_channels} and out_channels={self.out_channels} must be "
+                             "multiples of 4 (2x2 packing), with out_channels <= in_channels")
 
     @property
     def hidden_size(self) -> int:
@@ -74,7 +78,13 @@ class FluxConfig:
 
     @property
     def latent_channels(self) -> int:
-        return self.in_channels // 4
+        """The latent channels the model denoises (its output); the input may carry more."""
+        return self.out_channels // 4
+
+    @property
+    def condition_channels(self) -> int:
+        """Extra input channels per latent pixel (Fill: masked image + mask; Depth / Canny: control)."""
+        return (self.in_channels - self.out_channels) // 4
 
     @property
     def total_blocks(self) -> int:

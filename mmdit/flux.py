@@ -1,4 +1,5 @@
-"""FLUX.1 (dev / schnell). Module names follow the BFL checkpoints."""
+"""FLUX.1 (dev / schnell, and the Fill / Depth / Canny / Kontext variants). Module names follow the BFL
+checkpoints."""
 from __future__ import annotations
 
 import torch
@@ -22,11 +23,12 @@ def rope_angles(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tup
     return phi.cos().float(), phi.sin().float()
 
 
-def image_ids(h: int, w: int, device) -> torch.Tensor:
-    """(h*w, 3) ids (0, row, col) of the packed grid, row-major."""
+def image_ids(h: int, w: int, device, index: int = 0) -> torch.Tensor:
+    """(h*w, 3) ids (index, row, col) of the packed grid, row-major; index 0 is the image being
+    denoised, 1, 2, ... Kontext reference images."""
     rows = torch.arange(h, device=device).repeat_interleave(w)
     cols = torch.arange(w, device=device).repeat(h)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()
+    return torch.stack([torch.full_like(rows, index), rows, cols], dim=1).float()
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ class SingleStreamBlock(nn.Module):
 
 
 class FluxTransformer(Transformer):
-    """``v = model(x, sigma, context, pooled, guidance)``: x (B, 16, H, W), sigma (B,) in [0, 1].
+    """``v = model(x, sigma, context, pooled, guidance)``: x (B, C, H, W), sigma (B,) in [0, 1].
 
     The 2x2 packing, the position ids and the RoPE angles are internal.
     """
@@ -155,30 +157,44 @@ class FluxTransformer(Transformer):
         self.txt_in = nn.Linear(config.context_dim, dim)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.num_double))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.num_single))
-        self.final_layer = FinalLayer(dim, config.in_channels)
+        self.final_layer = FinalLayer(dim, config.out_channels)
         self.ma = None
 
     def velocity(self, x, sigma, context, pooled, guidance, rows: Rows):
         """x (B, C, H, W), sigma (B,) and guidance (B,) float32 (or None), context (B, L, Dc),
-        pooled (B, Dp); ``rows`` says what each block does to which rows."""
+        pooled (B, Dp); ``rows`` says what each block does to which rows. Returns (B', out_channels/4, H, W).
+
+        C is in_channels/4: the latents, then any conditioning channels (Fill: masked-image
+        latents and the mask; Depth / Canny: the control latents). Kontext: C may add k more
+        groups of out_channels/4 channels, k reference images' latents at the same size, which
+        become image tokens of their own (ids (j, row, col), j = 1..k) in every block and are
+        not part of the output. Every token travels with its row, so forked rows carry them.
+        """
         B, C, H, W = x.shape
         cfg = self.config
         if H % 2 or W % 2:
             raise ValueError(f"FLUX latents are packed 2x2: latent size {H}x{W} must be even "
                              "(image size a multiple of 16)")
-        if C * 4 != cfg.in_channels:
-            raise ValueError(f"expected {cfg.in_channels // 4} latent channels, got {C}")
+        c_in, c_out = cfg.in_channels // 4, cfg.out_channels // 4
+        refs, rest = divmod(C - c_in, c_out)
+        if C < c_in or rest or (refs and c_in != c_out):
+            more = f" (+ {c_out} per Kontext reference image)" if c_in == c_out else ""
+            raise ValueError(f"expected {c_in} input channels{more}, got {C}")
         h, w = H // 2, W // 2
-        img = pack(x)
+        img = pack(x[:, :c_in] if refs else x)
         vec = self.time_in(timestep_embedding(1000 * sigma.to(x.dtype)).to(x.dtype))
         if cfg.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX model is guidance-distilled (FLUX.1-dev): pass guidance, e.g. 3.5")
             vec = vec + self.guidance_in(timestep_embedding(1000 * guidance.to(x.dtype)).to(x.dtype))
         vec = vec + self.vector_in(pooled)
+        ids = [image_ids(h, w, x.device)]
+        if refs:  # Kontext: reference tokens after the image's, (B, N + k*N, 4 * c_in)
+            img = torch.cat([img, *(pack(x[:, c_in + j * c_out:c_in + (j + 1) * c_out]) for j in range(refs))], 1)
+            ids += [image_ids(h, w, x.device, j + 1) for j in range(refs)]
         img, txt = self.img_in(img), self.txt_in(context)
         L = txt.shape[1]
-        ids = torch.cat([torch.zeros(L, 3, device=x.device), image_ids(h, w, x.device)])
+        ids = torch.cat([torch.zeros(L, 3, device=x.device), *ids])
         cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
         for i, block in enumerate(self.double_blocks):
             img, txt, vec = rows.enter(i, [img, txt, vec])
@@ -192,6 +208,6 @@ class FluxTransformer(Transformer):
             (joint,), vec = rows.run(i, [joint], vec, rows.fork_at(i),
                                      lambda joint, vec, fork, identity, block=block:
                                      (block(joint, vec, cos, sin, L, fork, identity),))
-        out = self.final_layer(joint[:, L:], vec)  # (B', h*w, 4C)
-        out = out.view(-1, h, w, C, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(-1, C, H, W)
+        out = self.final_layer(joint[:, L:L + h * w], vec)  # (B', h*w, 4 * c_out): the image's tokens only
+        out = out.view(-1, h, w, c_out, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(-1, c_out, H, W)

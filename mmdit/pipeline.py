@@ -11,11 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checks, ma
+from . import checks, image_modes, ma
 from .compiled import CompiledTransformer
 from .lora import apply_lora
 from .ma import MASpec
-from .samplers import APG, flux_sigmas, sample, sd3_sigmas
+from .samplers import APG, flux_sigmas, sd3_sigmas
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
@@ -83,6 +83,9 @@ class PixelSpace:
     def __init__(self, channels: int = 3):
         self.config = PixelConfig(latent_channels=channels)
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
@@ -100,6 +103,7 @@ class Pipeline:
         self.family = family
         self.scheduler = scheduler or {}
         self.defaults = {**DEFAULTS[family], **(defaults or {})}
+        self.kontext = False  # a FLUX.1 Kontext model: image= is the reference to edit (same shapes as dev)
 
     @classmethod
     def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool = False, *,
@@ -158,7 +162,9 @@ class Pipeline:
         scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
         sample_size = (read_json(root / "transformer" / "config.json") or {}).get("sample_size")
         size = {"size": sample_size * vae.config.downsample} if isinstance(sample_size, int) else None  # as diffusers
-        return cls(transformer, text, vae, family, scheduler, size, compile=compile)
+        pipe = cls(transformer, text, vae, family, scheduler, size, compile=compile)
+        pipe.kontext = "Kontext" in str(index.get("_class_name", ""))
+        return pipe
 
     # --- pieces, usable on their own --------------------------------------------------------
 
@@ -215,7 +221,8 @@ class Pipeline:
                  sampler: str = "euler", schedule: str = "default",
                  slg: float = 0.0, slg_layers=(), slg_interval=None, slg_start: float | None = None,
                  slg_stop: float | None = None, pag: float = 0.0, pag_layers=(), pag_interval=(0.0, 1.0),
-                 cfg_zero_star: bool = False, apg: APG | None = None):
+                 cfg_zero_star: bool = False, apg: APG | None = None,
+                 image=None, strength: float = 1.0, mask=None, control_image=None):
         """Generate ``len(prompts) * num_images_per_prompt`` images, prompt by prompt (the images of
         prompt 0 first).
 
@@ -236,9 +243,23 @@ class Pipeline:
         pag / pag_layers / pag_interval: Perturbed Attention Guidance. cfg_zero_star / apg:
         CFG-Zero* or an ``mmdit.samplers.APG`` in place of plain CFG. Each perturbation is a
         copy of the cond rows inside the step's one model call (``samplers.guidance``).
+
+        Images (PIL, numpy (H, W, 3) uint8 or float in [0, 1], tensors (3, H, W) in [0, 1]; one,
+        or one per prompt) pick the mode with the checkpoint (``image_modes``): ``image`` alone is
+        img2img (Kontext models: the reference to edit), with ``mask`` (white = repaint)
+        inpainting (FLUX.1 Fill models: Fill); ``control_image`` is a Depth / Canny model's depth
+        map or edge image. ``strength`` in (0, 1]: how much of the schedule runs from the image
+        (1: from pure noise). height / width default to the image's size.
         """
         defaults = self.defaults
-        height, width = height or defaults["size"], width or defaults["size"]
+        mode = image_modes.pick_mode(self, image, mask, control_image)
+        strength = checks.strength(strength)
+        if strength < 1 and image is None or strength < 1 and mode == "kontext":
+            raise ValueError(f"strength={strength:g} needs image= to start from (Kontext: the image is a reference, "
+                             "not a start; leave strength at 1)")
+        multiple = self.vae.config.downsample * getattr(self.transformer.config, "patch_size", 2)
+        size = image_modes.image_size(image if image is not None else control_image, defaults["size"], multiple)
+        height, width = height or size[0], width or size[1]
         steps = checks.steps(defaults["steps"] if steps is None else steps)
         cfg = checks.scale("cfg", defaults["cfg"] if cfg is None else cfg, off=1)
         dg = checks.scale("dg", defaults.get("dg", 0.0) if dg is None else dg, off=0)
@@ -274,23 +295,28 @@ class Pipeline:
         cond = self.encode(prompts, max_sequence_length)
         uncond = self.encode(negatives, max_sequence_length) if cfg != 1.0 else None
         if self.family == "flux" and getattr(self.transformer.config, "guidance_embed", False):
-            guidance = defaults["guidance"] if guidance is None else guidance
+            guidance = image_modes.GUIDANCE.get(mode, defaults["guidance"]) if guidance is None else guidance
         elif guidance is not None:
             warnings.warn(f"guidance={guidance} is ignored: it is FLUX.1-dev's distilled guidance, and this model "
                           "has no guidance input (cfg= is the guidance scale here)", stacklevel=2)
             guidance = None
         sigmas = self.sigmas(steps, h, w, schedule)
+        plan = image_modes.prepare(self, mode, len(prompts), height, width, image, mask, control_image)
+        if plan.start is not None:
+            sigmas = image_modes.strength_sigmas(sigmas, strength, steps)
         latents = latents.to(device=device, dtype=dtype)
         if dg != 0.0:
+            image_modes.check_dg(self.transformer, plan)
             self.ensure_ma(cond, latents, sigmas, guidance)
         slg_interval = step_interval(sigmas, slg_start, slg_stop) if slg_interval is None else \
             checks.interval("slg_interval", slg_interval)
         if slg_interval is None:  # no step between the fractions
             slg, slg_interval = 0.0, (0.0, 1.0)
-        x = sample(self.denoiser, latents, sigmas, cond, uncond, cfg=cfg, dg=dg, cfg_interval=cfg_interval,
-                   dg_interval=dg_interval, slg=slg, slg_layers=slg_layers, slg_interval=slg_interval, pag=pag,
-                   pag_layers=pag_layers, pag_interval=pag_interval, cfg_zero_star=cfg_zero_star, apg=apg,
-                   guidance=guidance, progress=progress, callback=callback, sampler=sampler)
+        x = image_modes.denoise(self.denoiser, plan, latents, sigmas, cond, uncond, cfg=cfg, dg=dg,
+                                cfg_interval=cfg_interval, dg_interval=dg_interval, slg=slg, slg_layers=slg_layers,
+                                slg_interval=slg_interval, pag=pag, pag_layers=pag_layers, pag_interval=pag_interval,
+                                cfg_zero_star=cfg_zero_star, apg=apg, guidance=guidance, progress=progress,
+                                callback=callback, sampler=sampler)
         if output == "latent":
             return x
         images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)

@@ -47,7 +47,8 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
         optimal projection; the first step's velocity is zero), as diffusers' guider.
     apg: an ``APG(eta, norm_threshold, momentum)`` in place of plain CFG, or None.
     guidance: FLUX.1-dev's distilled guidance (a number or (B,)); None for the others.
-    callback: called after every step as ``callback(step, sigma_next, latents)`` (UIs, trainers).
+    callback: called after every step as ``callback(step, sigma_next, latents)`` (UIs, trainers);
+        if it returns a tensor, that replaces the latents (inpainting's blend of the known region).
     sampler: "euler" (1 model call per step), "heun" (2 per step, 1 on the step to sigma 0) or
         "dpmpp_2m" (DPM++ 2M, multistep: 1 per step); see solvers.py. Every guidance term works
         with each: a solver only sees the guided velocity, one batched model call per evaluation.
@@ -104,13 +105,15 @@ class _StepReport:
         self.steps, self.callback, self.progress = steps, callback, progress
         self.start = time.perf_counter()
 
-    def __call__(self, i: int, sigma_next: float, x: torch.Tensor) -> None:
+    def __call__(self, i: int, sigma_next: float, x: torch.Tensor) -> torch.Tensor:
         if self.callback is not None:
-            self.callback(i, sigma_next, x)
+            replaced = self.callback(i, sigma_next, x)
+            x = replaced if torch.is_tensor(replaced) else x
         if self.progress:
             elapsed = time.perf_counter() - self.start
             print(f"\rstep {i + 1}/{self.steps}  sigma {sigma_next:.4f}  {elapsed:.1f}s", end="",
                   file=sys.stderr, flush=True)
+        return x
 
     def close(self) -> None:
         if self.progress:

@@ -3,7 +3,8 @@
 Each solver integrates ``dx/dsigma = v(x, sigma)`` from ``sigmas[0]`` to ``sigmas[-1]``:
 
     velocity(x, sigma) -> v      float32 (B, C, H, W); one model evaluation (the guided velocity)
-    done(step, sigma_next, x)    called once after every step (callbacks, progress)
+    x = done(step, sigma_next, x)    called once after every step (callbacks, progress); it may
+                                     replace the latents (inpainting's blend)
 
 The sigmas are Python floats, so every coefficient is a host number and a step issues no
 device-to-host sync. Updates are computed in float32 and cast back to the latents' dtype
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
-StepDone = Callable[[int, float, torch.Tensor], None]
+StepDone = Callable[[int, float, torch.Tensor], torch.Tensor]
 
 
 def euler(velocity: Velocity, x: torch.Tensor, sigmas: Sequence[float], done: StepDone) -> torch.Tensor:
@@ -32,7 +33,7 @@ def euler(velocity: Velocity, x: torch.Tensor, sigmas: Sequence[float], done: St
     dtype = x.dtype
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x = (x.float() + (sigma_next - sigma) * velocity(x, sigma)).to(dtype)
-        done(i, sigma_next, x)
+        x = done(i, sigma_next, x)
     return x
 
 
@@ -53,7 +54,7 @@ def heun(velocity: Velocity, x: torch.Tensor, sigmas: Sequence[float], done: Ste
         x = (xf + euler_step).to(dtype)
         if sigma_next != 0:
             x = (xf + 0.5 * (euler_step + dt * velocity(x, sigma_next))).to(dtype)
-        done(i, sigma_next, x)
+        x = done(i, sigma_next, x)
     return x
 
 
@@ -95,7 +96,7 @@ def dpmpp_2m(velocity: Velocity, x: torch.Tensor, sigmas: Sequence[float], done:
         ratio = sigma_next / sigma if sigma > 0 else 1.0  # from sigma 0 (already clean): x stays
         x = (ratio * xf + ((1 - sigma_next) - (1 - sigma) * ratio) * d).to(dtype)
         x0_prev, h_prev = x0, h
-        done(i, sigma_next, x)
+        x = done(i, sigma_next, x)
     return x
 
 

@@ -167,12 +167,9 @@ def _flux_fields(s: Mapping, where: str) -> dict:
     head_dim = need(norm)[0]
     if H % head_dim:
         raise CheckpointError(f"{where}: hidden size {H} is not a multiple of head_dim {head_dim}")
-    out = need("final_layer.linear.weight")[0]
-    if out != c_in:
-        raise CheckpointError(f"{where}: FLUX output width {out} differs from input width {c_in}; "
-                              "only out_channels == in_channels is supported")
     fields = dict(num_double=count_indexed(s, "double_blocks.{}."), num_single=count_indexed(s, "single_blocks.{}."),
                   num_heads=H // head_dim, head_dim=head_dim, in_channels=c_in,
+                  out_channels=need("final_layer.linear.weight")[0],  # < in_channels: Fill, Depth, Canny
                   context_dim=need("txt_in.weight")[1], pooled_dim=need("vector_in.in_layer.weight")[1],
                   guidance_embed="guidance_in.in_layer.weight" in s)
     if "double_blocks.0.img_mlp.0.weight" in s:
@@ -206,12 +203,10 @@ def _fields_from_json(cj: dict, family: str, where: str) -> dict:
     else:
         if get("patch_size", 1) != 1:
             raise CheckpointError(f"{where}: config.json patch_size={cj['patch_size']}; FLUX.1 uses 1")
-        if get("out_channels", get("in_channels")) != get("in_channels"):
-            raise CheckpointError(f"{where}: config.json out_channels={cj['out_channels']} differs from "
-                                  f"in_channels={cj.get('in_channels')}; not supported")
         f = dict(num_double=get("num_layers"), num_single=get("num_single_layers"),
                  num_heads=get("num_attention_heads"), head_dim=get("attention_head_dim"),
-                 in_channels=get("in_channels"), context_dim=get("joint_attention_dim"),
+                 in_channels=get("in_channels"), out_channels=get("out_channels"),
+                 context_dim=get("joint_attention_dim"),
                  pooled_dim=get("pooled_projection_dim"), guidance_embed=get("guidance_embeds"),
                  axes_dim=tuple(cj["axes_dims_rope"]) if get("axes_dims_rope") else None)
     return {k: v for k, v in f.items() if v is not None}

@@ -105,3 +105,18 @@ def test_kernel_speed_script_times_every_kernel_and_pass(tmp_path, monkeypatch):
     assert {r["impl"] for r in rows} == {"triton", "eager"} and len(rows) == 16
     for r in rows:
         assert r["ms"] > 0 and r["GB/s"] == pytest.approx(r["bytes"] / r["ms"] / 1e6)
+
+
+def test_guidance_compare_writes_a_contact_sheet_and_detail_numbers(tmp_path, capsys):
+    import guidance_compare
+    from PIL import Image
+
+    sheet, out = tmp_path / "sheet.png", tmp_path / "compare.json"
+    guidance_compare.main(["--prompt", "a red circle on a blue background", "--seeds", "0", "--steps", "2",
+                           "--out", str(sheet), "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["mean"]) == {"CFG", "CFG+DG 2", "CFG+SLG 2.5", "CFG+PAG 2"}
+    assert all(0 < v < 1 for v in report["mean"].values())
+    assert Image.open(sheet).size == (4 * 128, 14 + 128)  # 4 methods x 1 image, 64 px magnified 2x
+    assert len({round(v, 6) for v in report["mean"].values()}) == 4  # every method changes the image
+    assert "high-frequency energy" in capsys.readouterr().out

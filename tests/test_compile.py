@@ -7,11 +7,14 @@ import pytest
 import torch
 
 import mmdit
+from mmdit.branches import Branch, IdentityAttention, SkipLayers
 from mmdit.samplers import Guidance, guided_velocity
 from test_models import inputs, tiny
 
 REL = 1e-5  # compiled vs eager, fp32, max|a - b| / max|b|
-ROWS = {"plain": {}, "fork": {"fork": slice(1, 3)}, "disrupt": {"disrupt": slice(2, 3)}}
+ROWS = {"plain": {}, "fork": {"fork": slice(1, 3)}, "disrupt": {"disrupt": slice(2, 3)},
+        "dg_slg_pag": {"fork": slice(2, 3), "branches": (Branch(slice(2, 3), SkipLayers((0, 2))),
+                                                         Branch(slice(2, 3), IdentityAttention((1,))))}}
 FAMILIES = ["sd3", "flux"]
 
 
@@ -54,11 +57,11 @@ def test_forward_is_one_graph_and_compiles_fullgraph(family, rows):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cfg_dg_step_is_one_graph_and_inductor_matches_eager(family):
-    """The whole guided step (batch assembly, one model call with the fork, the guidance
-    combination) traces as one graph, and inductor's code equals eager."""
+    """The whole guided step (batch assembly, one model call with the DG fork and the SLG and
+    PAG branches, the guidance combination) traces as one graph, and inductor's code equals eager."""
     model = with_spec(family)
     x, cond, uncond, flux_g = step_inputs(model)
-    rule = Guidance(cfg=4.0, dg=2.0)
+    rule = Guidance(cfg=4.0, dg=2.0, slg=2.5, slg_layers=(2,), pag=1.0, pag_layers=(1,))
 
     def step(x):
         return guided_velocity(model, x, 0.7, cond, uncond, rule, flux_g)[0]

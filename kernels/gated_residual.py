@@ -221,7 +221,7 @@ def gated_residual_reference(x, y, gate, fork_rows: int = 0, append: bool = True
     replaced (in place) by themselves with the ``channels`` (D,) bool of the chosen tokens
     multiplied by ``rho`` (a number or (F,)).
     """
-    out = x + gate[:, None] * y
+    out = torch.addcmul(x, gate[:, None], y)  # x + gate * y in one pass
     if fork_rows == 0:
         return out
     B, N, D = x.shape

@@ -26,16 +26,17 @@ class CompiledTransformer:
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
 
-    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
-        key = (tuple(x.shape), tuple(context.shape), _rows(disrupt), _rows(fork))
+    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None, branches=(), **inputs):
+        key = (tuple(x.shape), tuple(context.shape), _rows(disrupt), _rows(fork), tuple(branches))
+        kw = dict(guidance=guidance, disrupt=disrupt, fork=fork, branches=branches, **inputs)
         if self.cuda_graphs:  # a new step: the graph's previous outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         if key in self.shapes:
-            return self.fn(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork)
+            return self.fn(x, sigma, context, pooled, **kw)
         print(f"compiling the transformer for {x.shape[0]} rows of {tuple(x.shape[1:])} latents, "
               f"{context.shape[1]} text tokens (once per shape)...", end="", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        out = self.fn(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork)
+        out = self.fn(x, sigma, context, pooled, **kw)
         print(f" {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         self.shapes.add(key)
         return out

@@ -120,6 +120,9 @@ def preset(name: str, **overrides) -> SD3Config | FluxConfig:
     if isinstance(base, SD3Config) and "num_layers" in overrides and "dual_attention_layers" not in overrides:
         overrides["dual_attention_layers"] = tuple(i for i in base.dual_attention_layers
                                                    if i < overrides["num_layers"])
+    if isinstance(base, FluxConfig) and "in_channels" in overrides and "out_channels" not in overrides:
+        # narrower latents (a test model) narrow the output too; wider inputs (Fill, Depth) keep it
+        overrides["out_channels"] = min(base.out_channels, overrides["in_channels"])
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown} for preset {name!r}; "

@@ -87,3 +87,11 @@ def test_unknown_preset_and_field_are_clear_errors():
         mmdit.build_transformer("sd4")
     with pytest.raises(ValueError, match="unknown config field"):
         mmdit.build_transformer("sd3-medium", depth=2)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_wrong_context_width_names_the_expected_one(family):
+    model = tiny(family)
+    x, sigma, ctx, pooled, g = inputs(model)
+    with pytest.raises(ValueError, match=r"this model takes context \(B, L, 24\) and pooled \(B, 20\)"):
+        model(x, sigma, torch.randn(3, 7, 4096), pooled, guidance=g)

@@ -1,0 +1,101 @@
+"""Generation over several processes (gloo on the CPU, processes spawned here): branch and
+sequence parallel sample the same latents as one process; many images over ranks write the
+same PNG bytes as one process (the shipped tiny model, under torchrun)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mmdit
+from mmdit import parallel
+from mmdit.branches import Branch, SkipLayers
+from mmdit.cli import main
+from mmdit.samplers import sample, sd3_sigmas
+from mmdit.ulysses import SequenceParallel, split_sizes
+from test_models import tiny
+
+LATENT_TOL = 1e-5  # fp32, relative to the latents' scale: the same rows, computed in other batches
+STEPS = 3
+# (name, family, mode, guidance terms); the text has 7 tokens and the image 30: uneven over ranks
+CASES = {
+    2: [("sd3 branch cfg+dg", "sd3", "branch", dict(cfg=4.0, dg=2.0)),
+        ("flux branch cfg+dg", "flux", "branch", dict(cfg=4.0, dg=2.0)),
+        ("sd3 branch dg", "sd3", "branch", dict(dg=2.0)),
+        ("sd3 branch cfg+dg+slg", "sd3", "branch", dict(cfg=4.0, dg=2.0, slg=1.5, slg_layers=(2,))),
+        ("sd3 sequence cfg+dg", "sd3", "sequence", dict(cfg=4.0, dg=2.0)),
+        ("flux sequence cfg+dg", "flux", "sequence", dict(cfg=4.0, dg=2.0))],
+    3: [("sd3 branch cfg+dg", "sd3", "branch", dict(cfg=4.0, dg=2.0)),
+        ("flux branch cfg+dg", "flux", "branch", dict(cfg=4.0, dg=2.0))],
+}
+
+
+def run_case(family: str, mode: str | None, terms: dict) -> torch.Tensor:
+    """A few CFG / DG steps of one image (12x10 latents, 7 text tokens) with the model in ``mode``."""
+    model = tiny(family)
+    model.ma = mmdit.MASpec(channels=(3, 17, 30), block=1)
+    g = torch.Generator().manual_seed(5)
+    cfg = model.config
+    cond, uncond = ({"context": torch.randn(1, 7, cfg.context_dim, generator=g),
+                     "pooled": torch.randn(1, cfg.pooled_dim, generator=g)} for _ in range(2))
+    noise = torch.randn(1, 16, 12, 10, generator=g)
+    flux = dict(guidance=3.5) if family == "flux" else {}
+    denoiser = parallel.wrap(model, mode)
+    return sample(denoiser, noise, sd3_sigmas(STEPS), cond, uncond if "cfg" in terms else None, **terms, **flux)
+
+
+def worker(rank: int, size: int, folder: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=size)
+    try:
+        out = {name: run_case(family, mode, terms) for name, family, mode, terms in CASES[size]}
+        torch.save(out, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size", sorted(CASES))
+def test_branch_and_sequence_parallel_equal_one_process(tmp_path, size):
+    mp.spawn(worker, args=(size, str(tmp_path)), nprocs=size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(size)]
+    for name, family, _, terms in CASES[size]:
+        expected = run_case(family, None, terms)
+        scale = expected.abs().max().item()
+        for r in range(size):
+            err = (ranks[r][name] - expected).abs().max().item() / scale
+            assert err <= LATENT_TOL, f"{name}, rank {r} of {size}: off by {err:.2e} of the latents' scale"
+
+
+def test_branch_plan_keeps_the_fork_with_the_cond_rows():
+    """Rows [uncond | cond] (B = 2), the fork's copies after them: who computes what."""
+    fork = slice(2, 4)
+    two = parallel.plan(4, fork, (), 2)
+    assert [(j.rows, j.fork, j.disrupt, j.pieces) for j in two] == [
+        (slice(0, 2), False, False, ((0, 2),)), (slice(2, 4), True, False, ((2, 2), (4, 2)))]
+    three = parallel.plan(4, fork, (), 3)  # balanced: uncond | cond | the DG branch alone
+    assert [(j.rows, j.fork, j.disrupt, j.pieces) for j in three] == [
+        (slice(0, 2), False, False, ((0, 2),)), (slice(2, 4), False, False, ((2, 2),)),
+        (slice(2, 4), False, True, ((4, 2),))]
+    slg = (Branch(fork, SkipLayers((1,))),)
+    cond = parallel.plan(4, fork, slg, 3)[1]  # SLG's copies stay with the cond rows, after the fork's place
+    assert cond.branches == (Branch(slice(0, 2), SkipLayers((1,))),) and cond.pieces == ((2, 2), (6, 2))
+    assert [j.pieces for j in parallel.plan(2, None, (), 3)] == [((0, 1),), ((1, 1),)]  # CFG only: rank 2 waits
+
+
+def test_sequence_parallel_needs_heads_divisible_by_ranks():
+    model = tiny("sd3")  # 2 heads
+    with pytest.raises(ValueError, match="2 attention heads: 2 is not a multiple of 3"):
+        SequenceParallel(model, model, 0, 3)
+    assert split_sizes(7, 2) == (4, 3) and split_sizes(30, 3) == (10, 10, 10)
+
+
+def test_without_a_process_group_nothing_changes():
+    model = tiny("sd3")
+    assert parallel.wrap(model, "branch") is model and parallel.wrap(model, "sequence") is model
+    with pytest.raises(ValueError, match="parallel='ring'"):
+        parallel.wrap(model, "ring")

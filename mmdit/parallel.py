@@ -78,6 +78,17 @@ def shard(items: list, rank: int, size: int) -> list:
     return items[rank::size]
 
 
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank (a small Python object: a list of jobs)."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def wrap(denoiser, mode: str | None, transformer=None):
     """The denoiser run in ``mode`` ("branch", "sequence", or None: as is) over the default
     process group; with one process (no group) it is returned as is."""
@@ -225,4 +236,4 @@ def velocity_channels(config) -> int:
 def progress(rank: int, size: int, done: int, total: int, what: str) -> None:
     """One line per finished image, prefixed by the rank when there are several."""
     who = f"rank {rank}/{size}: " if size > 1 else ""
-    print(f"{who}{done}/{total} {what}", file=sys.stderr, flush=True)
+    print(f"{who}image {done}/{total}: {what}", file=sys.stderr, flush=True)

@@ -214,8 +214,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--schedule", choices=checks.SCHEDULES, default="default",
                    help="the spacing of the sigmas: default (the model's own), or karras, exponential or beta "
                         "(re-spaced between the default's first and last sigma)")
-    p.add_argument("--output", default=None, help="where to write the PNG (its settings go into its metadata; "
-                                                  "default: out.png)")
+    p.add_argument("--output", default=None, help="where to write the PNG, its settings in its metadata "
+                                                  "(default: out.png)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "
                         "the first image at a size waits for the compiler, later ones are faster")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -131,12 +132,15 @@ def plan(n: int, fork: slice | None, branches: tuple, size: int) -> list[Job]:
     """Split one model call over ``size`` ranks: ``n`` input rows, DG's ``fork`` rows and the
     perturbed ``branches`` (all from the same source rows, as ``guided_velocity`` makes them).
     The output layout is the model's: the n rows, the fork's copies, each branch's copies."""
-    sources = {(s.start, s.stop) for s in ([fork] if fork is not None else []) + [b.source for b in branches]}
+    copied = ([fork] if fork is not None else []) + [br.source for br in branches]
+    sources = {(s.start, s.stop) for s in copied}
+    whole = [Job(slice(0, n), fork is not None, False, branches, ((0, n + sum(s.stop - s.start for s in copied)),))]
     if len(sources) > 1:  # not a sampler's call: every rank computes all of it
-        return [Job(slice(0, n), fork is not None, False, branches, ((0, n + _extra(fork, branches)),))]
+        return whole
     if not sources:  # plain rows: contiguous chunks
-        chunks = torch.arange(n).tensor_split(min(size, n))
-        return [Job(slice(int(c[0]), int(c[-1]) + 1), pieces=((int(c[0]), len(c)),)) for c in chunks]
+        sizes = split_sizes(n, min(size, n))
+        return [Job(slice(sum(sizes[:r]), sum(sizes[:r + 1])), pieces=((sum(sizes[:r]), sizes[r]),))
+                for r in range(len(sizes))]
     a, b = sources.pop()
     k = b - a
     jobs = []
@@ -151,13 +155,13 @@ def plan(n: int, fork: slice | None, branches: tuple, size: int) -> list[Job]:
     if alone:
         jobs.append(Job(slice(a, b), disrupt=True, pieces=((n, k),)))
     jobs += rest
-    if len(jobs) > size:  # more jobs than ranks: one rank computes all
-        return [Job(slice(0, n), fork is not None, False, branches, ((0, n + _extra(fork, branches)),))]
-    return jobs
+    return whole if len(jobs) > size else jobs  # more jobs than ranks: every rank computes all
 
 
-def _extra(fork, branches) -> int:
-    return sum(s.stop - s.start for s in ([fork] if fork is not None else []) + [b.source for b in branches])
+def split_sizes(n: int, size: int) -> tuple[int, ...]:
+    """``n`` things over ``size`` ranks, as equal as can be, the first shares one longer."""
+    base, extra = divmod(n, size)
+    return tuple(base + (r < extra) for r in range(size))
 
 
 class BranchParallel:
@@ -165,12 +169,11 @@ class BranchParallel:
     (``plan``); each rank runs its rows and one all-gather assembles the whole output on
     every rank. Everything else (``ma``, ``config``, ...) is the wrapped model's.
 
-    ``comm_seconds`` adds up the time spent in the gather when ``timing`` is set (it then
-    synchronizes the device around it: for benchmarks only)."""
+    ``comm`` (a ``CommClock``) adds up the time spent in the gather when switched on."""
 
     def __init__(self, model, rank: int, size: int):
         self.model, self.rank, self.size = model, rank, size
-        self.timing, self.comm_seconds = False, 0.0
+        self.comm = CommClock()
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -211,9 +214,8 @@ class BranchParallel:
             if out.shape[0] < most:
                 out = torch.cat([out, out.new_zeros(most - out.shape[0], *out.shape[1:])])
         parts = [torch.empty_like(out) for _ in range(self.size)]
-        start = self._clock()
-        dist.all_gather(parts, out.contiguous())
-        self.comm_seconds += self._clock() - start if self.timing else 0.0
+        with self.comm():
+            dist.all_gather(parts, out.contiguous())
         placed = []
         for job, part in zip(jobs, parts):
             row = 0
@@ -222,10 +224,26 @@ class BranchParallel:
                 row += count
         return torch.cat([t for _, t in sorted(placed, key=lambda p: p[0])])
 
-    def _clock(self) -> float:
-        if self.timing and torch.cuda.is_available():
+
+class CommClock:
+    """Seconds spent in collectives (``with clock(): ...``), counted only when ``on``; it then
+    synchronizes the GPU around each one, which a real run must not do: benchmarks only."""
+
+    def __init__(self):
+        self.on, self.seconds = False, 0.0
+
+    @contextmanager
+    def __call__(self):
+        if not self.on:
+            yield
+            return
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return time.perf_counter()
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
 
 
 def velocity_channels(config) -> int:
@@ -236,4 +254,5 @@ def velocity_channels(config) -> int:
 def progress(rank: int, size: int, done: int, total: int, what: str) -> None:
     """One line per finished image, prefixed by the rank when there are several."""
     who = f"rank {rank}/{size}: " if size > 1 else ""
-    print(f"{who}image {done}/{total}: {what}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{who}image {done}/{total}: {what}\n")  # one write: ranks share the terminal
+    sys.stderr.flush()

@@ -13,8 +13,8 @@ the blocks on its own tokens. Around each attention:
                                    which unmasked attention does not see)
         all-to-all back            (B, H, L_r, Dh)
 
-Two all-to-alls of the activations per attention, and one gather of the output tokens per
-forward; the weights are on every rank. Heads must divide by P. Rows travel whole, so the DG
+Two all-to-alls per attention (q, k and v together, then the output back), and one gather of
+the output tokens per forward; the weights are on every rank. Heads must divide by P. Rows travel whole, so the DG
 fork (born at block m from the cond rows) and the other branches work unchanged, and
 ``parallel.BranchParallel`` may wrap this. Token counts need not divide by P: the first pieces
 are one token longer (FLUX RoPE positions are cut the same way).
@@ -25,12 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import layers
-
-
-def split_sizes(n: int, size: int) -> tuple[int, ...]:
-    """Tokens per rank for a stream of ``n``: as equal as can be, the first ones longer."""
-    base, extra = divmod(n, size)
-    return tuple(base + (r < extra) for r in range(size))
+from .parallel import CommClock, split_sizes
 
 
 class TokenLayout:
@@ -38,8 +33,8 @@ class TokenLayout:
     ``layers.shard_tokens`` on its text and image streams), read by ``attention`` and
     ``gather``. Every size is a Python int: no host sync."""
 
-    def __init__(self, rank: int, size: int, group=None):
-        self.rank, self.size, self.group = rank, size, group
+    def __init__(self, rank: int, size: int, group=None, comm: CommClock | None = None):
+        self.rank, self.size, self.group, self.comm = rank, size, group, comm or CommClock()
         self.streams: dict[str, tuple[int, ...]] = {}  # "text" / "image" -> tokens per rank
 
     def shard(self, t: torch.Tensor, stream: str, dim: int) -> torch.Tensor:
@@ -69,7 +64,11 @@ class TokenLayout:
             raise ValueError("PAG's identity attention needs the token order; it does not run with "
                              "parallel='sequence' (use parallel='branch')")
         q_sizes, k_sizes = self.sizes_of(q.shape[2]), self.sizes_of(k.shape[2])
-        q, k, v = self._to_heads(q, q_sizes), self._to_heads(k, k_sizes), self._to_heads(v, k_sizes)
+        B = q.shape[0]
+        if q_sizes == k_sizes:  # one all-to-all for q, k and v
+            q, k, v = self._to_heads(torch.cat([q, k, v]), q_sizes).split(B)
+        else:  # SD3's last block: image queries, joint keys
+            q, (k, v) = self._to_heads(q, q_sizes), self._to_heads(torch.cat([k, v]), k_sizes).split(B)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H/P, Lq, Dh)
         return self._to_tokens(out, q_sizes).transpose(1, 2).flatten(2)
 
@@ -81,8 +80,9 @@ class TokenLayout:
         Hp = H // self.size
         send = t.unflatten(1, (self.size, Hp)).movedim(1, 0).contiguous()  # (P, B, Hp, L_r, Dh)
         recv = t.new_empty(B * Hp * sum(sizes) * Dh)
-        dist.all_to_all_single(recv, send.flatten(), [B * Hp * n * Dh for n in sizes],
-                               [B * Hp * Lr * Dh] * self.size, group=self.group)
+        with self.comm():
+            dist.all_to_all_single(recv, send.flatten(), [B * Hp * n * Dh for n in sizes],
+                                   [B * Hp * Lr * Dh] * self.size, group=self.group)
         pieces = recv.split([B * Hp * n * Dh for n in sizes])
         return torch.cat([p.view(B, Hp, n, Dh) for p, n in zip(pieces, sizes)], dim=2)
 
@@ -94,8 +94,9 @@ class TokenLayout:
         Lr = sizes[self.rank]
         send = torch.cat([p.contiguous().flatten() for p in t.split(list(sizes), dim=2)])
         recv = t.new_empty(self.size * B * Hp * Lr * Dh)
-        dist.all_to_all_single(recv, send, [B * Hp * Lr * Dh] * self.size, [B * Hp * n * Dh for n in sizes],
-                               group=self.group)
+        with self.comm():
+            dist.all_to_all_single(recv, send, [B * Hp * Lr * Dh] * self.size, [B * Hp * n * Dh for n in sizes],
+                                   group=self.group)
         return recv.view(self.size, B, Hp, Lr, Dh).movedim(0, 1).reshape(B, self.size * Hp, Lr, Dh)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -106,13 +107,15 @@ class TokenLayout:
         most = max(sizes)
         padded = F.pad(t, (0, 0, 0, most - t.shape[1])).contiguous()
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=self.group)
+        with self.comm():
+            dist.all_gather(parts, padded, group=self.group)
         return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
 
 
 class SequenceParallel:
     """A denoiser whose forwards run with the tokens split over the ranks (``TokenLayout``);
-    every rank returns the whole output. Everything else is the wrapped model's."""
+    every rank returns the whole output. Everything else is the wrapped model's; ``comm`` as in
+    ``parallel.BranchParallel``."""
 
     def __init__(self, model, transformer, rank: int, size: int, group=None):
         heads = transformer.config.num_heads
@@ -121,6 +124,7 @@ class SequenceParallel:
                              f"{heads} attention heads: {heads} is not a multiple of {size}; use a number "
                              f"of ranks that divides {heads}")
         self.model, self.transformer, self.rank, self.size, self.group = model, transformer, rank, size, group
+        self.comm = CommClock()  # time in the all-to-alls and the gather, when switched on
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -130,5 +134,5 @@ class SequenceParallel:
         if spec is not None and spec.token_mask is not None:
             raise ValueError("a token mask (local DG) names image tokens of the whole image; it does not run "
                              "with parallel='sequence' (use parallel='branch')")
-        with layers.tokens_over(TokenLayout(self.rank, self.size, self.group)):
+        with layers.tokens_over(TokenLayout(self.rank, self.size, self.group, self.comm)):
             return self.model(x, sigma, context, pooled, guidance=guidance, **rows)

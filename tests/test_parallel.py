@@ -3,6 +3,7 @@ sequence parallel sample the same latents as one process; many images over ranks
 same PNG bytes as one process (the shipped tiny model, under torchrun)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from mmdit import parallel
 from mmdit.branches import Branch, SkipLayers
 from mmdit.cli import main
 from mmdit.samplers import sample, sd3_sigmas
-from mmdit.ulysses import SequenceParallel, split_sizes
+from mmdit.parallel import split_sizes
+from mmdit.ulysses import SequenceParallel
 from test_models import tiny
 
 LATENT_TOL = 1e-5  # fp32, relative to the latents' scale: the same rows, computed in other batches
@@ -130,8 +132,8 @@ def test_prompts_file_over_two_ranks_writes_the_one_process_bytes(tmp_path):
     assert run.returncode == 0, run.stderr
     for name in names:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
-    progress = [line for line in run.stderr.splitlines() if line.startswith("rank ")]
-    assert sorted(line.split(":")[0] for line in progress) == ["rank 0/2", "rank 0/2", "rank 1/2"]
+    progress = re.findall(r"rank (\d)/2: image (\d)/(\d): wrote", run.stderr)  # lines 0, 3 on rank 0; 2 on rank 1
+    assert sorted(progress) == [("0", "1", "2"), ("0", "2", "2"), ("1", "1", "1")]
 
 
 def test_prompts_file_resumes_and_checks_its_arguments(tmp_path, capsys):
@@ -161,3 +163,22 @@ def test_branch_parallel_cli_under_torchrun_matches_one_process(tmp_path):
 
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("one", "two"))
     assert np.abs(a - b).max() <= 1
+
+
+def test_latency_benchmark_over_two_ranks(tmp_path):
+    """``benchmarks/latency.py --parallel`` under torchrun: both cases timed, the collectives'
+    share measured, the parallel velocity equal to one rank's (fp32)."""
+    path = tmp_path / "parallel.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "benchmarks/latency.py", "--parallel", "sequence", "--preset", "flux.1-dev",
+                          "--num-layers", "3", "--set", "axes_dim=(4,6,6)", "--set", "num_heads=2", "--set",
+                          "head_dim=16", "--set", "context_dim=24", "--set", "pooled_dim=20", "--device", "cpu",
+                          "--resolution", "64", "--text-len", "5", "--warmup", "0", "--iters", "1",
+                          "--json", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(path.read_text())
+    assert out["ranks"] == 2 and sorted(out["results"]) == ["cfg", "cfg_dg"]
+    for r in out["results"].values():
+        assert r["one_rank_ms"] > 0 and r["parallel_ms"] > 0 and 0 < r["comm_share"] < 1
+        assert r["max_rel_err"] <= LATENT_TOL

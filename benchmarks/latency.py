@@ -26,6 +26,7 @@ import argparse
 import torch
 
 import common
+from mmdit.checks import PARALLEL  # noqa: E402  (common puts the checkout on sys.path)
 
 
 MODES = {"eager": None, "compiled": {}, "cudagraphs": {"mode": "reduce-overhead"}}
@@ -51,7 +52,7 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=28, help="steps per image, for the seconds-per-image column")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--parallel", choices=("branch", "sequence"), default=None,
+    p.add_argument("--parallel", choices=PARALLEL, default=None,
                    help="under torchrun: time the cfg / cfg_dg step over all ranks in this mode against one rank, "
                         "ours only (see parallel_latency.py)")
     args = p.parse_args(argv)

@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 from . import checks
-from .parallel import MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXAMPLES = """examples:
@@ -219,7 +218,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "
                         "the first image at a size waits for the compiler, later ones are faster")
-    p.add_argument("--parallel", choices=MODES, default=None,
+    p.add_argument("--parallel", choices=checks.PARALLEL, default=None,
                    help="under torchrun: each image's steps over all ranks, branch (uncond / cond / DG rows on "
                         "different ranks) or sequence (the tokens split, Ulysses attention); without it the "
                         "ranks share the --prompts lines")

@@ -35,9 +35,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .branches import Branch
+from .checks import PARALLEL
 
-MODES = ("branch", "sequence")
+MODES = PARALLEL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +105,27 @@ def wrap(denoiser, mode: str | None, transformer=None):
         return BranchParallel(denoiser, rank, size)
     from .ulysses import SequenceParallel
 
-    return SequenceParallel(denoiser, transformer, rank, size)
+    if mode == "sequence":
+        return SequenceParallel(denoiser, transformer, rank, size)
+    return branch_and_sequence(denoiser, transformer, rank, size)
+
+
+def branch_and_sequence(denoiser, transformer, rank: int, size: int):
+    """Both at once on a 2 x (size / 2) mesh: ranks 0..size/2-1 take the first branch job
+    (uncond), the others the second (cond + fork), each job's tokens split over its half
+    (Ulysses within a half, the all-gather between ranks holding the same tokens)."""
+    import torch.distributed as dist
+
+    from .ulysses import SequenceParallel
+
+    if size < 4 or size % 2:
+        raise ValueError(f"parallel='branch+sequence' needs an even number of ranks, 4 or more (2 branch halves "
+                         f"of sequence ranks), got {size}")
+    half = size // 2
+    halves = [dist.new_group(list(range(b * half, (b + 1) * half))) for b in range(2)]  # every rank makes every group
+    pairs = [dist.new_group([s, s + half]) for s in range(half)]
+    b, s = divmod(rank, half)
+    return BranchParallel(SequenceParallel(denoiser, transformer, s, half, halves[b]), b, 2, pairs[s])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,9 +191,10 @@ class BranchParallel:
 
     ``comm`` (a ``CommClock``) adds up the time spent in the gather when switched on."""
 
-    def __init__(self, model, rank: int, size: int):
-        self.model, self.rank, self.size = model, rank, size
-        self.comm = CommClock()
+    def __init__(self, model, rank: int, size: int, group=None):
+        """``rank`` and ``size`` within ``group`` (None: the default process group)."""
+        self.model, self.rank, self.size, self.group = model, rank, size, group
+        self.comm = getattr(model, "comm", None) or CommClock()  # shared with a SequenceParallel inside
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -215,7 +236,7 @@ class BranchParallel:
                 out = torch.cat([out, out.new_zeros(most - out.shape[0], *out.shape[1:])])
         parts = [torch.empty_like(out) for _ in range(self.size)]
         with self.comm():
-            dist.all_gather(parts, out.contiguous())
+            dist.all_gather(parts, out.contiguous(), group=self.group)
         placed = []
         for job, part in zip(jobs, parts):
             row = 0

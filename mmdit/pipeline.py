@@ -97,15 +97,15 @@ class Pipeline:
                  defaults: dict | None = None, compile: bool = False, parallel: str | None = None):
         """``compile=True``: sample with the transformer compiled as one graph per shape
         (``torch.compile(fullgraph=True)``; CUDA graphs on CUDA): the first call at a new size
-        compiles (seconds to minutes), later ones are faster. ``parallel``: "branch" or
-        "sequence" splits each image's steps over the ranks of the default process group
+        compiles (seconds to minutes), later ones are faster. ``parallel``: "branch", "sequence"
+        or "branch+sequence" splits each image's steps over the ranks of the default process group
         (``mmdit.parallel``; joined from torchrun's environment); one process: no change."""
         from . import parallel as ranks
 
         if parallel is not None and parallel not in ranks.MODES:
             raise ValueError(f"parallel={parallel!r}: use one of {ranks.MODES} (or None)")
-        if compile and parallel == "sequence":
-            raise ValueError("compile=True with parallel='sequence' is not supported (its all-to-alls are outside "
+        if compile and parallel is not None and "sequence" in parallel:
+            raise ValueError(f"compile=True with parallel={parallel!r} is not supported (its all-to-alls are outside "
                              "the compiled graph); use parallel='branch', whose gather is outside the model")
         self.transformer, self.text, self.vae = transformer, text, vae
         self.denoiser = CompiledTransformer(transformer) if compile else transformer
@@ -148,7 +148,8 @@ class Pipeline:
         the transformer's Linear weights stay fp8 (see ``load_transformer``). ``parallel``: "branch"
         (a step's uncond / cond / DG rows on different ranks) or "sequence" (the tokens split over
         ranks, Ulysses attention) over the processes ``torchrun`` started, one per GPU; under
-        torchrun ``device="cuda"`` is each rank's own GPU. One process: as without it.
+        torchrun ``device="cuda"`` is each rank's own GPU; "branch+sequence": both, on 2 halves of
+        the ranks (4 or more). One process: as without it.
         """
         from .parallel import local_device
         from .tokenizers import load_tokenizer

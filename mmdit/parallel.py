@@ -1,6 +1,6 @@
 """Generation over several processes on ``torch.distributed`` (launched by ``torchrun``).
 
-Three ways to use N ranks, each rank one process (one GPU, or a share of a CPU):
+Four ways to use N ranks, each rank one process (one GPU, or a share of a CPU):
 
     many images   lines of a prompt file shared among the ranks (``shard``): rank r draws lines
                   r, r + N, ...; each image is exactly the one-process image (same seed, same rows)
@@ -8,6 +8,7 @@ Three ways to use N ranks, each rank one process (one GPU, or a share of a CPU):
                   of the velocities per step
     sequence      one image, its tokens split over ranks, Ulysses all-to-all around attention
                   (``mmdit.ulysses``)
+    branch+sequence   both on a 2 x N/2 mesh (``branch_and_sequence``)
 
 Branch parallel. A step's model call has rows ``[uncond | cond]`` and, appended by the model,
 the perturbed copies of the cond rows (DG's fork, SLG, PAG: ``mmdit.branches``). The rows are
@@ -38,6 +39,7 @@ import torch
 from .checks import PARALLEL
 
 MODES = PARALLEL
+_JOINED = False  # True while the default process group is the one ``init`` joined
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +58,7 @@ def init(device: str = "cpu") -> tuple[int, int]:
     """Join the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR`` ...): NCCL for CUDA devices, gloo otherwise. Without torchrun (or with
     one process) nothing happens. Returns (rank, world size)."""
+    global _JOINED
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -63,7 +66,19 @@ def init(device: str = "cpu") -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(local_device(device))
         dist.init_process_group("nccl" if cuda else "gloo")
+        _JOINED = True
     return world()
+
+
+def close() -> None:
+    """Leave the default process group if ``init`` joined it (at the end of a command); a group
+    the caller made is left alone."""
+    global _JOINED
+    import torch.distributed as dist
+
+    if _JOINED and dist.is_initialized():
+        dist.destroy_process_group()
+    _JOINED = False
 
 
 def local_device(device: str) -> str:

@@ -75,7 +75,7 @@ def run(args) -> dict:
                 t, _, _ = common.timed(lambda: step(wrapped), device)
                 comm_share.append(wrapped.comm.seconds / t)
             wrapped.comm.on = False
-            slowest = torch.tensor([statistics.median(together)])
+            slowest = torch.tensor([statistics.median(together)], device=device)  # NCCL: a GPU tensor
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # the step ends when the last rank has its share
             if rank == 0:
                 one, par = 1e3 * statistics.median(alone), 1e3 * slowest.item()

@@ -233,24 +233,35 @@ def _add_generate(sub) -> None:
         images = _input_images(args)
         todo = _lines(args) if args.prompts else [(args.prompt, args.seed, Path(args.output or "out.png"))]
         rank, size = parallel.init(args.device)
-        pipe = _pipeline(args)
-        height, width = (args.height, args.width) if images else _size(args, pipe)  # images: their size
-        if args.prompts is None:  # one image: rank 0 draws it (with --parallel, every rank helps)
-            if rank == 0 or args.parallel:
-                _draw(pipe, args, images, height, width, *todo[0], write=rank == 0, progress=rank == 0)
-            return
-        if args.parallel:  # every rank draws every image; rank 0 decides what is left and writes
-            mine = parallel.broadcast([job for job in todo if not job[2].exists()] if rank == 0 else None)
-        else:  # the ranks share the lines
-            mine = [job for job in parallel.shard(todo, rank, size) if not job[2].exists()]
-        for done, (prompt, seed, path) in enumerate(mine, 1):
-            start = time.perf_counter()
-            writes = rank == 0 or not args.parallel
-            _draw(pipe, args, images, height, width, prompt, seed, path, write=writes)
-            parallel.progress(rank, size, done, len(mine), f"{'wrote' if writes else 'helped with'} {path} "
-                                                           f"({time.perf_counter() - start:.1f}s)")
+        try:
+            _generate(args, images, todo, rank, size)
+        finally:
+            parallel.close()
 
     p.set_defaults(run=run)
+
+
+def _generate(args, images: dict, todo: list, rank: int, size: int) -> None:
+    """Draw the (prompt, seed, path) jobs of ``todo``: one image, or a prompt file's lines shared
+    among the ranks (each rank its own) or drawn by all ranks together (``--parallel``)."""
+    from . import parallel
+
+    pipe = _pipeline(args)
+    height, width = (args.height, args.width) if images else _size(args, pipe)  # images: their size
+    if args.prompts is None:  # one image: rank 0 draws it (with --parallel, every rank helps)
+        if rank == 0 or args.parallel:
+            _draw(pipe, args, images, height, width, *todo[0], write=rank == 0, progress=rank == 0)
+        return
+    if args.parallel:  # every rank draws every image; rank 0 decides what is left and writes
+        mine = parallel.broadcast([job for job in todo if not job[2].exists()] if rank == 0 else None)
+    else:  # the ranks share the lines
+        mine = [job for job in parallel.shard(todo, rank, size) if not job[2].exists()]
+    for done, (prompt, seed, path) in enumerate(mine, 1):
+        start = time.perf_counter()
+        writes = rank == 0 or not args.parallel
+        _draw(pipe, args, images, height, width, prompt, seed, path, write=writes)
+        parallel.progress(rank, size, done, len(mine), f"{'wrote' if writes else 'helped with'} {path} "
+                                                       f"({time.perf_counter() - start:.1f}s)")
 
 
 def _check_outputs(args) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on an (offline) CUDA machine, under 8 minutes (the step limits add to 470 s):
+# One prepared run on an (offline) CUDA machine, under 8 minutes on one GPU (the step limits add to 470 s; 670 s with 2 or more):
 #   1. GPU tests: bf16 kernels vs fp32 references, eager and torch.compile (inductor with the
 #      Triton kernels inside the graph); the CFG+DG step with no host sync, captured as a CUDA graph
 #   2. kernel benchmarks (Triton vs eager / compiled torch references, SD3.5-large and FLUX shapes)
@@ -7,6 +7,9 @@
 #      1024x1024: CFG and CFG+DG steps, eager / compiled / compiled with CUDA graphs, seconds per
 #      image (28 steps), peak memory, MFU. Each mode's table prints as soon as it is measured, so a
 #      step cut by its time limit keeps the modes that finished.
+#   4. with 2 or more GPUs: FLUX.1-dev (bf16, 1024x1024) over 2 ranks (torchrun, NCCL), branch and
+#      sequence parallel: the step vs one rank, the communication share, the error vs one rank
+#      (+ 2 x 100 s; skipped with one GPU)
 # Installs nothing from the network: only wheels shipped in .whl/, if any.
 # Results go to $OUT (or ./out). Exit status: non-zero if any step failed.
 set -uo pipefail
@@ -51,6 +54,18 @@ if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('diff
   done
 else
   echo "=== latency vs diffusers: SKIPPED (diffusers not installed; ship its wheel in .whl/) ==="
+fi
+
+# Several GPUs: branch and sequence parallel on 2 ranks (the NCCL path; the CPU tests use gloo).
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${GPUS:-0}" -ge 2 ]; then
+  for mode in branch sequence; do
+    step "2-GPU $mode parallel" 100 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 \
+      benchmarks/latency.py --parallel "$mode" --preset flux.1-dev --resolution 1024 --dtype bf16 \
+      --cfg 3.5 --warmup 2 --iters 5 --json "$RESULTS/latency_parallel_$mode.json"
+  done
+else
+  echo "=== 2-GPU parallel: SKIPPED ($GPUS GPU) ==="
 fi
 
 exit $status

@@ -6,6 +6,9 @@
 
     python benchmarks/latency.py --preset flux.1-dev --dtype bf16 --modes eager,compiled,cudagraphs  # GPU
 
+    torchrun --nproc-per-node 2 benchmarks/latency.py --parallel branch --preset flux.1-dev --dtype bf16
+        # several ranks: the step vs one rank, and the communication share (parallel_latency.py)
+
 Cases: one forward (batch B); one CFG step (2B rows); one CFG+DG step, ours as one call
 forking the cond rows at block m, diffusers as 3B rows with a hook zeroing the MA channels at
 block m. Modes: eager, torch.compile (ours with fullgraph=True) and, on CUDA, torch.compile
@@ -23,6 +26,7 @@ import argparse
 import torch
 
 import common
+from mmdit.checks import PARALLEL  # noqa: E402  (common puts the checkout on sys.path)
 
 
 MODES = {"eager": None, "compiled": {}, "cudagraphs": {"mode": "reduce-overhead"}}
@@ -48,7 +52,13 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=28, help="steps per image, for the seconds-per-image column")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--parallel", choices=PARALLEL, default=None,
+                   help="under torchrun: time the cfg / cfg_dg step over all ranks in this mode against one rank, "
+                        "ours only (see parallel_latency.py)")
     args = p.parse_args(argv)
+    if args.parallel:
+        args.cases = ",".join(c for c in args.cases.split(",") if c != "forward")
+        return args
     modes = args.modes.split(",")
     bad = [m for m in modes if m not in MODES]
     if bad or ("cudagraphs" in modes and not args.device.startswith("cuda")):
@@ -213,6 +223,15 @@ def report(out: dict, modes=None, header: bool = True) -> str:
 
 def main(argv=None):
     args = parse(argv)
+    if args.parallel:
+        import parallel_latency
+
+        out = parallel_latency.run(args)
+        if out["results"]:  # rank 0
+            print(parallel_latency.report(out), flush=True)
+            if args.json:
+                common.write_json(args.json, out)
+        return
     shown = []
 
     def show(out, mode):  # each mode as soon as it is measured: a time limit keeps what finished

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -105,10 +107,11 @@ def _pipeline(args):
         if args.device == "cpu":  # a 0.6M-parameter model: thread hand-offs cost more than they save
             torch.set_num_threads(1)
         return Pipeline.tiny(device=args.device, compile=getattr(args, "compile", False), lora=loras,
-                             weight_dtype=weight_dtype)
+                             weight_dtype=weight_dtype, parallel=getattr(args, "parallel", None))
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return Pipeline.from_pretrained(args.model, dtype=dtype, device=args.device, text_device=args.text_device,
-                                    compile=getattr(args, "compile", False), lora=loras, weight_dtype=weight_dtype)
+                                    compile=getattr(args, "compile", False), lora=loras, weight_dtype=weight_dtype,
+                                    parallel=getattr(args, "parallel", None))
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
@@ -132,7 +135,13 @@ def _prompt_args(p, many: bool) -> None:
         p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
         p.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
     else:
-        p.add_argument("--prompt", required=True, help="what to draw")
+        p.add_argument("--prompt", default=None, help="what to draw")
+        p.add_argument("--prompts", type=Path, default=None,
+                       help="a text file, one prompt per line: one PNG per line in --outdir, seed --seed + line "
+                            "index; files already there are skipped (a stopped run resumes); under torchrun the "
+                            "lines are shared among the ranks")
+        p.add_argument("--outdir", type=Path, default=None, help="with --prompts: the folder of the PNGs "
+                                                                 "(NNNNN.png, NNNNN = the line index)")
     p.add_argument("--negative-prompt", default="", help="the CFG negative prompt (default: empty)")
     p.add_argument("--height", type=_count("height"), default=None, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=_count("width"), default=None, help="pixels (default: the model's native size)")
@@ -204,56 +213,125 @@ def _add_generate(sub) -> None:
     p.add_argument("--schedule", choices=checks.SCHEDULES, default="default",
                    help="the spacing of the sigmas: default (the model's own), or karras, exponential or beta "
                         "(re-spaced between the default's first and last sigma)")
-    p.add_argument("--output", default="out.png", help="where to write the PNG (its settings go into its metadata)")
+    p.add_argument("--output", default=None, help="where to write the PNG, its settings in its metadata "
+                                                  "(default: out.png)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "
                         "the first image at a size waits for the compiler, later ones are faster")
+    p.add_argument("--parallel", choices=checks.PARALLEL, default=None,
+                   help="under torchrun: each image's steps over all ranks, branch (uncond / cond / DG rows on "
+                        "different ranks) or sequence (the tokens split, Ulysses attention); without it the "
+                        "ranks share the --prompts lines")
 
     def run(args):
-        from PIL.PngImagePlugin import PngInfo
+        from . import parallel
 
-        if Path(args.output).suffix.lower() != ".png":
-            raise ValueError(f"--output must name a .png file, got {args.output!r}")
-        if Path(args.output).is_dir():
-            raise ValueError(f"--output {args.output!r} is a folder; name a .png file")
+        _check_outputs(args)
         checks.interval("--cfg-interval", args.cfg_interval), checks.interval("--dg-interval", args.dg_interval)
         if args.cfg_zero_star and args.apg:
             raise ValueError("--cfg-zero-star and --apg both replace plain CFG: choose one")
-        from .samplers import APG
-
         images = _input_images(args)
-        pipe = _pipeline(args)
-        height, width = (args.height, args.width) if images else _size(args, pipe)  # images: their size
-        settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
-                        dg=args.dg, guidance=args.guidance, height=height, width=width, seed=args.seed,
-                        max_sequence_length=args.max_sequence_length, cfg_interval=list(args.cfg_interval),
-                        dg_interval=list(args.dg_interval), sampler=args.sampler, schedule=args.schedule,
-                        slg=args.slg, slg_layers=list(args.slg_layers), pag=args.pag, pag_layers=list(args.pag_layers),
-                        pag_interval=list(args.pag_interval), cfg_zero_star=args.cfg_zero_star)
-        if args.slg_interval is not None:
-            settings["slg_interval"] = list(args.slg_interval)
-        elif args.slg:
-            settings.update(slg_start=args.slg_start, slg_stop=args.slg_stop)
-        if args.apg:
-            settings["apg"] = dict(eta=args.apg_eta, norm_threshold=args.apg_norm_threshold,
-                                   momentum=args.apg_momentum)
-        if images:
-            settings.update(image=args.image, mask=args.mask, control=args.control, strength=args.strength)
-        named = ("prompt", "negative_prompt", "image", "mask", "control", "apg")
-        inputs = {k: v for k, v in settings.items() if k not in named}
-        image = pipe(args.prompt, args.negative_prompt, output="pil", progress=True,
-                     apg=APG(**settings["apg"]) if args.apg else None, **inputs, **images)[0]
-        width, height = image.size
-        settings.update(height=height, width=width)
-        settings.update(model=args.model or "tiny-shapes (shipped)", **{k: pipe.defaults.get(k) for k in
-                                                                       ("steps", "cfg", "dg") if settings[k] is None})
-        info = PngInfo()
-        info.add_text("mmdit", json.dumps(settings))
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        image.save(args.output, pnginfo=info)
-        print(f"wrote {args.output} ({width}x{height})")
+        todo = _lines(args) if args.prompts else [(args.prompt, args.seed, Path(args.output or "out.png"))]
+        rank, size = parallel.init(args.device)
+        try:
+            _generate(args, images, todo, rank, size)
+        finally:
+            parallel.close()
 
     p.set_defaults(run=run)
+
+
+def _generate(args, images: dict, todo: list, rank: int, size: int) -> None:
+    """Draw the (prompt, seed, path) jobs of ``todo``: one image, or a prompt file's lines shared
+    among the ranks (each rank its own) or drawn by all ranks together (``--parallel``)."""
+    from . import parallel
+
+    pipe = _pipeline(args)
+    height, width = (args.height, args.width) if images else _size(args, pipe)  # images: their size
+    if args.prompts is None:  # one image: rank 0 draws it (with --parallel, every rank helps)
+        if rank == 0 or args.parallel:
+            _draw(pipe, args, images, height, width, *todo[0], write=rank == 0, progress=rank == 0)
+        return
+    if args.parallel:  # every rank draws every image; rank 0 decides what is left and writes
+        mine = parallel.broadcast([job for job in todo if not job[2].exists()] if rank == 0 else None)
+    else:  # the ranks share the lines
+        mine = [job for job in parallel.shard(todo, rank, size) if not job[2].exists()]
+    for done, (prompt, seed, path) in enumerate(mine, 1):
+        start = time.perf_counter()
+        writes = rank == 0 or not args.parallel
+        _draw(pipe, args, images, height, width, prompt, seed, path, write=writes)
+        parallel.progress(rank, size, done, len(mine), f"{'wrote' if writes else 'helped with'} {path} "
+                                                       f"({time.perf_counter() - start:.1f}s)")
+
+
+def _check_outputs(args) -> None:
+    """--prompt with --output, or --prompts with --outdir: checked before anything loads."""
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give --prompt (one image) or --prompts FILE (one image per line), not both or neither")
+    if args.prompts is not None:
+        if args.outdir is None or args.output is not None:
+            raise ValueError("--prompts writes one PNG per line into --outdir DIR (not --output)")
+        if not args.prompts.is_file():
+            raise ValueError(f"--prompts {str(args.prompts)!r}: no such file")
+        return
+    if args.outdir is not None:
+        raise ValueError("--outdir goes with --prompts FILE; for one image give --output FILE.png")
+    output = args.output or "out.png"
+    if Path(output).suffix.lower() != ".png":
+        raise ValueError(f"--output must name a .png file, got {output!r}")
+    if Path(output).is_dir():
+        raise ValueError(f"--output {output!r} is a folder; name a .png file")
+
+
+def _lines(args) -> list[tuple[str, int, Path]]:
+    """(prompt, seed, path) per non-blank line of --prompts: seed --seed + line index, path
+    --outdir/NNNNN.png with NNNNN the line index (blank lines keep their index, so no seed moves)."""
+    lines = args.prompts.read_text(encoding="utf-8").splitlines()
+    return [(line.strip(), args.seed + i, args.outdir / f"{i:05d}.png") for i, line in enumerate(lines)
+            if line.strip()]
+
+
+def _draw(pipe, args, images: dict, height, width, prompt: str, seed: int, path: Path, *, write: bool,
+          progress: bool = False) -> None:
+    """One image with the command's settings, written with them in its PNG metadata (``write``),
+    through a temporary file so that a stopped run leaves no half-written PNG."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .samplers import APG
+
+    settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
+                    dg=args.dg, guidance=args.guidance, height=height, width=width, seed=seed,
+                    max_sequence_length=args.max_sequence_length, cfg_interval=list(args.cfg_interval),
+                    dg_interval=list(args.dg_interval), sampler=args.sampler, schedule=args.schedule,
+                    slg=args.slg, slg_layers=list(args.slg_layers), pag=args.pag, pag_layers=list(args.pag_layers),
+                    pag_interval=list(args.pag_interval), cfg_zero_star=args.cfg_zero_star)
+    if args.slg_interval is not None:
+        settings["slg_interval"] = list(args.slg_interval)
+    elif args.slg:
+        settings.update(slg_start=args.slg_start, slg_stop=args.slg_stop)
+    if args.apg:
+        settings["apg"] = dict(eta=args.apg_eta, norm_threshold=args.apg_norm_threshold,
+                               momentum=args.apg_momentum)
+    if images:
+        settings.update(image=args.image, mask=args.mask, control=args.control, strength=args.strength)
+    named = ("prompt", "negative_prompt", "image", "mask", "control", "apg")
+    inputs = {k: v for k, v in settings.items() if k not in named}
+    image = pipe(prompt, args.negative_prompt, output="pil", progress=progress,
+                 apg=APG(**settings["apg"]) if args.apg else None, **inputs, **images)[0]
+    if not write:
+        return
+    width, height = image.size
+    settings.update(height=height, width=width)
+    settings.update(model=args.model or "tiny-shapes (shipped)", **{k: pipe.defaults.get(k) for k in
+                                                                   ("steps", "cfg", "dg") if settings[k] is None})
+    info = PngInfo()
+    info.add_text("mmdit", json.dumps(settings))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    image.save(partial, format="PNG", pnginfo=info)
+    os.replace(partial, path)
+    if args.prompts is None:
+        print(f"wrote {path} ({width}x{height})")
 
 
 def _input_images(args) -> dict:

@@ -9,8 +9,8 @@ from torch import nn
 from .config import FluxConfig
 from .kernels import gated_residual, modulate, qk_norm_rope
 from .branches import Rows
-from .layers import (FinalLayer, Fork, MLPEmbedder, Transformer, attention, gelu_tanh, modulations, split_heads,
-                     timestep_embedding)
+from .layers import (FinalLayer, Fork, MLPEmbedder, Transformer, attention, gather_tokens, gelu_tanh, modulations,
+                     shard_tokens, split_heads, timestep_embedding)
 
 
 def rope_angles(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,8 +193,11 @@ class FluxTransformer(Transformer):
             img = torch.cat([img, *(pack(x[:, c_in + j * c_out:c_in + (j + 1) * c_out]) for j in range(refs))], 1)
             ids += [image_ids(h, w, x.device, j + 1) for j in range(refs)]
         img, txt = self.img_in(img), self.txt_in(context)
+        ids = [shard_tokens(torch.zeros(txt.shape[1], 3, device=x.device), "text", 0),
+               shard_tokens(torch.cat(ids), "image", 0)]
+        img, txt = shard_tokens(img, "image"), shard_tokens(txt, "text")  # sequence parallel: this rank's tokens
         L = txt.shape[1]
-        ids = torch.cat([torch.zeros(L, 3, device=x.device), *ids])
+        ids = torch.cat(ids)
         cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
         for i, block in enumerate(self.double_blocks):
             img, txt, vec = rows.enter(i, [img, txt, vec])
@@ -208,6 +211,7 @@ class FluxTransformer(Transformer):
             (joint,), vec = rows.run(i, [joint], vec, rows.fork_at(i),
                                      lambda joint, vec, fork, identity, block=block:
                                      (block(joint, vec, cos, sin, L, fork, identity),))
-        out = self.final_layer(joint[:, L:L + h * w], vec)  # (B', h*w, 4 * c_out): the image's tokens only
+        img = gather_tokens(joint[:, L:])[:, :h * w]  # the image's tokens only (sequence parallel: from every rank)
+        out = self.final_layer(img, vec)  # (B', h*w, 4 * c_out)
         out = out.view(-1, h, w, c_out, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(-1, c_out, H, W)

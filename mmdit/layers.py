@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,34 @@ def split_heads(qkv: torch.Tensor, heads: int):
     return q, k, v
 
 
+# Sequence parallelism (``mmdit.ulysses``): while a token layout is installed, the model's streams
+# are split over ranks by token after the embeddings (``shard_tokens``), joint attention runs
+# through the layout's all-to-all, and the output tokens are gathered (``gather_tokens``).
+# None (always, in one process): all three are the identity.
+_TOKENS = None
+
+
+@contextmanager
+def tokens_over(layout):
+    """Run the forwards inside with the tokens split as ``layout`` says (``mmdit.ulysses``)."""
+    global _TOKENS
+    before, _TOKENS = _TOKENS, layout
+    try:
+        yield
+    finally:
+        _TOKENS = before
+
+
+def shard_tokens(t: torch.Tensor, stream: str, dim: int = 1) -> torch.Tensor:
+    """This rank's share of the "text" or "image" tokens (along ``dim``); all of them in one process."""
+    return t if _TOKENS is None else _TOKENS.shard(t, stream, dim)
+
+
+def gather_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, local tokens, F) -> (B, all tokens, F) in the stream's order; the identity in one process."""
+    return t if _TOKENS is None else _TOKENS.gather(t)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identity=(), q_text: int = 0,
               k_text: int = 0) -> torch.Tensor:
     """q, k, v: (B, H, L, Dh) -> (B, L, H*Dh).
@@ -87,6 +116,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identity=(), q_
     ``identity``: (start, stop) row ranges whose image tokens attend to no other image token
     (PAG's perturbed rows); the first ``q_text`` query and ``k_text`` key tokens are text.
     """
+    if _TOKENS is not None:  # sequence parallel: this rank's tokens, every rank's keys
+        return _TOKENS.attention(q, k, v, identity)
     if not identity:
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
     mask = identity_mask(q.shape[2], k.shape[2], q_text, k_text, q.device)

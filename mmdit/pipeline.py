@@ -94,12 +94,25 @@ class Pipeline:
     """``images = pipe(prompt, negative_prompt="", steps=28, cfg=..., dg=..., seed=0)``."""
 
     def __init__(self, transformer, text, vae, family: str, scheduler: dict | None = None,
-                 defaults: dict | None = None, compile: bool = False):
+                 defaults: dict | None = None, compile: bool = False, parallel: str | None = None):
         """``compile=True``: sample with the transformer compiled as one graph per shape
         (``torch.compile(fullgraph=True)``; CUDA graphs on CUDA): the first call at a new size
-        compiles (seconds to minutes), later ones are faster."""
+        compiles (seconds to minutes), later ones are faster. ``parallel``: "branch", "sequence"
+        or "branch+sequence" splits each image's steps over the ranks of the default process group
+        (``mmdit.parallel``; joined from torchrun's environment); one process: no change."""
+        from . import parallel as ranks
+
+        if parallel is not None and parallel not in ranks.MODES:
+            raise ValueError(f"parallel={parallel!r}: use one of {ranks.MODES} (or None)")
+        if compile and parallel is not None and "sequence" in parallel:
+            raise ValueError(f"compile=True with parallel={parallel!r} is not supported (its all-to-alls are outside "
+                             "the compiled graph); use parallel='branch', whose gather is outside the model")
         self.transformer, self.text, self.vae = transformer, text, vae
         self.denoiser = CompiledTransformer(transformer) if compile else transformer
+        if parallel is not None:
+            ranks.init(str(next(transformer.parameters()).device))
+            self.denoiser = ranks.wrap(self.denoiser, parallel, transformer)
+        self.parallel = parallel
         self.family = family
         self.scheduler = scheduler or {}
         self.defaults = {**DEFAULTS[family], **(defaults or {})}
@@ -107,34 +120,45 @@ class Pipeline:
 
     @classmethod
     def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool = False, *,
-             lora: list[tuple] | None = None, weight_dtype: torch.dtype | None = None) -> Pipeline:
+             lora: list[tuple] | None = None, weight_dtype: torch.dtype | None = None,
+             parallel: str | None = None) -> Pipeline:
         """The project's own small pixel-space model (default: the one shipped in the package).
-        ``lora``, ``weight_dtype``: as in ``from_pretrained``."""
+        ``lora``, ``weight_dtype``, ``parallel``: as in ``from_pretrained``."""
+        from .parallel import local_device
         from .tiny import load_tiny
 
-        tiny = load_tiny(folder, device=device)
+        tiny = load_tiny(folder, device=local_device(device))
         _adapt(tiny.transformer, lora, weight_dtype)
         s = tiny.settings
         return cls(tiny.transformer, lambda prompts, _: tiny.conditioner.encode(prompts), PixelSpace(s.channels),
-                   "sd3", {"shift": s.shift}, dict(steps=s.steps, cfg=s.cfg, dg=s.dg, size=s.size), compile)
+                   "sd3", {"shift": s.shift}, dict(steps=s.steps, cfg=s.cfg, dg=s.dg, size=s.size), compile,
+                   parallel)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
                         text_device=None, revision: str | None = None, token=None,
                         compile: bool = False, lora: list[tuple] | None = None,
-                        weight_dtype: torch.dtype | None = None) -> Pipeline:
+                        weight_dtype: torch.dtype | None = None, parallel: str | None = None) -> Pipeline:
         """An SD3 / SD3.5 / FLUX diffusers repo id or folder (model_index.json + components), or a
         folder written by ``mmdit train`` (a tiny model).
 
         ``text_device``: where the text encoders run (default: ``device``); "cpu" keeps
         them off the GPU. ``lora``: ``[(path or state dict, scale), ...]`` applied to the
         transformer (``mmdit.apply_lora``, unfused). ``weight_dtype=torch.float8_e4m3fn``:
-        the transformer's Linear weights stay fp8 (see ``load_transformer``).
+        the transformer's Linear weights stay fp8 (see ``load_transformer``). ``parallel``: "branch"
+        (a step's uncond / cond / DG rows on different ranks) or "sequence" (the tokens split over
+        ranks, Ulysses attention) over the processes ``torchrun`` started, one per GPU; under
+        torchrun ``device="cuda"`` is each rank's own GPU; "branch+sequence": both, on 2 halves of
+        the ranks (4 or more). One process: as without it.
         """
+        from .parallel import local_device
         from .tokenizers import load_tokenizer
 
+        device = local_device(device)
+        text_device = None if text_device is None else local_device(text_device)
         if _is_tiny_folder(source):  # written by `mmdit train`
-            return cls.tiny(source, device=device, compile=compile, lora=lora, weight_dtype=weight_dtype)
+            return cls.tiny(source, device=device, compile=compile, lora=lora, weight_dtype=weight_dtype,
+                            parallel=parallel)
         root = _pipeline_folder(source, revision, token)
         index = read_json(root / "model_index.json")
         transformer = load_transformer(root / "transformer", dtype=dtype, device=device, weight_dtype=weight_dtype)
@@ -162,7 +186,7 @@ class Pipeline:
         scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
         sample_size = (read_json(root / "transformer" / "config.json") or {}).get("sample_size")
         size = {"size": sample_size * vae.config.downsample} if isinstance(sample_size, int) else None  # as diffusers
-        pipe = cls(transformer, text, vae, family, scheduler, size, compile=compile)
+        pipe = cls(transformer, text, vae, family, scheduler, size, compile=compile, parallel=parallel)
         pipe.kontext = "Kontext" in str(index.get("_class_name", ""))
         return pipe
 

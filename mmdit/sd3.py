@@ -7,8 +7,8 @@ from torch import nn
 from .config import SD3Config
 from .kernels import gated_residual, modulate, qk_norm_rope
 from .branches import Rows
-from .layers import (FinalLayer, Fork, SequentialEmbedder, Transformer, attention, gelu_tanh, modulations,
-                     split_heads, timestep_embedding)
+from .layers import (FinalLayer, Fork, SequentialEmbedder, Transformer, attention, gather_tokens, gelu_tanh,
+                     modulations, shard_tokens, split_heads, timestep_embedding)
 
 
 class RMSWeight(nn.Module):
@@ -164,9 +164,10 @@ class SD3Transformer(Transformer):
         img = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
         c = self.t_embedder(timestep_embedding(1000 * sigma).to(x.dtype)) + self.y_embedder(pooled)
         ctx = self.context_embedder(context)
+        ctx, img = shard_tokens(ctx, "text"), shard_tokens(img, "image")  # sequence parallel: this rank's tokens
         for i, block in enumerate(self.joint_blocks):
             ctx, img, c = rows.enter(i, [ctx, img, c])
             (ctx, img), c = rows.run(i, [ctx, img], c, rows.fork_at(i), block)
-        out = self.final_layer(img, c)  # (B', h*w, p*p*C) with (p, q, c) order per token
+        out = gather_tokens(self.final_layer(img, c))  # (B', h*w, p*p*C) with (p, q, c) order per token
         out = out.view(-1, h, w, p, p, self.config.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, self.config.out_channels, H, W)

@@ -64,13 +64,14 @@ def stand_ins(tmp_path, monkeypatch):
 
 def test_readme_library_snippets_run(stand_ins, capsys):
     blocks = snippets()
-    assert len(blocks) == 5  # text to image, the transformer alone, sampling, fp8 and LoRA, a trainer
+    assert len(blocks) == 6  # text to image, the transformer alone, sampling, fp8 and LoRA, parallel, a trainer
     namespace = dict(stand_ins)
     for code in blocks:
         exec(compile(code, str(README), "exec"), namespace)
     ns = namespace
     assert len(ns["images"]) == 4 and ns["images"][0].size == (16, 16)  # default: sample_size 8 x the VAE's 2
     assert ns["steps_seen"] == [0, 1, 2, 3]
+    assert ns["fox"].size == (32, 32)  # parallel="branch" in one process: as without it
     assert ns["v"].shape == (1, 16, 64, 64) and ns["v3"].shape == (3, 16, 64, 64)
     assert (ns["v3"][:2] - ns["v"]).abs().max() <= FORWARD_TOL * ns["v"].abs().max()  # rows 0, 1: plain x
     assert (ns["v3"][2] - ns["v3"][1]).abs().max() > 0.01 * ns["v"].abs().max()  # row 2: disrupted

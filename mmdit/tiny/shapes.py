@@ -164,9 +164,10 @@ def batch(n: int, seed: int, size: int = SIZE) -> Batch:
     return Batch(images, captions, colour, shape, background, mask, texture)
 
 
-def stream(batch_size: int, seed: int = 0, size: int = SIZE):
-    """An endless iterator of batches: batch i is ``batch(batch_size, seed * 1_000_003 + i)``."""
-    i = 0
+def stream(batch_size: int, seed: int = 0, size: int = SIZE, start: int = 0):
+    """An endless iterator of batches: batch i is ``batch(batch_size, seed * 1_000_003 + i)``,
+    from i = ``start`` (a resumed run picks up where it stopped)."""
+    i = start
     while True:
         yield batch(batch_size, seed * 1_000_003 + i, size)
         i += 1

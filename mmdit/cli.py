@@ -410,6 +410,7 @@ def _add_train(sub) -> None:
                    help="transformer heads (default: 2 of 32 channels; with --width, width / 64)")
     p.add_argument("--size", type=_count("--size", 8, 512), default=64, help="image side in pixels")
     p.add_argument("--patch", type=_count("--patch", 1, 32), default=4, help="patch side in pixels")
+    p.add_argument("--no-qk-norm", action="store_true", help="no RMSNorm on q and k (as SD3-medium; SD3.5 has it)")
     p.add_argument("--eps", type=number("--eps"), default=1e-8, help="AdamW epsilon")
     p.add_argument("--betas", type=number("--betas", checks.fraction), nargs=2, default=(0.9, 0.99),
                    metavar=("B1", "B2"), help="AdamW betas")

@@ -107,7 +107,7 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
 
 def model_overrides(args: argparse.Namespace) -> dict:
     """Transformer config fields from the size flags: --width (hidden size), --heads, --layers,
-    --patch, --size. Without --width a head has 32 channels (the shipped model's); with it,
+    --patch, --size, --no-qk-norm. Without --width a head has 32 channels (the shipped model's); with it,
     --heads defaults to width / 64."""
     over = {}
     if args.layers:
@@ -119,6 +119,8 @@ def model_overrides(args: argparse.Namespace) -> dict:
         if not heads or args.width % heads:
             raise ValueError(f"--width {args.width} must be a multiple of --heads {heads}")
         over["head_dim"] = args.width // heads
+    if args.no_qk_norm:
+        over["qk_norm"] = False
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} must be a multiple of --patch {args.patch}")
     if args.patch != 4 or args.size != shapes.SIZE:
@@ -228,9 +230,10 @@ def train(args: argparse.Namespace) -> dict:
         if args.ma_every and (done % args.ma_every == 0 or done == args.steps):
             malog.append_log(out / "ma_log.csv", done, malog.block_stats(transformer, probe), avg)
             print(f"MA {malog.summary(out / 'ma_log.csv')}", flush=True)
-            malog.plot_log(out / "ma_log.csv")
         if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == args.steps):
             checkpoint(done)
+        if args.ma_every and (done == args.steps or args.checkpoint_every and done % args.checkpoint_every == 0):
+            malog.plot_log(out / "ma_log.csv")  # matplotlib is slow to start: at checkpoints and the end only
     wall = wall_before + time.perf_counter() - start
     if ema is not None:
         ema.copy_to(model)

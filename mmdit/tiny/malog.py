@@ -133,8 +133,9 @@ def plot_log(path: Path, out: Path | None = None) -> Path | None:
         axes[0].plot(steps, [r["ratio"] for r in mine], label=f"block {b}")
         axes[1].plot(steps, [r["kurtosis"] for r in mine], label=f"block {b}")
     axes[0].axhline(50, color="grey", ls="--", lw=0.8)
-    axes[0].set(yscale="log", xlabel="step", ylabel="top / median channel (mean |h|, image tokens)")
-    axes[1].set(yscale="log", xlabel="step", ylabel="kurtosis over channels")
+    axes[0].set(yscale="log", xlabel="step", ylabel="top / median channel, mean |h|",
+                title="massive-activation ratio (50: dashed)")
+    axes[1].set(yscale="log", xlabel="step", ylabel="kurtosis over channels", title="per-token kurtosis")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

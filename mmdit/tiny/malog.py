@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,26 +28,29 @@ from . import shapes
 FIELDS = ("step", "block", "top_channel", "top", "median", "ratio", "second_ratio", "kurtosis", "loss_avg")
 
 
-def probe_batch(conditioner, n: int = 8, size: int = shapes.SIZE, sigmas: Sequence[float] = (0.9, 0.5, 0.1),
-                seed: int = 4242) -> list[tuple]:
-    """A fixed list of (x_t, sigma, context, pooled): ``n`` dataset images at each of ``sigmas``."""
+@dataclass
+class ProbeBatch:
+    """The fixed probe: ``captions`` and, per sigma, the noised images (n, 3, size, size)."""
+
+    captions: list[str]
+    sigmas: tuple[float, ...]
+    images: list[torch.Tensor]
+
+
+def probe_batch(n: int = 8, size: int = shapes.SIZE, sigmas: Sequence[float] = (0.9, 0.5, 0.1),
+                seed: int = 4242) -> ProbeBatch:
+    """``n`` dataset images noised at each of ``sigmas``, always the same."""
     data = shapes.batch(n, seed, size)
     g = torch.Generator().manual_seed(seed)
-    device = next(conditioner.parameters()).device
-    with torch.no_grad():
-        cond = conditioner.encode(data.captions)
-    out = []
-    for s in sigmas:
-        noise = torch.randn(data.images.shape, generator=g)
-        x = (s * noise + (1 - s) * data.images).to(device)
-        out.append((x, torch.full((n,), s, device=device), cond["context"], cond["pooled"]))
-    return out
+    noised = [s * torch.randn(data.images.shape, generator=g) + (1 - s) * data.images for s in sigmas]
+    return ProbeBatch(data.captions, tuple(sigmas), noised)
 
 
 @torch.no_grad()
-def block_stats(transformer: nn.Module, samples: Sequence[tuple]) -> list[dict]:
+def block_stats(transformer: nn.Module, conditioner: nn.Module, probe: ProbeBatch) -> list[dict]:
     """Per block: top channel, top and median mean |h| over image tokens, their ratio, the
-    second-largest channel's ratio, and the mean per-token kurtosis over channels."""
+    second-largest channel's ratio, and the mean per-token kurtosis over channels; the
+    captions go through the conditioner as it is now (it trains too)."""
     found = ma.blocks(transformer)
     acc = {k: {"abs": 0.0, "kurt": 0.0, "tokens": 0} for k, _, _ in found}
 
@@ -62,15 +66,17 @@ def block_stats(transformer: nn.Module, samples: Sequence[tuple]) -> list[dict]:
         return hook
 
     handles = [block.register_forward_hook(hook_for(k, kind), with_kwargs=True) for k, kind, block in found]
-    was_training = transformer.training
-    transformer.eval()
+    modes = transformer.training, conditioner.training
+    transformer.eval(), conditioner.eval()
+    device = next(transformer.parameters()).device
     try:
-        for x, sigma, context, pooled in samples:
-            transformer(x, sigma, context, pooled)
+        cond = conditioner.encode(probe.captions)
+        for s, x in zip(probe.sigmas, probe.images):
+            transformer(x.to(device), torch.full((x.shape[0],), s, device=device), cond["context"], cond["pooled"])
     finally:
         for h in handles:
             h.remove()
-        transformer.train(was_training)
+        transformer.train(modes[0]), conditioner.train(modes[1])
     rows = []
     for k, _, _ in found:
         mag = acc[k]["abs"] / acc[k]["tokens"]  # (D,)

@@ -177,7 +177,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.compile:
         compile_blocks(transformer)
     data = shapes.stream(args.batch_size, args.seed, args.size, start=first)
-    probe = malog.probe_batch(conditioner, size=args.size) if args.ma_every else None
+    probe = malog.probe_batch(size=args.size) if args.ma_every else None
     n_params = sum(p.numel() for p in transformer.parameters())
     n_text = sum(p.numel() for p in conditioner.parameters())
     print(f"tiny model: transformer {n_params / 1e6:.2f}M + text encoder {n_text / 1e6:.2f}M parameters "
@@ -228,7 +228,7 @@ def train(args: argparse.Namespace) -> dict:
             print(f"step {done}/{args.steps}  loss {value:.4f}  avg {avg:.4f}  "
                   f"{(done - first) / elapsed:.2f} it/s  {wall_before + elapsed:.0f}s", flush=True)
         if args.ma_every and (done % args.ma_every == 0 or done == args.steps):
-            malog.append_log(out / "ma_log.csv", done, malog.block_stats(transformer, probe), avg)
+            malog.append_log(out / "ma_log.csv", done, malog.block_stats(transformer, conditioner, probe), avg)
             print(f"MA {malog.summary(out / 'ma_log.csv')}", flush=True)
         if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == args.steps):
             checkpoint(done)

@@ -303,3 +303,20 @@ def test_train_flag_errors(tmp_path):
     assert cli.main(["train", "--resume", "--out", str(tmp_path)] + TRAIN_SMALL) == 2  # no checkpoint yet
     assert cli.main(["train", "--steps", "1", "--out", str(tmp_path)] + TRAIN_SMALL + ["--size", "18"]) == 2
     assert cli.main(["train", "--steps", "1", "--width", "30", "--heads", "4", "--out", str(tmp_path)]) == 2
+
+
+def test_ma_log_statistics_match_the_probe():
+    """malog's ratio is ma.find_massive's statistic (mean |h| over image tokens, top / median),
+    and its kurtosis is 3-ish for a random model's Gaussian-like residual stream."""
+    from mmdit import ma
+    from mmdit.tiny import malog
+    model = random_model(0)
+    transformer, conditioner = model.transformer, model.conditioner
+    probe = malog.probe_batch(n=2, size=16, sigmas=(0.5,))
+    rows = malog.block_stats(transformer, conditioner, probe)
+    cond = conditioner.encode(probe.captions)
+    mag = ma.find_massive(transformer, [(probe.images[0], 0.5, cond["context"], cond["pooled"])], ratio=1.0).magnitude
+    for r, m in zip(rows, mag):
+        assert r["top_channel"] == int(m.argmax())
+        assert r["ratio"] == pytest.approx((m.max() / m.median()).item(), rel=1e-2)
+        assert 1.5 < r["kurtosis"] < 10

@@ -412,7 +412,8 @@ def _add_train(sub) -> None:
     p.add_argument("--patch", type=_count("--patch", 1, 32), default=4, help="patch side in pixels")
     p.add_argument("--no-qk-norm", action="store_true", help="no RMSNorm on q and k (as SD3-medium; SD3.5 has it)")
     p.add_argument("--eps", type=number("--eps"), default=1e-8, help="AdamW epsilon")
-    p.add_argument("--betas", type=number("--betas", checks.fraction), nargs=2, default=(0.9, 0.99),
+    p.add_argument("--betas", type=number("--betas", lambda n, v: checks.fraction(n, v, closed_top=False)), nargs=2,
+                   default=(0.9, 0.99),
                    metavar=("B1", "B2"), help="AdamW betas")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="after the warm-up: cosine to lr/10, or constant")

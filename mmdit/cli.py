@@ -480,9 +480,29 @@ def _add_train(sub) -> None:
     p.add_argument("--ema", type=_checked(lambda v: checks.fraction("--ema", v, closed_top=False), float),
                    default=0.998, help="EMA decay, 0 = off; the EMA weights are saved")
     p.add_argument("--seed", type=SEED, default=0, help="model init, data, noise")
-    p.add_argument("--layers", type=_count("--layers"), default=None, help="transformer depth (default: 4)")
+    p.add_argument("--layers", "--depth", type=_count("--layers"), default=None,
+                   help="transformer depth (default: 4)")
+    p.add_argument("--width", type=_count("--width", 4), default=None,
+                   help="transformer hidden size (default: heads x 32, 64 for the shipped model)")
     p.add_argument("--heads", type=_count("--heads"), default=None,
-                   help="transformer heads of 32 channels (default: 2)")
+                   help="transformer heads (default: 2 of 32 channels; with --width, width / 64)")
+    p.add_argument("--size", type=_count("--size", 8, 512), default=64, help="image side in pixels")
+    p.add_argument("--patch", type=_count("--patch", 1, 32), default=4, help="patch side in pixels")
+    p.add_argument("--no-qk-norm", action="store_true", help="no RMSNorm on q and k (as SD3-medium; SD3.5 has it)")
+    p.add_argument("--eps", type=number("--eps"), default=1e-8, help="AdamW epsilon")
+    p.add_argument("--betas", type=number("--betas", lambda n, v: checks.fraction(n, v, closed_top=False)), nargs=2,
+                   default=(0.9, 0.99),
+                   metavar=("B1", "B2"), help="AdamW betas")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="after the warm-up: cosine to lr/10, or constant")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (matmuls; the residual stream stays fp32)")
+    p.add_argument("--checkpoint-every", type=_count("--checkpoint-every", 0), default=0,
+                   help="write OUT/checkpoint.pt (full state) and the EMA weights to OUT every N steps; 0 = never")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (give the same flags; --steps may grow)")
+    p.add_argument("--ma-every", type=_count("--ma-every", 0), default=0,
+                   help="append every block's top/median channel ratio and kurtosis to OUT/ma_log.csv "
+                        "(and plot it to ma_log.png with matplotlib) every N steps; 0 = never")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--threads", type=_count("--threads"), default=None,

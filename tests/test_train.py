@@ -271,3 +271,52 @@ def test_train_entry_point(tmp_path):
     loaded = tiny.load_tiny(tmp_path)
     assert loaded.transformer.config.num_layers == 1 and loaded.meta["training"]["steps"] == 2
     assert loaded.transformer.ma is not None
+
+
+TRAIN_SMALL = ["--batch-size", "2", "--width", "32", "--heads", "2", "--layers", "2", "--size", "16", "--patch", "4",
+               "--threads", "1", "--log-every", "1", "--no-calibrate", "--ema", "0.9"]
+
+
+def test_train_resume_equals_one_run(tmp_path):
+    """3 steps, then 2 more from checkpoint.pt, give the same weights and MA log as 5 in one go;
+    the size flags reach the config and the MA CSV has a row per block per logged step."""
+    flags = TRAIN_SMALL + ["--schedule", "constant", "--eps", "1e-8", "--betas", "0.9", "0.999", "--ma-every", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(["train", "--steps", "5", "--out", str(one)] + flags) == 0
+    assert cli.main(["train", "--steps", "3", "--checkpoint-every", "2", "--out", str(two)] + flags) == 0
+    assert (two / "checkpoint.pt").is_file() and tiny.load_tiny(two).meta["training"]["steps"] == 3
+    assert cli.main(["train", "--steps", "5", "--resume", "--out", str(two)] + flags) == 0
+    a, b = tiny.load_tiny(one), tiny.load_tiny(two)
+    for k, v in a.transformer.state_dict().items():
+        assert torch.equal(v, b.transformer.state_dict()[k]), k
+    c = a.transformer.config
+    assert (c.hidden_size, c.num_heads, c.num_layers, c.patch_size, c.pos_embed_max_size) == (32, 2, 2, 4, 4)
+    assert a.settings.size == 16
+    from mmdit.tiny import malog
+    rows_one, rows_two = malog.read_log(one / "ma_log.csv"), malog.read_log(two / "ma_log.csv")
+    assert [r["step"] for r in rows_one] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [(r["step"], r["ratio"]) for r in rows_two] == [(r["step"], r["ratio"]) for r in rows_one]
+    assert all(r["ratio"] >= 1 and r["kurtosis"] > 0 for r in rows_one)
+
+
+def test_train_flag_errors(tmp_path):
+    assert cli.main(["train", "--resume", "--out", str(tmp_path)] + TRAIN_SMALL) == 2  # no checkpoint yet
+    assert cli.main(["train", "--steps", "1", "--out", str(tmp_path)] + TRAIN_SMALL + ["--size", "18"]) == 2
+    assert cli.main(["train", "--steps", "1", "--width", "30", "--heads", "4", "--out", str(tmp_path)]) == 2
+
+
+def test_ma_log_statistics_match_the_probe():
+    """malog's ratio is ma.find_massive's statistic (mean |h| over image tokens, top / median),
+    and its kurtosis is 3-ish for a random model's Gaussian-like residual stream."""
+    from mmdit import ma
+    from mmdit.tiny import malog
+    model = random_model(0)
+    transformer, conditioner = model.transformer, model.conditioner
+    probe = malog.probe_batch(n=2, size=16, sigmas=(0.5,))
+    rows = malog.block_stats(transformer, conditioner, probe)
+    cond = conditioner.encode(probe.captions)
+    mag = ma.find_massive(transformer, [(probe.images[0], 0.5, cond["context"], cond["pooled"])], ratio=1.0).magnitude
+    for r, m in zip(rows, mag):
+        assert r["top_channel"] == int(m.argmax())
+        assert r["ratio"] == pytest.approx((m.max() / m.median()).item(), rel=1e-2)
+        assert 1.5 < r["kurtosis"] < 10

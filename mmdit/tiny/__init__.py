@@ -14,9 +14,11 @@ Three parts, saved together in one folder (the shipped one is ``mmdit/weights/ti
     tiny = mmdit.tiny.load_tiny()
     images = mmdit.tiny.generate(tiny, ["a red circle on a blue background"], seed=0)  # (B, 3, 64, 64)
 
-The modules: ``shapes`` (the procedural captioned dataset), ``wordtok`` (the word-level
-tokenizer), ``model`` (configs, conditioner, save / load / generate) and ``recipe`` (how the
-shipped weights were trained; ``mmdit train``).
+The modules: ``shapes`` (the procedural captioned dataset and the readers that score an
+image's colours, shape and texture), ``wordtok`` (the word-level tokenizer), ``model``
+(configs, conditioner, save / load / generate), ``recipe`` (how the shipped weights were
+trained; ``mmdit train``, with checkpoints and resume) and ``malog`` (the per-block
+massive-activation statistics logged while training).
 """
 from .model import (FORMAT, MAX_LENGTH, ImageSettings, Tiny, TinyConditioner, build_tiny, default_folder,
                     generate, init_transformer, load_tiny, save_tiny, sincos_pos_embed, text_config, to_uint8,

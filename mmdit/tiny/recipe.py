@@ -7,6 +7,7 @@ writes a folder that ``mmdit.tiny.load_tiny`` (and ``mmdit generate --model FOLD
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -19,8 +20,8 @@ from torch import nn
 
 from .. import ma
 from ..train import EMA, checkpoint_blocks, compile_blocks, flow_matching_loss, sample_sigma
+from . import malog, shapes
 from . import model as tiny
-from . import shapes
 
 
 class TextToImage(nn.Module):
@@ -40,18 +41,21 @@ def drop_captions(captions: Sequence[str], p: float, rng: random.Random) -> list
     return ["" if rng.random() < p else c for c in captions]
 
 
-def lr_at(step: int, total: int, lr: float, warmup: int, final: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to ``final * lr`` at ``total``."""
+def lr_at(step: int, total: int, lr: float, warmup: int, final: float = 0.1, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to ``final * lr`` at ``total`` (or constant)."""
     if step < warmup:
         return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def calibration_samples(conditioner: tiny.TinyConditioner, n: int = 16,
-                        sigmas: Sequence[float] = (0.9, 0.7, 0.5, 0.3, 0.1), seed: int = 12345):
+                        sigmas: Sequence[float] = (0.9, 0.7, 0.5, 0.3, 0.1), seed: int = 12345,
+                        size: int = shapes.SIZE):
     """(x_t, sigma, context, pooled) for MA calibration: dataset images noised at ``sigmas``."""
-    data = shapes.batch(n, seed)
+    data = shapes.batch(n, seed, size)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         cond = conditioner.encode(data.captions)
@@ -69,7 +73,8 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
     outliers (at least the top channel). The table records which rule was used, every block's
     top channels and top/median ratio, and the output change when the spec's channels are
     zeroed vs as many random other channels (the reviewers' control)."""
-    samples = list(calibration_samples(conditioner))
+    c = transformer.config
+    samples = list(calibration_samples(conditioner, size=c.patch_size * c.pos_embed_max_size))
     table = ma.find_massive(transformer, samples, ratio=1.0, top_k=4)  # every block's top channels
     mag = table.magnitude  # (K, D)
     median = mag.median(1).values.clamp_min(1e-12)
@@ -100,46 +105,114 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
     return spec, info
 
 
+def model_overrides(args: argparse.Namespace) -> dict:
+    """Transformer config fields from the size flags: --width (hidden size), --heads, --layers,
+    --patch, --size, --no-qk-norm. Without --width a head has 32 channels (the shipped model's); with it,
+    --heads defaults to width / 64."""
+    over = {}
+    if args.layers:
+        over["num_layers"] = args.layers
+    heads = args.heads or (args.width // 64 if args.width else None)
+    if heads:
+        over["num_heads"] = heads
+    if args.width:
+        if not heads or args.width % heads:
+            raise ValueError(f"--width {args.width} must be a multiple of --heads {heads}")
+        over["head_dim"] = args.width // heads
+    if args.no_qk_norm:
+        over["qk_norm"] = False
+    if args.size % args.patch:
+        raise ValueError(f"--size {args.size} must be a multiple of --patch {args.patch}")
+    if args.patch != 4 or args.size != shapes.SIZE:
+        over.update(patch_size=args.patch, pos_embed_max_size=args.size // args.patch)
+    return over
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary name, then rename: a run killed mid-write keeps the last one."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Train the tiny model as ``args`` say; returns a summary (also stored in config.json)."""
+    """Train the tiny model as ``args`` say; returns a summary (also stored in config.json).
+
+    With ``--checkpoint-every N`` the full state (weights, optimizer, EMA, random generators,
+    step) goes to ``OUT/checkpoint.pt`` every N steps and at the last, and the EMA weights to
+    a loadable folder ``OUT`` (no MA spec until the end); ``--resume`` continues from it, also
+    past the old ``--steps``. With
+    ``--ma-every N`` every block's MA statistics go to ``OUT/ma_log.csv`` (``malog``).
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    if args.layers:
-        overrides["num_layers"] = args.layers
-    if args.heads:
-        overrides["num_heads"] = args.heads
-    transformer, conditioner = tiny.build_tiny(args.seed, transformer=overrides)
+    out = Path(args.out)
+    transformer, conditioner = tiny.build_tiny(args.seed, transformer=model_overrides(args))
     model = TextToImage(transformer, conditioner).to(args.device)
-    if args.checkpointing:
-        checkpoint_blocks(transformer)
-    if args.compile:
-        compile_blocks(transformer)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "embedding" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=tuple(args.betas),
+                            eps=args.eps)
     ema = EMA(model, args.ema) if args.ema else None
     g = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
-    data = shapes.stream(args.batch_size, args.seed)
+    first, avg, history, wall_before = 0, None, [], 0.0
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no {ckpt_path} (a run with --checkpoint-every writes it)")
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.shadow, ema.updates = state["ema"], state["ema_updates"]
+        g.set_state(state["generator"])
+        rng.setstate(state["random"])
+        first, avg, history, wall_before = state["step"], state["avg"], state["history"], state["wall_s"]
+        print(f"resumed {ckpt_path} at step {first}", flush=True)
+    if args.checkpointing:
+        checkpoint_blocks(transformer)
+    if args.compile:
+        compile_blocks(transformer)
+    data = shapes.stream(args.batch_size, args.seed, args.size, start=first)
+    probe = malog.probe_batch(size=args.size) if args.ma_every else None
     n_params = sum(p.numel() for p in transformer.parameters())
     n_text = sum(p.numel() for p in conditioner.parameters())
-    print(f"tiny model: transformer {n_params / 1e6:.2f}M + text encoder {n_text / 1e6:.2f}M parameters; "
-          f"{args.steps} steps of {args.batch_size}", flush=True)
-    start, avg, history = time.perf_counter(), None, []
+    print(f"tiny model: transformer {n_params / 1e6:.2f}M + text encoder {n_text / 1e6:.2f}M parameters "
+          f"(width {transformer.config.hidden_size}, {transformer.config.num_layers} blocks, "
+          f"{transformer.config.num_heads} heads, patch {transformer.config.patch_size}, {args.size}px); "
+          f"steps {first}..{args.steps} of {args.batch_size}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def checkpoint(step):
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(),
+                                    "ema": None if ema is None else ema.shadow,
+                                    "ema_updates": None if ema is None else ema.updates,
+                                    "generator": g.get_state(), "random": rng.getstate(), "step": step,
+                                    "avg": avg, "history": history,
+                                    "wall_s": wall_before + time.perf_counter() - start})
+        snapshot = copy.deepcopy(model)
+        if ema is not None:
+            ema.copy_to(snapshot)
+        tiny.save_tiny(out, snapshot.transformer, snapshot.conditioner, tiny.ImageSettings(size=args.size),
+                       meta={"training": {"steps": step, "batch_size": args.batch_size, "seed": args.seed,
+                                          "checkpoint": True, "args": _args_json(args)}})
+
     model.train()
-    for step in range(args.steps):
+    for step in range(first, args.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, schedule=args.schedule)
         batch = next(data)
         ids = conditioner.tokenize(drop_captions(batch.captions, args.caption_dropout, rng))
         x0 = batch.images.to(args.device)
         sigma = sample_sigma(x0.shape[0], mode=args.sigma_mode, mean=args.sigma_mean, std=args.sigma_std,
                              shift=args.shift, generator=g, device=args.device)
         noise = torch.randn(x0.shape, generator=g).to(args.device)
-        loss = model(x0, ids, sigma, noise)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(x0, ids, sigma, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -148,22 +221,33 @@ def train(args: argparse.Namespace) -> dict:
             ema.update(model)
         value = loss.item()
         avg = value if avg is None else 0.95 * avg + 0.05 * value
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
             elapsed = time.perf_counter() - start
-            history.append([step + 1, round(avg, 5)])
-            print(f"step {step + 1}/{args.steps}  loss {value:.4f}  avg {avg:.4f}  "
-                  f"{(step + 1) / elapsed:.2f} it/s  {elapsed:.0f}s", flush=True)
-    wall = time.perf_counter() - start
+            history.append([done, round(avg, 5)])
+            print(f"step {done}/{args.steps}  loss {value:.4f}  avg {avg:.4f}  "
+                  f"{(done - first) / elapsed:.2f} it/s  {wall_before + elapsed:.0f}s", flush=True)
+        if args.ma_every and (done % args.ma_every == 0 or done == args.steps):
+            malog.append_log(out / "ma_log.csv", done, malog.block_stats(transformer, conditioner, probe), avg)
+            print(f"MA {malog.summary(out / 'ma_log.csv')}", flush=True)
+        if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == args.steps):
+            checkpoint(done)
+        if args.ma_every and (done == args.steps or args.checkpoint_every and done % args.checkpoint_every == 0):
+            malog.plot_log(out / "ma_log.csv")  # matplotlib is slow to start: at checkpoints and the end only
+    wall = wall_before + time.perf_counter() - start
     if ema is not None:
         ema.copy_to(model)
     if args.checkpointing:
         checkpoint_blocks(transformer, enabled=False)
     model.eval()
     summary = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "wall_s": round(wall, 1),
-               "final_loss_avg": round(avg, 5), "loss_history": history,
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"},
+               "final_loss_avg": round(avg, 5), "loss_history": history, "args": _args_json(args),
                "torch": torch.__version__}
     return {"model": model, "summary": summary}
+
+
+def _args_json(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
 
 
 def recalibrate(folder: Path) -> None:
@@ -192,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"MA calibration: block {spec.block}, channels {list(spec.channels)} ({info['rule']}); "
               f"top/median per block {info['top_over_median']}", flush=True)
     out = args.out
-    tiny.save_tiny(out, transformer, conditioner, tiny.ImageSettings(), ma=spec,
+    tiny.save_tiny(out, transformer, conditioner, tiny.ImageSettings(size=args.size), ma=spec,
                    meta={"training": summary, "ma_calibration": info})
     print(f"saved {out} ({summary['wall_s']:.0f}s of training, final loss {summary['final_loss_avg']:.4f})")
     return 0

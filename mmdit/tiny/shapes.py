@@ -1,11 +1,18 @@
 """A procedural captioned dataset: one textured shape of a named colour on a plain background.
 
-Every image is 64x64 RGB in [-1, 1]: a circle, square or triangle of one of 8 palette
-colours, at a random position and size, filled with fine stripes, a checkerboard or noise
-(the "detail" that Detail Guidance should sharpen), on a background of a different palette
-colour with faint noise. Captions read "a {colour} {shape} on a {background} background"
-or a close paraphrase. Everything is drawn from one seeded generator with batched torch ops,
-so ``batch(n, seed)`` is the same on every machine and costs about a millisecond per image.
+Every image is 64x64 RGB in [-1, 1] (``size=`` for others): a circle, square or triangle of
+one of 8 palette colours, at a random position and size, filled with one of five textures
+(plain, fine stripes at any angle, a checkerboard, a dot lattice, pixel noise: the "detail"
+that Detail Guidance should sharpen), on a background of a different palette colour with
+faint noise. Captions read "a {colour} {texture} {shape} on a {background} background" or a
+close paraphrase; a fifth of them leave the texture word out (the older captions, which
+the first shipped model knows). Everything is drawn from one seeded generator with batched
+torch ops, so ``batch(n, seed)`` is the same on every machine and costs about a millisecond
+per image.
+
+``read_colours``, ``read_shapes`` and ``read_textures`` read the labels back off an image
+(every render is read correctly: tests/test_shapes.py); the benchmarks use them to score
+generated images.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # Saturated, well separated colours (min pairwise RGB distance ~ 0.39 in [0, 1] units, red vs
 # orange) so that a nearest-palette classifier can name a pixel even with texture on it.
@@ -28,7 +36,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLOURS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-TEXTURES: tuple[str, ...] = ("stripes", "checker", "noise")
+TEXTURES: tuple[str, ...] = ("plain", "striped", "checkered", "dotted", "noisy")  # caption words
 TEMPLATES: tuple[str, ...] = (
     "a {colour} {shape} on a {background} background",
     "a {colour} {shape} on a {background} background",  # the canonical form, twice as likely
@@ -40,6 +48,7 @@ TEMPLATES: tuple[str, ...] = (
 SIZE = 64
 TEXTURE_AMPLITUDE = 0.22  # peak texture offset in [-1, 1] units; keeps pixels nearest their palette colour
 BACKGROUND_NOISE = 0.03
+TEXTURE_WORD_P = 0.8  # captions that name the texture
 
 
 def palette_tensor() -> torch.Tensor:
@@ -50,7 +59,8 @@ def palette_tensor() -> torch.Tensor:
 @dataclass
 class Batch:
     """images: (B, 3, 64, 64) float32 in [-1, 1]; captions: B strings; the labels as indices
-    into COLOURS / SHAPES (colour, shape, background: (B,) long) and the shape masks (B, 64, 64)."""
+    into COLOURS / SHAPES / TEXTURES (colour, shape, background, texture: (B,) long) and the
+    shape masks (B, 64, 64)."""
 
     images: torch.Tensor
     captions: list[str]
@@ -58,11 +68,14 @@ class Batch:
     shape: torch.Tensor
     background: torch.Tensor
     mask: torch.Tensor
+    texture: torch.Tensor
 
 
-def caption(colour: str, shape: str, background: str, template: int = 0) -> str:
-    """The caption of template ``template`` (0 = canonical) for these names."""
-    text = TEMPLATES[template].format(colour=colour, shape=shape, background=background)
+def caption(colour: str, shape: str, background: str, template: int = 0, texture: str | None = None) -> str:
+    """The caption of template ``template`` (0 = canonical) for these names; ``texture`` (a
+    word of TEXTURES) goes between the colour and the shape: "a red striped circle on ..."."""
+    thing = shape if texture is None else f"{texture} {shape}"
+    text = TEMPLATES[template].format(colour=colour, shape=thing, background=background)
     return text.replace("a orange", "an orange")
 
 
@@ -70,7 +83,7 @@ def all_words() -> list[str]:
     """Every word any caption can contain, sorted (the word-level tokenizer's vocabulary)."""
     from .wordtok import split_words
 
-    words = set(COLOURS) | set(SHAPES)
+    words = set(COLOURS) | set(SHAPES) | set(TEXTURES)
     for t in TEMPLATES:
         words |= set(split_words(t.format(colour="orange", shape="circle", background="orange")))
     words.add("an")
@@ -106,14 +119,20 @@ def render(colour: torch.Tensor, shape: torch.Tensor, background: torch.Tensor, 
     sdf = torch.stack([circle, square, triangle], 1)[torch.arange(B), shape]  # (B, S, S)
     mask = _coverage(sdf)
 
-    # Texture in [-1, 1] per pixel: stripes along ``angle``, a checkerboard, or pixel noise.
-    a = angle.view(B, 1, 1)
-    u = (xx * torch.cos(a) + yy * torch.sin(a)) / period.view(B, 1, 1)
+    # Texture in [-1, 1] per pixel (TEXTURES order): none, stripes along ``angle``, a
+    # checkerboard of period/2 cells, a lattice of dots (diameter 0.6 period; dark dots on
+    # light colours, light dots on dark ones), or pixel noise.
+    a, per = angle.view(B, 1, 1), period.view(B, 1, 1)
+    u = (xx * torch.cos(a) + yy * torch.sin(a)) / per
     stripes = torch.sign(torch.sin(2 * math.pi * u))
-    cell = period.view(B, 1, 1) / 2
+    cell = per / 2
     checker = 1 - 2 * ((torch.floor(xx / cell) + torch.floor(yy / cell)) % 2)
+    fx, fy = (xx / per) % 1 - 0.5, (yy / per) % 1 - 0.5  # offset from the nearest lattice point, in periods
+    light = (palette_tensor()[colour].mean(1) > 0).float().view(B, 1, 1)
+    dots = _coverage((fx.hypot(fy) - 0.3) * per) * (1 - 2 * light)
     noise = (torch.rand(B, size, size, generator=generator) * 2 - 1)
-    pattern = torch.stack([stripes, checker, noise], 1)[torch.arange(B), texture]  # (B, S, S)
+    plain = torch.zeros_like(noise)
+    pattern = torch.stack([plain, stripes, checker, dots, noise], 1)[torch.arange(B), texture]  # (B, S, S)
 
     pal = palette_tensor()
     fg = pal[colour].view(B, 3, 1, 1) + TEXTURE_AMPLITUDE * pattern.unsqueeze(1)  # lighter / darker, grey axis
@@ -130,22 +149,25 @@ def batch(n: int, seed: int, size: int = SIZE) -> Batch:
     background = (colour + torch.randint(1, len(COLOURS), (n,), generator=g)) % len(COLOURS)
     shape = torch.randint(len(SHAPES), (n,), generator=g)
     radius = torch.empty(n).uniform_(0.2 * size, 0.34 * size, generator=g)
-    margin = radius * 0.85
+    margin = radius * 1.2  # the triangle's apex is 1.2 radius above its centre: keep every shape inside
     cx = margin + torch.rand(n, generator=g) * (size - 2 * margin)
     cy = margin + torch.rand(n, generator=g) * (size - 2 * margin)
     texture = torch.randint(len(TEXTURES), (n,), generator=g)
-    period = torch.empty(n).uniform_(3.0, 6.0, generator=g)
+    period = torch.empty(n).uniform_(6.0, 10.0, generator=g) * size / SIZE
     angle = torch.rand(n, generator=g) * math.pi
     template = torch.randint(len(TEMPLATES), (n,), generator=g)
+    named = torch.rand(n, generator=g) < TEXTURE_WORD_P
     images, mask = render(colour, shape, background, cx, cy, radius, texture, period, angle, g, size)
-    captions = [caption(COLOURS[c], SHAPES[s], COLOURS[b], t)
-                for c, s, b, t in zip(colour.tolist(), shape.tolist(), background.tolist(), template.tolist())]
-    return Batch(images, captions, colour, shape, background, mask)
+    captions = [caption(COLOURS[c], SHAPES[s], COLOURS[b], t, TEXTURES[x] if w else None)
+                for c, s, b, t, x, w in zip(colour.tolist(), shape.tolist(), background.tolist(), template.tolist(),
+                                            texture.tolist(), named.tolist())]
+    return Batch(images, captions, colour, shape, background, mask, texture)
 
 
-def stream(batch_size: int, seed: int = 0, size: int = SIZE):
-    """An endless iterator of batches: batch i is ``batch(batch_size, seed * 1_000_003 + i)``."""
-    i = 0
+def stream(batch_size: int, seed: int = 0, size: int = SIZE, start: int = 0):
+    """An endless iterator of batches: batch i is ``batch(batch_size, seed * 1_000_003 + i)``,
+    from i = ``start`` (a resumed run picks up where it stopped)."""
+    i = start
     while True:
         yield batch(batch_size, seed * 1_000_003 + i, size)
         i += 1
@@ -175,3 +197,76 @@ def read_colours(images: torch.Tensor, border: int = 3) -> tuple[torch.Tensor, t
     counts[torch.arange(B), background] = -1
     shape = torch.where(counts.amax(1) > 0, counts.argmax(1), -1)
     return background, shape
+
+
+def _colour_masks(images: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: the pixels whose nearest palette colour is ``colour`` (B,)."""
+    return classify(images) == colour.to(images.device).view(-1, 1, 1)
+
+
+def read_shapes(images: torch.Tensor, colour: torch.Tensor, min_pixels: int = 30) -> torch.Tensor:
+    """The shape drawn in ``colour`` (B,) on images (B, 3, H, W): indices into SHAPES, -1 when
+    fewer than ``min_pixels`` pixels have that colour.
+
+    The rule is how much of its bounding box the shape fills (box from the 1% / 99% quantiles
+    of the pixel coordinates, so stray pixels do not stretch it): a square fills all of it, a
+    circle pi/4 = 0.79, the upright triangle 0.5.
+    """
+    mask = _colour_masks(images, colour)
+    out = torch.full((mask.shape[0],), -1, dtype=torch.long)
+    for i, m in enumerate(mask):
+        ys, xs = m.nonzero(as_tuple=True)
+        if ys.numel() < min_pixels:
+            continue
+        q = torch.tensor([0.01, 0.99])
+        (y0, y1), (x0, x1) = ys.float().quantile(q), xs.float().quantile(q)
+        fill = ys.numel() / ((y1 - y0 + 1) * (x1 - x0 + 1)).item()
+        out[i] = 2 if fill < 0.64 else 0 if fill < 0.9 else 1
+    return out
+
+
+def texture_features(images: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """(B, 5) features of the texture inside the shape of ``colour`` (B,): contrast, lag-1
+    autocorrelation, gradient coherence, |skewness|, and the number of interior pixels.
+
+    The interior is the colour's pixels whose 4 neighbours (2 pixels out) have it too, so the
+    outline does not count; the signal is the pixels' mean over RGB, centred on its mean.
+    """
+    mask = _colour_masks(images, colour)
+    inner = mask.clone()
+    for dy, dx in ((2, 0), (-2, 0), (0, 2), (0, -2)):
+        inner &= torch.roll(mask, (dy, dx), (1, 2))
+    inner[:, :2], inner[:, -2:], inner[:, :, :2], inner[:, :, -2:] = False, False, False, False
+    grey = images.float().mean(1)  # (B, H, W)
+    feats = torch.zeros(images.shape[0], 5)
+    for i in range(images.shape[0]):
+        m = inner[i]
+        n = int(m.sum())
+        feats[i, 4] = n
+        if n < 20:
+            continue
+        r = grey[i] - grey[i][m].mean()
+        std = r[m].std().clamp_min(1e-6)
+        smooth = F.avg_pool2d(r[None, None], 3, 1, 1, count_include_pad=False)[0, 0]  # steadier gradients
+        gy, gx = smooth[1:, :-1] - smooth[:-1, :-1], smooth[:-1, 1:] - smooth[:-1, :-1]
+        both_x, both_y = m[:, 1:] & m[:, :-1], m[1:] & m[:-1]
+        lag1 = torch.cat([(r[:, 1:] * r[:, :-1])[both_x], (r[1:] * r[:-1])[both_y]]).mean() / std ** 2
+        g = m[1:, :-1] & m[:-1, 1:] & m[:-1, :-1]
+        jxx, jyy, jxy = (gx[g] ** 2).sum(), (gy[g] ** 2).sum(), (gx[g] * gy[g]).sum()
+        coherence = ((jxx - jyy) ** 2 + 4 * jxy ** 2).sqrt() / (jxx + jyy).clamp_min(1e-12)
+        skew = ((r[m] / std) ** 3).mean().abs()
+        feats[i, :4] = torch.stack([std, lag1, coherence, skew])
+    return feats
+
+
+def read_textures(images: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """The texture inside the shape of ``colour`` (B,): indices into TEXTURES, -1 when the shape
+    has too few interior pixels. Rules on ``texture_features``: contrast below a fifth of the
+    rendered amplitude is plain; then no correlation between neighbours is noisy; gradients
+    all along one direction is striped; a lopsided histogram (dots cover ~28%) is dotted; the
+    rest is checkered."""
+    f = texture_features(images, colour)
+    std, lag1, coherence, skew, n = f.unbind(1)
+    out = torch.where(std < 0.2 * TEXTURE_AMPLITUDE, 0,
+                      torch.where(lag1 < 0.25, 4, torch.where(coherence > 0.5, 1, torch.where(skew > 0.5, 3, 2))))
+    return torch.where(n < 20, -1, out)

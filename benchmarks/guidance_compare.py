@@ -5,8 +5,8 @@
         --prompt "a macro photo of a dragonfly" --slg-layers 7,8,9 --pag-layers 12 --out compare.png
 
 Rows: prompt x seed; columns: the guidance methods. Printed (and in --json): each image's
-high-frequency energy (the share of the image's spectral energy above half the Nyquist
-frequency, the paper's measure of local detail) and each method's mean. Every method is one
+high-frequency energy (power per pixel above 0.1 cycles/pixel, as ``dg_detail.py`` measures
+local detail) and each method's mean. Every method is one
 model call per step: its perturbed branch is a copy of the cond rows inside that call.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import mmdit  # noqa: E402
+from dg_detail import hf_energy  # noqa: E402
 
 PROMPTS = ["a red circle on a blue background", "a yellow triangle on a purple background",
            "a green square on a white background"]
@@ -46,12 +47,9 @@ def parse(argv=None):
 
 
 def high_frequency_energy(image: np.ndarray) -> float:
-    """Share of the (mean-removed) grey image's spectral energy above half the Nyquist radius."""
-    grey = image.mean(-1) - image.mean()
-    power = np.abs(np.fft.fftshift(np.fft.fft2(grey))) ** 2
-    h, w = grey.shape
-    fy, fx = np.meshgrid(np.linspace(-1, 1, h, endpoint=False), np.linspace(-1, 1, w, endpoint=False), indexing="ij")
-    return float(power[np.hypot(fy, fx) > 0.5].sum() / max(power.sum(), 1e-12))
+    """``dg_detail.hf_energy`` of one (H, W, 3) image in [0, 1]: power per pixel above 0.1
+    cycles/pixel, the detail measure of the DG experiments."""
+    return float(hf_energy(torch.from_numpy(image).permute(2, 0, 1)[None] * 2 - 1)[0])
 
 
 def layers(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:

@@ -59,14 +59,15 @@ class Rows:
                  ma_block: int = -1):
         """``disruption``: in-place MA rows (a slice) for ``disrupt=``; ``make_fork(source, append)``
         builds the Fork of an MA branch or of the disruption, which act at block ``ma_block``."""
-        self.batch, self.branches, self.make_fork, self.ma_block = batch, tuple(branches), make_fork, ma_block
+        self.batch, self.make_fork, self.ma_block = batch, make_fork, ma_block
         self.layout = [(None, batch)]  # (branch index or None for the input rows, rows)
-        self.first = []
-        for j, br in enumerate(self.branches):
+        self.branches, self.first = [], []
+        for j, br in enumerate(branches):
             start, stop, step = br.source.indices(batch)
             if step != 1 or stop <= start:
                 raise ValueError(f"branch {j}: source must be a non-empty slice of the {batch} rows, got {br.source}")
             p = br.perturbation
+            self.branches.append(Branch(slice(start, stop), p))  # bounds resolved: stop - start rows
             if isinstance(p, MADisruption):
                 self.first.append(None)  # born at the output of the MA block (make_fork knows it)
                 continue
@@ -91,7 +92,7 @@ class Rows:
             if first == i:
                 src = self.branches[j].source
                 tensors = [None if t is None else torch.cat([t, t[src]]) for t in tensors]
-                self.layout.append((j, len(range(*src.indices(self.batch)))))
+                self.layout.append((j, src.stop - src.start))
         return tensors
 
     def fork_at(self, i: int):

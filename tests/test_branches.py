@@ -106,6 +106,19 @@ def test_fork_keeps_its_meaning_beside_other_branches():
     assert rel(both[:4], fork) <= TOL and rel(both[4:], skip[3:]) <= TOL
 
 
+def test_open_ended_source_slices_resolve_against_the_batch():
+    """slice(1, None) names rows 1.. of the input, for the DG fork as for the other branches."""
+    model = tiny("flux")
+    model.ma = mmdit.MASpec(channels=(3, 17), block=2)
+    x, sigma, ctx, pooled, g = inputs(model)
+    with torch.no_grad():
+        open_ended = model(x, sigma, ctx, pooled, guidance=g, branches=(
+            Branch(slice(1, None), MADisruption()), Branch(slice(-1, None), SkipLayers((1,)))))
+        explicit = model(x, sigma, ctx, pooled, guidance=g, fork=slice(1, 3),
+                         branches=(Branch(slice(2, 3), SkipLayers((1,))),))
+    assert open_ended.shape[0] == 6 and torch.equal(open_ended, explicit)
+
+
 def test_branch_errors_are_clear():
     model = tiny("flux")
     x, sigma, ctx, pooled, g = inputs(model)

@@ -94,11 +94,6 @@ class Guidance:
                       if getattr(self, t) != 0.0 and _inside(sigma, getattr(self, f"{t}_interval")))
         return use_u, terms
 
-    def branches(self, sigma: float, has_uncond: bool) -> tuple[bool, bool]:
-        """(uncond, DG): whether the uncond rows and the DG branch run at this sigma."""
-        use_u, terms = self.active(sigma, has_uncond)
-        return use_u, "dg" in terms
-
 
 @dataclass
 class GuidanceState:

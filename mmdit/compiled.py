@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from .layers import row_indices
+
 
 class CompiledTransformer:
     """Calls ``torch.compile(model, fullgraph=True)`` (``mode="reduce-overhead"``, i.e. CUDA
@@ -27,7 +29,9 @@ class CompiledTransformer:
         return getattr(self.__dict__["model"], name)
 
     def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None, branches=(), **inputs):
-        key = (tuple(x.shape), tuple(context.shape), _rows(disrupt), _rows(fork), tuple(branches))
+        rows = [None if r is None else row_indices(r, x.shape[0], name)
+                for r, name in ((disrupt, "disrupt"), (fork, "fork"))]  # the rows decide the graph
+        key = (tuple(x.shape), tuple(context.shape), *rows, tuple(branches))
         kw = dict(guidance=guidance, disrupt=disrupt, fork=fork, branches=branches, **inputs)
         if self.cuda_graphs:  # a new step: the graph's previous outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
@@ -41,9 +45,3 @@ class CompiledTransformer:
         self.shapes.add(key)
         return out
 
-
-def _rows(rows):
-    """A hashable stand-in for a fork / disrupt argument (its rows decide the graph)."""
-    if rows is None or isinstance(rows, slice):
-        return None if rows is None else (rows.start, rows.stop, rows.step)
-    return tuple(rows.tolist() if torch.is_tensor(rows) else rows)

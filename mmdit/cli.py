@@ -387,6 +387,13 @@ def _ma_args(p) -> None:
     p.add_argument("--top-k", type=_count("--top-k"), default=8, help="keep at most this many channels")
 
 
+def _tiny_model(args) -> bool:
+    """The shipped model (no --model) or a folder written by ``mmdit train``."""
+    from .pipeline import is_tiny_folder
+
+    return args.model is None or is_tiny_folder(args.model)
+
+
 def _ma_inputs(args):
     prompts = list(args.prompt) + (args.prompts.read_text().splitlines() if args.prompts else [])
     pipe = _pipeline(args)
@@ -394,8 +401,8 @@ def _ma_inputs(args):
     if args.block is not None and args.block >= total:
         raise ValueError(f"--block {args.block} is past the last block of this model (it has {total}: 0..{total - 1})")
     prompts = [p for p in prompts if p.strip()] or (
-        ["a red circle on a blue background", "a black square on a yellow background"] if args.model is None
-        else ["a photo of a cat", "a red circle on a blue background"])  # the tiny model knows only shapes
+        ["a red circle on a blue background", "a black square on a yellow background"] if _tiny_model(args)
+        else ["a photo of a cat", "a red circle on a blue background"])  # the tiny models know only shapes
     height, width = _size(args, pipe)
     shape = pipe.latent_shape(height, width)
     steps = args.steps or pipe.defaults["steps"]
@@ -445,8 +452,15 @@ def _add_calibrate(sub) -> None:
         key = ma.checkpoint_hash(files) if files else None
         cal = run_calibrate(pipe.transformer, conds, key=key, every=args.every or 4, rho=args.rho, **common)
         print(cal.summary())
-        print(f"spec: channels {list(cal.spec.channels)} at block {cal.spec.block}"
-              + (f"; cached as {key}" if key else "; not cached (the shipped model keeps its spec in config.json)"))
+        if key:
+            where = f"cached as {key}"
+        elif args.model is not None and _tiny_model(args):  # a tiny folder keeps its spec in config.json
+            from .tiny import store_ma
+
+            where = f"stored in {store_ma(args.model, cal.spec, {'command': 'calibrate-ma', **cal.to_json()})}"
+        else:
+            where = "not stored (the shipped model keeps its own; mmdit calibrate-ma --model FOLDER for a copy)"
+        print(f"spec: channels {list(cal.spec.channels)} at block {cal.spec.block}; {where}")
 
     p.set_defaults(run=run)
 

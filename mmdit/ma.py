@@ -298,6 +298,14 @@ def select_massive(magnitude: torch.Tensor, ratio: float | None = 50.0, absolute
     return out
 
 
+def massive_block(per_block: Sequence[BlockMA], preferred: int) -> int | None:
+    """The fork block when none is given: ``preferred`` (the default block) if it has massive
+    channels, else the nearest block that has some (the later one on a tie: the residual stream
+    carries a channel forward), else None. A small model may grow its MAs in one block only."""
+    flagged = [b.block for b in per_block if b.channels]
+    return min(flagged, key=lambda k: (abs(k - preferred), -k)) if flagged else None
+
+
 @torch.no_grad()
 def find_massive(model: nn.Module, samples: Iterable, *, ratio: float | None = 50.0,
                  absolute: float | None = None, top_k: int | None = 8, block: int | None = None,
@@ -306,8 +314,9 @@ def find_massive(model: nn.Module, samples: Iterable, *, ratio: float | None = 5
 
     samples: iterable of ``(x, sigma, context, pooled[, guidance])`` (all rows count as cond;
         use noisy latents along a sampling trajectory and a few prompts).
-    block: the fork block m (default ``default_block``); the spec's channels are those
-        flagged there by ``select_massive``, ranked by magnitude over image tokens.
+    block: the fork block m; the spec's channels are those flagged there by ``select_massive``,
+        ranked by magnitude over image tokens. Default: ``default_block``, or the block nearest
+        it with massive channels when it has none (``massive_block``).
     """
     m = default_block(model.config) if block is None else block
     if not 0 <= m < model.config.total_blocks:
@@ -324,6 +333,8 @@ def find_massive(model: nn.Module, samples: Iterable, *, ratio: float | None = 5
         raise ValueError("calibration needs at least one sample")
     magnitude = total / n
     per_block = select_massive(magnitude, ratio, absolute, top_k)
+    nearest = massive_block(per_block, m) if block is None else None
+    m = m if nearest is None else nearest
     if not per_block[m].channels:
         flagged = [b.block for b in per_block if b.channels]
         best = (magnitude[m].max() / magnitude[m].median().clamp_min(1e-12)).item()

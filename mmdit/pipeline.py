@@ -156,7 +156,7 @@ class Pipeline:
 
         device = local_device(device)
         text_device = None if text_device is None else local_device(text_device)
-        if _is_tiny_folder(source):  # written by `mmdit train`
+        if is_tiny_folder(source):  # written by `mmdit train`
             return cls.tiny(source, device=device, compile=compile, lora=lora, weight_dtype=weight_dtype,
                             parallel=parallel)
         root = _pipeline_folder(source, revision, token)
@@ -453,7 +453,7 @@ def _where(module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def _is_tiny_folder(source) -> bool:
+def is_tiny_folder(source) -> bool:
     """A folder in the tiny model's format (``mmdit.tiny.save_tiny``)."""
     path = Path(source).expanduser() / "config.json"
     if not path.is_file():

@@ -1,11 +1,13 @@
 """The `mmdit` command on the shipped tiny model: images, reports, and one clear error each."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from mmdit import tiny
 from mmdit.cli import main
 
 
@@ -56,6 +58,23 @@ def test_analyze_and_calibrate_on_the_tiny_model(tmp_path, capsys):
     assert main(["calibrate-ma", "--steps", "4", "--ratio", "3"]) == 0
     assert "spec: channels [48" in capsys.readouterr().out  # the shipped model's strongest channel
     assert main(["calibrate-ma", "--steps", "4"]) == 2  # the 50x rule finds no MA in so small a model
+
+
+def test_calibrate_stores_the_spec_in_a_tiny_folder(tmp_path, capsys):
+    """calibrate-ma --model FOLDER on a folder written by `mmdit train`: the spec and its table go
+    into that folder's config.json, where load_tiny reads them; nothing else there changes."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny.default_folder(), folder)
+    before = json.loads((folder / "config.json").read_text())
+    assert main(["calibrate-ma", "--model", str(folder), "--steps", "4", "--ratio", "3", "--top-k", "2"]) == 0
+    assert f"stored in {folder / 'config.json'}" in capsys.readouterr().out
+    after = json.loads((folder / "config.json").read_text())
+    assert after["ma_calibration"]["command"] == "calibrate-ma" and after["ma_calibration"]["rule"]["ratio"] == 3
+    assert {k: v for k, v in after.items() if k not in ("ma", "ma_calibration")} == \
+        {k: v for k, v in before.items() if k not in ("ma", "ma_calibration")}
+    spec = tiny.load_tiny(folder).transformer.ma
+    assert spec.block == 2 and spec.channels[0] == 48 and len(spec.channels) <= 2
+    assert list(spec.channels) == after["ma_calibration"]["spec"]["channels"]
 
 
 def test_generate_compiled_equals_eager_and_says_it_compiles(tmp_path, capsys):

@@ -105,6 +105,19 @@ def test_select_rules():
     assert ma.select_massive(mag, ratio=50, absolute=100)[0].channels == [7]
 
 
+def test_massive_block_is_the_default_or_the_nearest_with_mas():
+    mag = torch.ones(5, 10)
+    mag[4, 3] = 80.0  # only the last block has a massive channel (the long tiny run's case)
+    assert ma.massive_block(ma.select_massive(mag, ratio=50), preferred=2) == 4
+    mag[1, 5] = 60.0  # blocks 1 and 4: 1 is nearer to 2
+    assert ma.massive_block(ma.select_massive(mag, ratio=50), preferred=2) == 1
+    mag[3, 0] = 70.0  # blocks 1 and 3 tie: the later one
+    assert ma.massive_block(ma.select_massive(mag, ratio=50), preferred=2) == 3
+    mag[2, 9] = 55.0  # the default block has one: it stays
+    assert ma.massive_block(ma.select_massive(mag, ratio=50), preferred=2) == 2
+    assert ma.massive_block(ma.select_massive(torch.ones(5, 10), ratio=50), preferred=2) is None
+
+
 def test_default_block():
     assert ma.default_block(mmdit.preset("flux.1-dev")) == 28
     assert ma.default_block(mmdit.preset("sd3-medium")) == 12

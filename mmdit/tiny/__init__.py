@@ -21,10 +21,10 @@ trained; ``mmdit train``, with checkpoints and resume) and ``malog`` (the per-bl
 massive-activation statistics logged while training).
 """
 from .model import (FORMAT, MAX_LENGTH, ImageSettings, Tiny, TinyConditioner, build_tiny, default_folder,
-                    generate, init_transformer, load_tiny, save_tiny, sincos_pos_embed, text_config, to_uint8,
-                    transformer_config)
+                    generate, init_transformer, load_tiny, save_tiny, sincos_pos_embed, store_ma, text_config,
+                    to_uint8, transformer_config)
 from .wordtok import WordTokenizer
 
 __all__ = ["FORMAT", "MAX_LENGTH", "ImageSettings", "Tiny", "TinyConditioner", "WordTokenizer", "build_tiny",
            "default_folder", "generate", "init_transformer", "load_tiny", "save_tiny", "sincos_pos_embed",
-           "text_config", "to_uint8", "transformer_config"]
+           "store_ma", "text_config", "to_uint8", "transformer_config"]

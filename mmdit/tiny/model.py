@@ -194,6 +194,16 @@ def save_tiny(folder: str | os.PathLike, transformer: SD3Transformer, conditione
     return folder
 
 
+def store_ma(folder: str | os.PathLike, spec: MASpec, calibration: dict) -> Path:
+    """Write a new MA spec and the calibration behind it into a tiny folder's config.json (only
+    its ``ma`` and ``ma_calibration`` entries change); ``load_tiny`` sets it as ``transformer.ma``."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config["ma"], config["ma_calibration"] = spec_to_json(spec), calibration
+    path.write_text(json.dumps(config, indent=1) + "\n")
+    return path
+
+
 def load_tiny(folder: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> Tiny:
     """The tiny model from ``folder`` (default: the shipped ``mmdit/weights/tiny/``), in eval mode.

@@ -66,7 +66,8 @@ def calibration_samples(conditioner: tiny.TinyConditioner, n: int = 16,
 
 def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ratio: float = 50.0,
                    relaxed: float = 3.0) -> tuple[ma.MASpec, dict]:
-    """(MASpec, table) for the tiny model, at the default fork block (the middle one).
+    """(MASpec, table) for the tiny model, at the default fork block (the middle one) or, when
+    only other blocks have massive channels, the nearest of them (``ma.massive_block``).
 
     The spec is ``ma.calibrate``'s with the paper-like rule (``ratio`` x the median channel);
     a model this small may have no such channel, and then the ``relaxed`` rule picks the
@@ -84,10 +85,12 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
             "top_channels": [b.channels for b in table.blocks],
             "top_magnitude": [[round(m, 3) for m in b.magnitude] for b in table.blocks]}
     m = table.spec.block  # the default fork block
-    massive = ma.select_massive(mag, ratio=ratio)[m].channels  # ma.calibrate's rule, on the same probe
-    if massive:
-        spec = ma.MASpec(channels=tuple(massive), block=m)
-        info["rule"] = f"{ratio}x median"
+    per_block = ma.select_massive(mag, ratio=ratio)  # ma.calibrate's rule, on the same probe
+    nearest = ma.massive_block(per_block, m)
+    if nearest is not None:
+        spec = ma.MASpec(channels=tuple(per_block[nearest].channels), block=nearest)
+        info["rule"] = f"{ratio}x median" + ("" if nearest == m else
+                                             f" (default block {m} has none: the nearest block with some)")
     else:
         flagged = [c for c, r in zip(table.blocks[m].channels, mag[m][table.blocks[m].channels] / median[m])
                    if r >= relaxed]
@@ -254,10 +257,7 @@ def recalibrate(folder: Path) -> None:
     """Calibrate the MAs of a saved tiny model again; only config.json's ``ma`` entries change."""
     loaded = tiny.load_tiny(folder)
     spec, info = calibrate_tiny(loaded.transformer, loaded.conditioner)
-    path = Path(folder) / "config.json"
-    config = json.loads(path.read_text())
-    config["ma"], config["ma_calibration"] = ma.spec_to_json(spec), info
-    path.write_text(json.dumps(config, indent=1) + "\n")
+    tiny.store_ma(folder, spec, info)
     print(f"MA calibration: block {spec.block}, channels {list(spec.channels)} ({info['rule']}); "
           f"top/median per block {info['top_over_median']}")
 

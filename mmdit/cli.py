@@ -507,8 +507,11 @@ def _add_train(sub) -> None:
     p.add_argument("--betas", type=number("--betas", lambda n, v: checks.fraction(n, v, closed_top=False)), nargs=2,
                    default=(0.9, 0.99),
                    metavar=("B1", "B2"), help="AdamW betas")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
-                   help="after the warm-up: cosine to lr/10, or constant")
+    p.add_argument("--schedule", choices=("cosine", "constant", "wsd"), default="cosine",
+                   help="after the warm-up: cosine to lr/10, constant, or wsd (constant, then linear to 0 "
+                        "over the last --decay-steps; resume a constant run as wsd to cool it down)")
+    p.add_argument("--decay-steps", type=_count("--decay-steps", 0), default=0,
+                   help="wsd: steps of the final linear decay")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (matmuls; the residual stream stays fp32)")
     p.add_argument("--checkpoint-every", type=_count("--checkpoint-every", 0), default=0,
                    help="write OUT/checkpoint.pt (full state) and the EMA weights to OUT every N steps; 0 = never")

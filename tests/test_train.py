@@ -231,6 +231,15 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+def test_wsd_schedule_is_constant_then_a_linear_cool_down():
+    lrs = [recipe.lr_at(s, 100, 2.0, 10, schedule="wsd", decay_steps=20) for s in range(100)]
+    assert lrs[:10] == pytest.approx([2.0 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10:80] == [2.0] * 70  # stable: the constant schedule's
+    assert lrs[80:] == pytest.approx([2.0 * (100 - s) / 20 for s in range(80, 100)])  # to 0 at step 100
+    constant = [recipe.lr_at(s, 80, 2.0, 10, schedule="constant") for s in range(80)]
+    assert constant == lrs[:80]  # so a constant run resumed as wsd cools down from its checkpoint
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 0.0), (torch.float16, 2e-2)])
 def test_tiny_folder_round_trip(tmp_path, dtype, tol):
     transformer, conditioner = tiny.build_tiny(3, transformer=SMALL, text=SMALL_TEXT)
@@ -299,7 +308,25 @@ def test_train_resume_equals_one_run(tmp_path):
     assert all(r["ratio"] >= 1 and r["kurtosis"] > 0 for r in rows_one)
 
 
-def test_train_flag_errors(tmp_path):
+def test_constant_run_cooled_down_on_resume_equals_one_wsd_run(tmp_path):
+    """The long run's cool-down: 3 constant steps, resumed as wsd to 5 with 2 decay steps, give
+    the weights of one 5-step wsd run."""
+    flags = TRAIN_SMALL + ["--warmup", "1", "--ema", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(["train", "--steps", "5", "--schedule", "wsd", "--decay-steps", "2", "--out", str(one)] + flags) == 0
+    assert cli.main(["train", "--steps", "3", "--schedule", "constant", "--checkpoint-every", "3",
+                     "--out", str(two)] + flags) == 0
+    assert cli.main(["train", "--steps", "5", "--schedule", "wsd", "--decay-steps", "2", "--resume",
+                     "--out", str(two)] + flags) == 0
+    a, b = tiny.load_tiny(one).transformer.state_dict(), tiny.load_tiny(two).transformer.state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_train_flag_errors(tmp_path, capsys):
+    assert cli.main(["train", "--steps", "4", "--schedule", "wsd", "--out", str(tmp_path)] + TRAIN_SMALL) == 2
+    assert "--schedule wsd needs --steps (4) above --warmup (50)" in capsys.readouterr().err
+    assert cli.main(["train", "--steps", "60", "--schedule", "wsd", "--out", str(tmp_path)] + TRAIN_SMALL) == 2
+    assert "--schedule wsd needs --decay-steps in 1..10 (--steps 60 minus --warmup 50), got 0" in capsys.readouterr().err
     assert cli.main(["train", "--resume", "--out", str(tmp_path)] + TRAIN_SMALL) == 2  # no checkpoint yet
     assert cli.main(["train", "--steps", "1", "--out", str(tmp_path)] + TRAIN_SMALL + ["--size", "18"]) == 2
     assert cli.main(["train", "--steps", "1", "--width", "30", "--heads", "4", "--out", str(tmp_path)]) == 2

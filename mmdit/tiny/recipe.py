@@ -41,11 +41,16 @@ def drop_captions(captions: Sequence[str], p: float, rng: random.Random) -> list
     return ["" if rng.random() < p else c for c in captions]
 
 
-def lr_at(step: int, total: int, lr: float, warmup: int, final: float = 0.1, schedule: str = "cosine") -> float:
-    """Linear warm-up, then cosine decay to ``final * lr`` at ``total`` (or constant)."""
+def lr_at(step: int, total: int, lr: float, warmup: int, final: float = 0.1, schedule: str = "cosine",
+          decay_steps: int = 0) -> float:
+    """Linear warm-up, then cosine decay to ``final * lr`` at ``total``, or constant, or "wsd"
+    (warm-up, stable, decay): constant, then linear to 0 over the last ``decay_steps``. A constant
+    run resumed as wsd with a larger ``total`` is a cool-down from its checkpoint."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    if schedule == "constant":
+    if schedule == "wsd" and step >= total - decay_steps:
+        return lr * (total - step) / decay_steps
+    if schedule in ("constant", "wsd"):
         return lr
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t)))
@@ -147,6 +152,11 @@ def train(args: argparse.Namespace) -> dict:
     past the old ``--steps``. With
     ``--ma-every N`` every block's MA statistics go to ``OUT/ma_log.csv`` (``malog``).
     """
+    if args.schedule == "wsd" and args.steps <= args.warmup:
+        raise ValueError(f"--schedule wsd needs --steps ({args.steps}) above --warmup ({args.warmup})")
+    if args.schedule == "wsd" and not 0 < args.decay_steps <= args.steps - args.warmup:
+        raise ValueError(f"--schedule wsd needs --decay-steps in 1..{args.steps - args.warmup} "
+                         f"(--steps {args.steps} minus --warmup {args.warmup}), got {args.decay_steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -207,7 +217,8 @@ def train(args: argparse.Namespace) -> dict:
     model.train()
     for step in range(first, args.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, schedule=args.schedule)
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, schedule=args.schedule,
+                                decay_steps=args.decay_steps)
         batch = next(data)
         ids = conditioner.tokenize(drop_captions(batch.captions, args.caption_dropout, rng))
         x0 = batch.images.to(args.device)

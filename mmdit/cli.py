@@ -479,6 +479,8 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=_count("--steps"), default=2500, help="optimizer steps")
     p.add_argument("--batch-size", type=_count("--batch-size", 1, 4096), default=16, help="images per step")
     p.add_argument("--lr", type=number("--lr"), default=1e-3, help="AdamW peak learning rate")
+    p.add_argument("--text-lr", type=number("--text-lr", lambda n, v: checks.scale(n, v, 0.0)),
+                   default=None, help="the text encoder's peak learning rate (default: --lr; 0 freezes it)")
     p.add_argument("--warmup", type=_count("--warmup", 0), default=50,
                    help="linear warm-up steps, then cosine to lr/10")
     p.add_argument("--weight-decay", type=number("--weight-decay", checks.fraction), default=0.01,

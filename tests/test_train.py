@@ -1,5 +1,6 @@
 """Flow-matching training: the loss goes down, kernels / checkpointing / compile give the same
 step, and a tiny-model folder saves and loads."""
+import argparse
 import importlib
 
 import pytest
@@ -320,6 +321,26 @@ def test_constant_run_cooled_down_on_resume_equals_one_wsd_run(tmp_path):
                      "--out", str(two)] + flags) == 0
     a, b = tiny.load_tiny(one).transformer.state_dict(), tiny.load_tiny(two).transformer.state_dict()
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_text_lr_zero_freezes_the_text_encoder(tmp_path):
+    """--text-lr 0: the text encoder keeps its initial weights while the transformer trains;
+    without the flag the optimizer keeps the two groups of older checkpoints."""
+    assert cli.main(["train", "--steps", "2", "--warmup", "0", "--text-lr", "0", "--ema", "0", "--out", str(tmp_path)]
+                    + TRAIN_SMALL[:-2]) == 0
+    trained = tiny.load_tiny(tmp_path)
+    sizes = argparse.Namespace(layers=2, heads=2, width=32, no_qk_norm=False, size=16, patch=4)  # TRAIN_SMALL's
+    start_t, start_c = tiny.build_tiny(0, transformer=recipe.model_overrides(sizes))
+    for k, v in start_c.text_encoder.state_dict().items():
+        assert torch.equal(v.half().float(), trained.conditioner.text_encoder.state_dict()[k]), k
+    moved = [k for k, v in start_t.state_dict().items()
+             if not torch.equal(v.half().float(), trained.transformer.state_dict()[k])]
+    assert len(moved) > 10
+    model = recipe.TextToImage(start_t, start_c)
+    assert [g["scale"] for g in recipe.param_groups(model, 0.01, None, 1e-3)] == [1.0, 1.0]
+    groups = recipe.param_groups(model, 0.01, 1e-4, 1e-3)
+    assert [(g["scale"], g["weight_decay"]) for g in groups] == [(1.0, 0.01), (1.0, 0.0), (0.1, 0.01), (0.1, 0.0)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def test_train_flag_errors(tmp_path, capsys):

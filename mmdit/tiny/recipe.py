@@ -136,6 +136,19 @@ def model_overrides(args: argparse.Namespace) -> dict:
     return over
 
 
+def param_groups(model: TextToImage, weight_decay: float, text_lr: float | None, lr: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; with ``text_lr`` the text encoder gets its own
+    learning rate, as a ``scale`` of the schedule's (0 freezes it)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        text = text_lr is not None and name.startswith("conditioner.")
+        decay = p.dim() >= 2 and "embedding" not in name
+        group = groups.setdefault((text, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                  "scale": text_lr / lr if text else 1.0})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary name, then rename: a run killed mid-write keeps the last one."""
     tmp = path.with_suffix(".tmp")
@@ -162,12 +175,8 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     transformer, conditioner = tiny.build_tiny(args.seed, transformer=model_overrides(args))
     model = TextToImage(transformer, conditioner).to(args.device)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or "embedding" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=tuple(args.betas),
-                            eps=args.eps)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, args.text_lr, args.lr), lr=args.lr,
+                            betas=tuple(args.betas), eps=args.eps)
     ema = EMA(model, args.ema) if args.ema else None
     g = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -216,9 +225,9 @@ def train(args: argparse.Namespace) -> dict:
 
     model.train()
     for step in range(first, args.steps):
+        lr = lr_at(step, args.steps, args.lr, args.warmup, schedule=args.schedule, decay_steps=args.decay_steps)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, schedule=args.schedule,
-                                decay_steps=args.decay_steps)
+            group["lr"] = lr * group.get("scale", 1.0)
         batch = next(data)
         ids = conditioner.tokenize(drop_captions(batch.captions, args.caption_dropout, rng))
         x0 = batch.images.to(args.device)

@@ -53,6 +53,15 @@ def add_model_args(p: argparse.ArgumentParser, preset: str = "sd3.5-medium") -> 
     p.add_argument("--json", type=Path, default=None, help="write the results here")
 
 
+def slg_layers(total: int, text: str | None = None) -> tuple[int, ...]:
+    """The blocks SLG skips: ``text`` ("7,8,9"), else 3 blocks from 30% of the depth (SD3.5-medium's
+    7-9 of 24), never the last one unless there is one block."""
+    if text is not None:
+        return tuple(int(i) for i in text.split(","))
+    first = min(round(0.3 * total), max(total - 2, 0))
+    return tuple(range(first, min(first + 3, total - 1))) or (first,)
+
+
 def text_len(args, config) -> int:
     """--text-len, or the family's usual length."""
     return args.text_len or (333 if config.family == "sd3" else 512)

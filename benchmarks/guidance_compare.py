@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
+import common  # noqa: E402
 import mmdit  # noqa: E402
 from dg_detail import hf_energy  # noqa: E402
 
@@ -38,7 +39,7 @@ def parse(argv=None):
     p.add_argument("--cfg", type=float, default=None, help="default: the model's")
     p.add_argument("--dg", type=float, default=2.0)
     p.add_argument("--slg", type=float, default=2.5)
-    p.add_argument("--slg-layers", default=None, help="default: about 30%% of the depth (SD3.5-medium: 7,8,9)")
+    p.add_argument("--slg-layers", default=None, help="default: 3 blocks from 30%% of the depth, never the last (SD3.5-medium: 7,8,9)")
     p.add_argument("--pag", type=float, default=2.0)
     p.add_argument("--pag-layers", default=None, help="default: the middle block")
     p.add_argument("--out", type=Path, default=Path("guidance_compare.png"))
@@ -64,8 +65,7 @@ def run(args) -> dict:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         pipe = mmdit.Pipeline.from_pretrained(args.model, dtype=dtype, device=args.device)
     total = pipe.transformer.config.total_blocks
-    first = min(round(0.3 * total), total - 1)
-    slg_layers = layers(args.slg_layers, tuple(range(first, min(first + 3, total - 1)) or (first,)))
+    slg_layers = common.slg_layers(total, args.slg_layers)
     pag_layers = layers(args.pag_layers, (total // 2,))
     methods = {"CFG": {}, f"CFG+DG {args.dg:g}": dict(dg=args.dg),
                f"CFG+SLG {args.slg:g}": dict(slg=args.slg, slg_layers=slg_layers, slg_interval=(0.0, 1.0)),

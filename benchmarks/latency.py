@@ -44,7 +44,7 @@ def parse(argv=None):
                    help="comma-separated subset of forward, cfg, cfg_dg, cfg_slg, cfg_dg_slg (SLG: SD3 presets)")
     p.add_argument("--slg", type=float, default=2.8)
     p.add_argument("--slg-layers", default=None,
-                   help="blocks SLG skips, e.g. 7,8,9 (default: 3 blocks from 30%% of the depth, SD3.5's 7-9 of 24)")
+                   help="blocks SLG skips, e.g. 7,8,9 (default: 3 blocks from 30%% of the depth, never the last; SD3.5's 7-9 of 24)")
     p.add_argument("--modes", default="eager",
                    help="comma-separated: eager, compiled (torch.compile, both models), cudagraphs "
                         "(torch.compile mode='reduce-overhead', CUDA only)")
@@ -83,10 +83,7 @@ def run(args, on_mode=None) -> dict:
         raise SystemExit(f"--resolution {args.resolution}: height and width must be multiples of 16")
     text_len = common.text_len(args, config)
     m = config.total_blocks // 2 if args.fork_block is None else args.fork_block
-    total = config.total_blocks
-    first = min(round(0.3 * total), total - 1)
-    slg_layers = tuple(range(first, min(first + 3, total))) if args.slg_layers is None else \
-        tuple(int(i) for i in args.slg_layers.split(","))
+    slg_layers = common.slg_layers(config.total_blocks, args.slg_layers)
 
     peer = common.build_peer(config, device, dtype, args.seed)
     ours = common.ours_from_peer(peer, config)

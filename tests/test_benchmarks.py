@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.append(str(BENCH))  # appended: nothing in benchmarks/ may shadow an installed module
 
+import common  # noqa: E402
 import kernel_speed  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
@@ -120,3 +121,9 @@ def test_guidance_compare_writes_a_contact_sheet_and_detail_numbers(tmp_path, ca
     assert Image.open(sheet).size == (4 * 128, 14 + 128)  # 4 methods x 1 image, 64 px magnified 2x
     assert len({round(v, 6) for v in report["mean"].values()}) == 4  # every method changes the image
     assert "high-frequency energy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("total, layers", [(24, (7, 8, 9)), (38, (11, 12, 13)), (4, (1, 2)), (2, (0,)), (1, (0,))])
+def test_default_slg_layers_start_at_30_percent_and_spare_the_last_block(total, layers):
+    assert common.slg_layers(total) == layers
+    assert common.slg_layers(total, "3,5") == (3, 5)

@@ -31,6 +31,8 @@ def text_effect(model: tiny.Tiny, captions: list[str], sigma: float = 0.7) -> tu
 
 
 def run(model: tiny.Tiny, n: int, steps: int, cfg: float, data_seed: int, batch: int = 32) -> dict:
+    if n < 2:
+        raise ValueError(f"n={n}: at least 2 prompts are needed (two captions' velocities are compared)")
     data = shapes.batch(n, data_seed, model.settings.size)
     known = set(model.conditioner.tokenizer.vocab)
     captions = [" ".join(w for w in c.split() if w.strip(",") in known) for c in data.captions]
@@ -57,7 +59,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    r = run(tiny.load_tiny(args.model), args.n, args.steps, args.cfg, args.data_seed)
+    try:
+        r = run(tiny.load_tiny(args.model), args.n, args.steps, args.cfg, args.data_seed)
+    except ValueError as e:
+        p.error(str(e))
     kinds = ", ".join(f"{k} {v:.0%}" for k, v in r["shape_by_kind"].items())
     print(f"{args.model or 'shipped'}: {args.n} prompts, {args.steps} steps, cfg {args.cfg:g}: background "
           f"{r['background']:.0%}, shape colour {r['shape_colour']:.0%}, shape {r['shape']:.0%} ({kinds}); "

@@ -3,6 +3,8 @@ caption moves the velocity (a collapsed text path would give ~0)."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import prompt_adherence  # noqa: E402
@@ -16,3 +18,11 @@ def test_shipped_model_follows_and_feels_its_prompts(capsys):
     assert r["context_norm"] > 1.0 and r["cond_vs_uncond"] > 0.1  # measured 8.1 and 0.41
     assert prompt_adherence.main(["--n", "2", "--steps", "2"]) == 0
     assert "shipped: 2 prompts, 2 steps, cfg 4: background" in capsys.readouterr().out
+
+
+def test_one_prompt_is_one_clear_error():
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        prompt_adherence.run(tiny.load_tiny(), n=1, steps=2, cfg=4.0, data_seed=777)
+    with pytest.raises(SystemExit) as exit_:
+        prompt_adherence.main(["--n", "1"])
+    assert exit_.value.code == 2

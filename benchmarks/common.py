@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import mmdit  # noqa: E402
-from mmdit import flux  # noqa: E402
-from mmdit.config import FluxConfig, SD3Config  # noqa: E402
+from mmdit.models import flux  # noqa: E402
+from mmdit.models.config import FluxConfig, SD3Config  # noqa: E402
+from mmdit.samplers import default_layers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -54,12 +55,10 @@ def add_model_args(p: argparse.ArgumentParser, preset: str = "sd3.5-medium") -> 
 
 
 def slg_layers(total: int, text: str | None = None) -> tuple[int, ...]:
-    """The blocks SLG skips: ``text`` ("7,8,9"), else 3 blocks from 30% of the depth (SD3.5-medium's
-    7-9 of 24), never the last one unless there is one block."""
+    """The blocks SLG skips: ``text`` ("7,8,9"), else the library's default (``samplers.default_layers``)."""
     if text is not None:
         return tuple(int(i) for i in text.split(","))
-    first = min(round(0.3 * total), max(total - 2, 0))
-    return tuple(range(first, min(first + 3, total - 1))) or (first,)
+    return default_layers("slg", total)
 
 
 def text_len(args, config) -> int:

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 from mmdit import ma, tiny  # noqa: E402
-from mmdit.samplers import sample, sd3_sigmas  # noqa: E402
+from mmdit.samplers import Guidance, sample, sd3_sigmas  # noqa: E402
 from mmdit.tiny import shapes  # noqa: E402
 
 HELD_OUT_SEED = 987_654_321  # training streams use seed * 1_000_003 + i for small i; this is none of them
@@ -157,7 +157,8 @@ def run(model: tiny.Tiny, *, n: int = 16, steps: int = 16, cfg: float = 4.0, wei
     t.ma = spec
 
     def gen(net=t, cfg_=1.0, dg=0.0):
-        return sample(net, noise.clone(), sigmas, cond, uncond if cfg_ != 1.0 else None, cfg=cfg_, dg=dg).clamp(-1, 1)
+        return sample(net, noise.clone(), sigmas, cond, uncond if cfg_ != 1.0 else None,
+                      guide=Guidance(cfg=cfg_, dg=dg)).clamp(-1, 1)
 
     rows, images = [], {}
 

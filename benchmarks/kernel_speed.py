@@ -23,9 +23,9 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before trito
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import common  # noqa: E402
-from mmdit.kernels import gated_residual, modulate, qk_norm_rope  # noqa: E402
+from mmdit.kernels import gated_residual, norm_modulate, qk_norm_rope  # noqa: E402
 from mmdit.kernels.gated_residual import gated_residual_reference  # noqa: E402
-from mmdit.kernels.modulate import modulate_reference  # noqa: E402
+from mmdit.kernels.norm_modulate import norm_modulate_reference  # noqa: E402
 from mmdit.kernels.qk_norm_rope import qk_norm_rope_reference  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def cases(s: Shape, dtype, device, compiled):
     qkv_elems = s.B * s.N * s.H * s.Dh
     rope_bytes = 2 * s.N * s.Dh // 2 * 4 if s.rope else 0
     return [
-        Case("modulate", impls(modulate, modulate_reference), [rand(s.B, s.N, s.D), shift, scale],
+        Case("norm_modulate", impls(norm_modulate, norm_modulate_reference), [rand(s.B, s.N, s.D), shift, scale],
              fwd_bytes=2 * BND * e, bwd_bytes=3 * BND * e),
         Case("gated_residual", impls(gated_residual, gated_residual_reference),
              [rand(s.B, s.N, s.D), rand(s.B, s.N, s.D), gate], fwd_bytes=3 * BND * e, bwd_bytes=4 * BND * e),

@@ -20,7 +20,7 @@ import torch
 
 import common
 import mmdit
-from mmdit import parallel
+from mmdit import distributed as parallel
 from mmdit.samplers.guidance import Guidance, guided_velocity
 
 GUIDANCE = {"cfg": lambda a: Guidance(cfg=a.cfg), "cfg_dg": lambda a: Guidance(cfg=a.cfg, dg=a.dg)}

@@ -15,7 +15,7 @@ if __name__ != "mmdit.kernels":
     sys.modules[__name__] = importlib.import_module("mmdit.kernels")
 else:
     from .gated_residual import gated_residual
-    from .modulate import modulate
+    from .norm_modulate import norm_modulate
     from .qk_norm_rope import qk_norm_rope
 
-    __all__ = ["modulate", "gated_residual", "qk_norm_rope"]
+    __all__ = ["norm_modulate", "gated_residual", "qk_norm_rope"]

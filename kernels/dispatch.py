@@ -6,7 +6,7 @@ so set it before the first compiled call).
 import os
 import types
 
-if not __name__.startswith("mmdit."):
+if not __name__.startswith("mmdit."):  # see kernels/__init__.py and mmdit/__init__.py
     raise ImportError(f"{__name__} is mmdit's kernels folder imported under another name; import "
                       "mmdit.kernels instead (a second copy would re-register the mmdit:: custom ops)")
 

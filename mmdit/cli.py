@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 from . import checks
@@ -157,20 +158,62 @@ def _interval(name):
     return _checked(lambda v: checks.fraction(name, v), float)
 
 
+def _guidance_args(group) -> None:
+    """One flag per field of ``samplers.Guidance`` (and of ``APG``), named after it: --cfg, --dg,
+    --slg, --slg-layers, --slg-interval START STOP, --cfg-zero-star, --apg, --apg-eta, ..."""
+    from .samplers.guide import APG, Guidance
+
+    for f in fields(Guidance):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if "off" in meta:
+            off = meta["off"]
+            default = None if meta.get("model_default") else f.default
+            more = f" (default: the model's)" if default is None else ""
+            group.add_argument(flag, type=_checked(lambda v, n=flag, o=off: checks.scale(n, v, off=o), float),
+                               default=default, help=f"{meta['help']}, {off:g} = off{more}")
+        elif f.name.endswith("_layers"):
+            group.add_argument(flag, type=_checked(lambda v, n=flag: checks.layers(n, v), str), default=(),
+                               metavar="I,J,...", help=meta["help"])
+        elif f.name.endswith("_interval"):
+            group.add_argument(flag, type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
+                               default=None if f.name == "slg_interval" else f.default, help=meta["help"])
+        elif f.name == "apg":
+            group.add_argument(flag, action="store_true", help=meta["help"])
+            for g in fields(APG):
+                group.add_argument(f"{flag}-{g.name.replace('_', '-')}", type=_checked(float, float), default=g.default,
+                                   help=f"APG: {g.metadata['help']}")
+        else:
+            group.add_argument(flag, action="store_true", help=meta["help"])
+    group.add_argument("--slg-start", type=_interval("--slg-start"), default=None,
+                       help="SLG from this fraction of the steps, as diffusers (default 0.01)")
+    group.add_argument("--slg-stop", type=_interval("--slg-stop"), default=None,
+                       help="SLG until this fraction of the steps (default 0.2)")
+
+
+def guide_settings(args) -> dict:
+    """The guidance flags as ``Pipeline`` keywords (APG as a dict of its fields), checked by
+    building the ``Guidance`` they describe (layers and defaults are the pipeline's to fill)."""
+    from .samplers.guide import APG, Guidance
+
+    settings = {}
+    for f in fields(Guidance):
+        value = getattr(args, f.name)
+        if f.name == "apg":
+            value = {g.name: getattr(args, f"apg_{g.name}") for g in fields(APG)} if value else None
+        elif f.name.endswith(("_layers", "_interval")) and value is not None:
+            value = list(value)
+        settings[f.name] = value
+    probe = {k: v for k, v in settings.items() if v is not None and not k.endswith("_layers")}
+    probe["apg"] = None if settings["apg"] is None else APG(**settings["apg"])
+    Guidance(**{k: v for k, v in probe.items() if k not in ("slg", "pag")})  # one clear error for bad settings
+    return settings
+
+
 def _add_generate(sub) -> None:
     p = _command(sub, "generate", "text to image, with CFG and Detail Guidance")
     _prompt_args(p, many=False)
     _model_args(p)
     p.add_argument("--steps", type=STEPS, default=None, help="sampling steps, 1-1000 (default: the model's)")
-    p.add_argument("--cfg", type=_checked(lambda v: checks.scale("cfg", v, off=1), float), default=None,
-                   help="classifier-free guidance scale, 1 = off (default: the model's)")
-    p.add_argument("--dg", type=_checked(lambda v: checks.scale("dg", v, off=0), float), default=None,
-                   help="Detail Guidance weight, 0 = off (default: the model's); the first use on a "
-                        "checkpoint finds its massive channels and caches them")
-    p.add_argument("--cfg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
-                   default=(0.0, 1.0), help="sigmas where CFG acts (1 = pure noise)")
-    p.add_argument("--dg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
-                   default=(0.0, 1.0), help="sigmas where DG acts")
     p.add_argument("--image", default=None, help="start from this image (img2img; with --mask inpainting; "
                                                   "FLUX.1 Kontext models: the image to edit)")
     p.add_argument("--strength", type=_checked(checks.strength, float), default=1.0,
@@ -178,35 +221,8 @@ def _add_generate(sub) -> None:
                         "0.6 keeps the layout")
     p.add_argument("--mask", default=None, help="with --image: white = repaint (FLUX.1 Fill models: fill in)")
     p.add_argument("--control", default=None, help="a FLUX.1 Depth / Canny model's depth map or edge image")
-    guides = p.add_argument_group("other guidance terms (each a copy of the cond rows inside the step's one model call)")
-    def scale(name):
-        return _checked(lambda v: checks.scale(name, v, off=0), float)
-
-    def layers(name):
-        return _checked(lambda v: checks.layers(name, v), str)
-
-    guides.add_argument("--slg", type=scale("--slg"), default=0.0, help="Skip Layer Guidance scale, 0 = off (SD3.5: 2.5-2.8)")
-    guides.add_argument("--slg-layers", type=layers("--slg-layers"), default=(), metavar="I,J,...",
-                        help="blocks SLG skips, e.g. 7,8,9")
-    guides.add_argument("--slg-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"), default=None,
-                        help="sigmas where SLG acts (default: steps between --slg-start and --slg-stop)")
-    guides.add_argument("--slg-start", type=_interval("--slg-start"), default=None,
-                        help="SLG from this fraction of the steps, as diffusers (default 0.01)")
-    guides.add_argument("--slg-stop", type=_interval("--slg-stop"), default=None,
-                        help="SLG until this fraction of the steps (default 0.2)")
-    guides.add_argument("--pag", type=scale("--pag"), default=0.0, help="Perturbed Attention Guidance scale, 0 = off")
-    guides.add_argument("--pag-layers", type=layers("--pag-layers"), default=(), metavar="I,J,...",
-                        help="blocks whose image attention PAG replaces by the identity")
-    guides.add_argument("--pag-interval", type=_interval("a sigma"), nargs=2, metavar=("START", "STOP"),
-                        default=(0.0, 1.0), help="sigmas where PAG acts")
-    guides.add_argument("--cfg-zero-star", action="store_true", help="CFG-Zero* in place of plain CFG")
-    guides.add_argument("--apg", action="store_true", help="Adaptive Projected Guidance in place of plain CFG")
-    guides.add_argument("--apg-eta", type=_checked(float, float), default=1.0,
-                        help="APG: weight of the update's part parallel to the cond prediction")
-    guides.add_argument("--apg-norm-threshold", type=_checked(lambda v: checks.scale("threshold", v, off=0), float),
-                        default=15.0, help="APG: cap on the update's norm, 0 = none")
-    guides.add_argument("--apg-momentum", type=_checked(float, float), default=None,
-                        help="APG: momentum over steps (e.g. -0.5; default none)")
+    _guidance_args(p.add_argument_group("guidance (every term but CFG is a copy of the cond rows inside the "
+                                        "step's one model call)"))
     p.add_argument("--sampler", choices=checks.SAMPLERS, default="euler",
                    help="the ODE solver: euler (1 model call per step), dpmpp_2m (DPM++ 2M, 1 per step), "
                         "heun (2 per step)")
@@ -224,12 +240,10 @@ def _add_generate(sub) -> None:
                         "ranks share the --prompts lines")
 
     def run(args):
-        from . import parallel
+        from . import distributed as parallel
 
         _check_outputs(args)
-        checks.interval("--cfg-interval", args.cfg_interval), checks.interval("--dg-interval", args.dg_interval)
-        if args.cfg_zero_star and args.apg:
-            raise ValueError("--cfg-zero-star and --apg both replace plain CFG: choose one")
+        guide_settings(args)  # Guidance's own checks, before anything loads
         images = _input_images(args)
         todo = _lines(args) if args.prompts else [(args.prompt, args.seed, Path(args.output or "out.png"))]
         rank, size = parallel.init(args.device)
@@ -244,7 +258,7 @@ def _add_generate(sub) -> None:
 def _generate(args, images: dict, todo: list, rank: int, size: int) -> None:
     """Draw the (prompt, seed, path) jobs of ``todo``: one image, or a prompt file's lines shared
     among the ranks (each rank its own) or drawn by all ranks together (``--parallel``)."""
-    from . import parallel
+    from . import distributed as parallel
 
     pipe = _pipeline(args)
     height, width = (args.height, args.width) if images else _size(args, pipe)  # images: their size
@@ -297,27 +311,19 @@ def _draw(pipe, args, images: dict, height, width, prompt: str, seed: int, path:
     through a temporary file so that a stopped run leaves no half-written PNG."""
     from PIL.PngImagePlugin import PngInfo
 
-    from .samplers import APG
+    from .samplers.guide import APG
 
-    settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
-                    dg=args.dg, guidance=args.guidance, height=height, width=width, seed=seed,
-                    max_sequence_length=args.max_sequence_length, cfg_interval=list(args.cfg_interval),
-                    dg_interval=list(args.dg_interval), sampler=args.sampler, schedule=args.schedule,
-                    slg=args.slg, slg_layers=list(args.slg_layers), pag=args.pag, pag_layers=list(args.pag_layers),
-                    pag_interval=list(args.pag_interval), cfg_zero_star=args.cfg_zero_star)
-    if args.slg_interval is not None:
-        settings["slg_interval"] = list(args.slg_interval)
-    elif args.slg:
+    settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                    height=height, width=width, seed=seed, max_sequence_length=args.max_sequence_length,
+                    sampler=args.sampler, schedule=args.schedule, **guide_settings(args))
+    if args.slg and args.slg_interval is None:
         settings.update(slg_start=args.slg_start, slg_stop=args.slg_stop)
-    if args.apg:
-        settings["apg"] = dict(eta=args.apg_eta, norm_threshold=args.apg_norm_threshold,
-                               momentum=args.apg_momentum)
     if images:
         settings.update(image=args.image, mask=args.mask, control=args.control, strength=args.strength)
     named = ("prompt", "negative_prompt", "image", "mask", "control", "apg")
-    inputs = {k: v for k, v in settings.items() if k not in named}
-    image = pipe(prompt, args.negative_prompt, output="pil", progress=progress,
-                 apg=APG(**settings["apg"]) if args.apg else None, **inputs, **images)[0]
+    inputs = {k: v for k, v in settings.items() if k not in named and v is not None or k in ("cfg", "dg")}
+    apg = None if settings.get("apg") is None else APG(**settings["apg"])
+    image = pipe(prompt, args.negative_prompt, output="pil", progress=progress, apg=apg, **inputs, **images)[0]
     if not write:
         return
     width, height = image.size
@@ -422,7 +428,7 @@ def _add_analyze(sub) -> None:
     def run(args):
         import importlib.util
 
-        from .ma_report import run_analyze
+        from .ma.report import run_analyze
 
         if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("the plots need matplotlib, which is not installed: pip install matplotlib "
@@ -445,7 +451,7 @@ def _add_calibrate(sub) -> None:
 
     def run(args):
         from . import ma
-        from .ma_report import run_calibrate
+        from .ma.report import run_calibrate
 
         pipe, conds, common = _ma_inputs(args)
         files = getattr(pipe.transformer, "source_files", None)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .denoiser import Denoiser
 from .samplers import sample
 
 GUIDANCE = {"fill": 30.0}  # FLUX.1-Fill-dev's distilled guidance default (BFL, diffusers); the others keep 3.5
@@ -176,24 +177,22 @@ def prepare(pipe, mode: str, n: int, height: int, width: int, image=None, mask=N
     return plan
 
 
-class Conditioned:
+class Conditioned(Denoiser):
     """The denoiser with a Plan's conditioning channels appended to every row's latents (the
     CFG / DG rows are copies of the image's rows, so each repeats the same conditioning)."""
 
     def __init__(self, model, condition: torch.Tensor):
-        self.model, self.condition = model, condition
+        super().__init__(model)
+        self.condition = condition
 
-    def __getattr__(self, name):  # config, ma, parameters, ...: the model's own
-        return getattr(self.__dict__["model"], name)
-
-    def __call__(self, x, sigma, context, pooled, guidance=None, **rows):
+    def __call__(self, x, sigma, *inputs, **named):
         c = self.condition.to(device=x.device, dtype=x.dtype)
         c = c.repeat(x.shape[0] // c.shape[0], 1, 1, 1)
-        return self.model(torch.cat([x, c], dim=1), sigma, context, pooled, guidance=guidance, **rows)
+        return self.model(torch.cat([x, c], dim=1), sigma, *inputs, **named)
 
 
 def denoise(model, plan: Plan, noise: torch.Tensor, sigmas, cond, uncond, *, callback=None, progress=False,
-            **guidance) -> torch.Tensor:
+            **options) -> torch.Tensor:
     """Sample from ``noise`` over ``sigmas`` (already cut by strength) in the Plan's mode."""
     dtype = noise.dtype
     if plan.condition is not None:
@@ -204,7 +203,7 @@ def denoise(model, plan: Plan, noise: torch.Tensor, sigmas, cond, uncond, *, cal
         s0 = float(sigmas[0])
         x = (s0 * noise.float() + (1 - s0) * start).to(dtype)
     if plan.keep is None:
-        return sample(model, x, sigmas, cond, uncond, callback=callback, progress=progress, **guidance)
+        return sample(model, x, sigmas, cond, uncond, callback=callback, progress=progress, **options)
     keep = plan.keep.to(device=noise.device, dtype=dtype)
 
     def blend(i, s, x):  # after every step, the kept region back at that noise level (diffusers' inpaint)
@@ -215,4 +214,4 @@ def denoise(model, plan: Plan, noise: torch.Tensor, sigmas, cond, uncond, *, cal
             x = replaced if torch.is_tensor(replaced) else x
         return x
 
-    return sample(model, x, sigmas, cond, uncond, callback=blend, progress=progress, **guidance)
+    return sample(model, x, sigmas, cond, uncond, callback=blend, progress=progress, **options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from . import checks, image_modes, ma
 from .compiled import CompiledTransformer
 from .lora import apply_lora
 from .ma import MASpec
-from .samplers import APG, flux_sigmas, sd3_sigmas
+from .samplers import Guidance, default_layers, flux_sigmas, sd3_sigmas
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
@@ -99,8 +99,8 @@ class Pipeline:
         (``torch.compile(fullgraph=True)``; CUDA graphs on CUDA): the first call at a new size
         compiles (seconds to minutes), later ones are faster. ``parallel``: "branch", "sequence"
         or "branch+sequence" splits each image's steps over the ranks of the default process group
-        (``mmdit.parallel``; joined from torchrun's environment); one process: no change."""
-        from . import parallel as ranks
+        (``mmdit.distributed``; joined from torchrun's environment); one process: no change."""
+        from . import distributed as ranks
 
         if parallel is not None and parallel not in ranks.MODES:
             raise ValueError(f"parallel={parallel!r}: use one of {ranks.MODES} (or None)")
@@ -124,7 +124,7 @@ class Pipeline:
              parallel: str | None = None) -> Pipeline:
         """The project's own small pixel-space model (default: the one shipped in the package).
         ``lora``, ``weight_dtype``, ``parallel``: as in ``from_pretrained``."""
-        from .parallel import local_device
+        from .distributed import local_device
         from .tiny import load_tiny
 
         tiny = load_tiny(folder, device=local_device(device))
@@ -151,8 +151,8 @@ class Pipeline:
         torchrun ``device="cuda"`` is each rank's own GPU; "branch+sequence": both, on 2 halves of
         the ranks (4 or more). One process: as without it.
         """
-        from .parallel import local_device
-        from .tokenizers import load_tokenizer
+        from .distributed import local_device
+        from .encoders.tokenizers import load_tokenizer
 
         device = local_device(device)
         text_device = None if text_device is None else local_device(text_device)
@@ -240,13 +240,10 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, seed: int | list[int] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None,
-                 max_sequence_length: int | None = None, output: str = "pil",
-                 cfg_interval=(0.0, 1.0), dg_interval=(0.0, 1.0), callback=None, progress: bool = False,
-                 sampler: str = "euler", schedule: str = "default",
-                 slg: float = 0.0, slg_layers=(), slg_interval=None, slg_start: float | None = None,
-                 slg_stop: float | None = None, pag: float = 0.0, pag_layers=(), pag_interval=(0.0, 1.0),
-                 cfg_zero_star: bool = False, apg: APG | None = None,
-                 image=None, strength: float = 1.0, mask=None, control_image=None):
+                 max_sequence_length: int | None = None, output: str = "pil", callback=None, progress: bool = False,
+                 sampler: str = "euler", schedule: str = "default", slg_start: float | None = None,
+                 slg_stop: float | None = None, image=None, strength: float = 1.0, mask=None, control_image=None,
+                 guide: Guidance | None = None, **terms):
         """Generate ``len(prompts) * num_images_per_prompt`` images, prompt by prompt (the images of
         prompt 0 first).
 
@@ -259,14 +256,15 @@ class Pipeline:
         sampler: "euler", "dpmpp_2m" or "heun" (``samplers.sample``); schedule: the spacing of the
         steps, "default" (the model's scheduler config), "beta", "karras" or "exponential".
         output: "pil" (list of PIL images), "np" ((B, H, W, 3) floats in [0, 1]) or "latent".
-        DG (``dg`` > 0) on a model without an MA spec finds one first (``ensure_ma``).
-        slg / slg_layers: Skip Layer Guidance (e.g. SD3.5-medium: 2.5 on blocks 7, 8, 9), either
-        in a sigma interval (``slg_interval``, like ``dg_interval``) or, as diffusers'
-        StableDiffusion3Pipeline, between step fractions ``slg_start`` / ``slg_stop`` (steps i
-        with start * steps < i < stop * steps; default 0.01 and 0.2 when no interval is given).
-        pag / pag_layers / pag_interval: Perturbed Attention Guidance. cfg_zero_star / apg:
-        CFG-Zero* or an ``mmdit.samplers.APG`` in place of plain CFG. Each perturbation is a
-        copy of the cond rows inside the step's one model call (``samplers.guidance``).
+
+        Guidance: ``cfg`` and ``dg`` (default: the model's), and every other field of
+        ``mmdit.samplers.Guidance`` as a keyword (diffusers-style): ``slg`` / ``slg_layers``,
+        ``pag`` / ``pag_layers``, ``*_interval``, ``cfg_zero_star``, ``apg``; or a whole ``guide=``.
+        DG on a model without an MA spec finds one first (``ensure_ma``). A perturbation given
+        without its layers uses ``samplers.default_layers`` for this model and says so. SLG without
+        ``slg_interval`` acts, as in diffusers' StableDiffusion3Pipeline, between the step fractions
+        ``slg_start`` / ``slg_stop`` (steps i with start * steps < i < stop * steps; default 0.01
+        and 0.2). Each perturbation is a copy of the cond rows inside the step's one model call.
 
         Images (PIL, numpy (H, W, 3) uint8 or float in [0, 1], tensors (3, H, W) in [0, 1]; one,
         or one per prompt) pick the mode with the checkpoint (``image_modes``): ``image`` alone is
@@ -285,20 +283,8 @@ class Pipeline:
         size = image_modes.image_size(image if image is not None else control_image, defaults["size"], multiple)
         height, width = height or size[0], width or size[1]
         steps = checks.steps(defaults["steps"] if steps is None else steps)
-        cfg = checks.scale("cfg", defaults["cfg"] if cfg is None else cfg, off=1)
-        dg = checks.scale("dg", defaults.get("dg", 0.0) if dg is None else dg, off=0)
-        cfg_interval = checks.interval("cfg_interval", cfg_interval)
-        dg_interval = checks.interval("dg_interval", dg_interval)
         sampler = checks.choice("sampler", sampler, checks.SAMPLERS)
         schedule = checks.choice("schedule", schedule, checks.SCHEDULES)
-        slg = checks.scale("slg", slg, off=0)
-        pag = checks.scale("pag", pag, off=0)
-        pag_interval = checks.interval("pag_interval", pag_interval)
-        total = self.transformer.config.total_blocks
-        slg_layers, pag_layers = checks.layers("slg_layers", slg_layers, total), checks.layers("pag_layers", pag_layers, total)
-        for name, scale_, chosen in (("slg", slg, slg_layers), ("pag", pag, pag_layers)):
-            if scale_ != 0 and not chosen:
-                raise ValueError(f"{name}={scale_:g} needs {name}_layers, the blocks it perturbs (e.g. 7,8,9)")
         per_prompt = checks.count("num_images_per_prompt", num_images_per_prompt, 1, 256)
         max_sequence_length = max_sequence_length or defaults["max_sequence_length"]
         if output not in ("pil", "np", "latent"):
@@ -310,6 +296,8 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
         C, h, w = self.latent_shape(height, width)
+        sigmas = self.sigmas(steps, h, w, schedule)
+        guide = self.guide(guide, sigmas, cfg=cfg, dg=dg, slg_start=slg_start, slg_stop=slg_stop, **terms)
         device, dtype = _where(self.transformer)
         if latents is None:
             latents = initial_noise(len(prompts), (C, h, w), seed, generator)
@@ -317,86 +305,77 @@ class Pipeline:
             raise ValueError(f"latents must be ({len(prompts)}, {C}, {h}, {w}) for {len(prompts)} image(s) "
                              f"at {height}x{width}, got {tuple(latents.shape)}")
         cond = self.encode(prompts, max_sequence_length)
-        uncond = self.encode(negatives, max_sequence_length) if cfg != 1.0 else None
+        uncond = self.encode(negatives, max_sequence_length) if guide.cfg != 1.0 else None
         if self.family == "flux" and getattr(self.transformer.config, "guidance_embed", False):
             guidance = image_modes.GUIDANCE.get(mode, defaults["guidance"]) if guidance is None else guidance
         elif guidance is not None:
             warnings.warn(f"guidance={guidance} is ignored: it is FLUX.1-dev's distilled guidance, and this model "
                           "has no guidance input (cfg= is the guidance scale here)", stacklevel=2)
             guidance = None
-        sigmas = self.sigmas(steps, h, w, schedule)
         plan = image_modes.prepare(self, mode, len(prompts), height, width, image, mask, control_image)
         if plan.start is not None:
             sigmas = image_modes.strength_sigmas(sigmas, strength, steps)
         latents = latents.to(device=device, dtype=dtype)
-        if dg != 0.0:
+        if guide.dg != 0.0:
             image_modes.check_dg(self.transformer, plan)
             self.ensure_ma(cond, latents, sigmas, guidance)
-        slg_interval = step_interval(sigmas, slg_start, slg_stop) if slg_interval is None else \
-            checks.interval("slg_interval", slg_interval)
-        if slg_interval is None:  # no step between the fractions
-            slg, slg_interval = 0.0, (0.0, 1.0)
-        x = image_modes.denoise(self.denoiser, plan, latents, sigmas, cond, uncond, cfg=cfg, dg=dg,
-                                cfg_interval=cfg_interval, dg_interval=dg_interval, slg=slg, slg_layers=slg_layers,
-                                slg_interval=slg_interval, pag=pag, pag_layers=pag_layers, pag_interval=pag_interval,
-                                cfg_zero_star=cfg_zero_star, apg=apg, guidance=guidance, progress=progress,
-                                callback=callback, sampler=sampler)
+        x = image_modes.denoise(self.denoiser, plan, latents, sigmas, cond, uncond, guide=guide, guidance=guidance,
+                                progress=progress, callback=callback, sampler=sampler)
         if output == "latent":
             return x
         images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
         return images if output == "np" else to_pil(images)
 
-    def ensure_ma(self, cond: dict, latents: torch.Tensor, sigmas, guidance=None, *, ratio: float = 50.0) -> MASpec:
-        """The transformer's MA spec, found now if it has none (DG out of the box).
+    def guide(self, guide: Guidance | None, sigmas, *, cfg=None, dg=None, slg_start=None, slg_stop=None,
+              **terms) -> Guidance:
+        """The one ``Guidance`` of a call: ``guide`` or the keywords, the model's defaults for cfg and
+        dg, default layers for a perturbation given without them (said on stderr), and SLG's step
+        fractions turned into its sigma interval."""
+        unknown = sorted(set(terms) - {f.name for f in fields(Guidance)})
+        if unknown:
+            raise TypeError(f"unknown guidance keyword(s) {unknown}; Guidance has {[f.name for f in fields(Guidance)]}")
+        if guide is not None:
+            if terms or cfg is not None or dg is not None:
+                raise ValueError("give guide= or guidance keywords (cfg=, dg=, slg=, ...), not both")
+            return guide
+        terms.update(cfg=self.defaults["cfg"] if cfg is None else cfg, dg=self.defaults.get("dg", 0.0) if dg is None
+                     else dg)
+        total = self.transformer.config.total_blocks
+        for term in ("slg", "pag"):
+            if checks.scale(term, terms.get(term, 0.0), off=0) and not terms.get(f"{term}_layers"):
+                terms[f"{term}_layers"] = default_layers(term, total)
+                print(f"{term}: no {term}_layers given; using blocks {list(terms[f'{term}_layers'])} "
+                      f"(the default for a {total}-block model)", file=sys.stderr, flush=True)
+        for name in ("slg_layers", "pag_layers"):
+            if name in terms:
+                terms[name] = checks.layers(name, terms[name], total)
+        if terms.get("slg_interval") is None:
+            interval = step_interval(sigmas, slg_start, slg_stop)
+            if interval is None:  # no step between the fractions
+                terms.update(slg=0.0, slg_interval=(0.0, 1.0))
+            else:
+                terms["slg_interval"] = interval
+        return Guidance(**terms)
 
-        A spec set by hand or loaded from the cache is kept. Otherwise: for an official
-        architecture, one forward checks whether the channels the paper reports
-        (``ma.PAPER_CHANNELS``) are massive (>= ``ratio`` x the median channel) at the fork block
-        of this checkpoint, and uses them if so; else the channels are calibrated on a short
-        cond-only trajectory of the first prompt. Either way the spec is cached under the
-        checkpoint's content hash (when the model came from files) and one line on stderr says
-        what was done.
+    def ensure_ma(self, cond: dict, latents: torch.Tensor, sigmas, guidance=None, *, ratio: float = 50.0) -> MASpec:
+        """The transformer's MA spec, found now if it has none (DG out of the box): the MA policy
+        (``ma.ensure_spec``) on this call's first prompt. For an official architecture, one forward
+        checks whether the channels the paper reports are massive here; else the channels are
+        calibrated on a short cond-only trajectory (8 steps, every 2nd probed). Either way the spec
+        is cached under the checkpoint's content hash and one line on stderr says what was done.
         """
         model = self.transformer
-        if getattr(model, "ma", None) is not None:
-            return model.ma
-        m = ma.default_block(model.config)
         first = {k: v[:1] for k, v in cond.items()}
-        g = () if guidance is None else (torch.full((1,), float(guidance), device=latents.device),)
-        hint = ma.paper_channels(model.config)
-        ratios = ma.channel_ratios(model, (latents[:1], float(sigmas[0]), first["context"], first["pooled"], *g),
-                                   hint, m) if hint else []
-        if hint and min(ratios) >= ratio:
-            spec = MASpec(channels=hint, block=m)
-            how = (f"the paper's channels {list(hint)} are massive at block {m} of this checkpoint "
-                   f"({min(ratios):.0f}x the median channel or more): using them")
-        else:
-            from .ma_report import trajectory_samples
+        named = {**first, **({} if guidance is None else {"guidance": guidance})}
+        check = (latents[:1], float(sigmas[0]), named)
 
-            steps, every = 8, 2  # an 8-step cond-only trajectory, every 2nd state probed
-            short = self.sigmas(steps, latents.shape[-2], latents.shape[-1])
-            why = (f"the paper's channels {list(hint)} are only {min(ratios):.1f}x the median at block {m} here"
-                   if hint else "no channels are known for this architecture")
-            print(f"DG: no MA spec for this model and {why}; calibrating "
-                  f"({steps + steps // every} forward passes, once)...", file=sys.stderr, flush=True)
-            samples = trajectory_samples(model, {"": first}, short, latent_shape=tuple(latents.shape[1:]),
-                                         guidance=guidance, every=every)
-            rows = [(x, s, c, p, *rest) for (_, s), (x, c, p, *rest) in samples.items()]
-            try:
-                spec = ma.find_massive(model, rows, ratio=ratio, block=m).spec
-            except ValueError as e:
-                raise ValueError(f"dg needs massive activations, and none were found: {e} Set them with "
-                                 "pipe.transformer.ma = mmdit.MASpec(channels=..., block=...), or calibrate with "
-                                 "a looser rule: mmdit calibrate-ma --model MODEL --ratio 10") from None
-            how = f"calibrated the MA channels: {list(spec.channels)} at block {m}"
-        model.ma = spec
-        files = getattr(model, "source_files", None)
-        if files:
-            where = f"cached as {ma.save_spec(spec, ma.checkpoint_hash(files))}"
-        else:
-            where = "not cached (the model was not loaded from checkpoint files)"
-        print(f"DG: {how}; {where}", file=sys.stderr, flush=True)
-        return spec
+        def trajectory():
+            from .ma.report import calibration_samples
+
+            return calibration_samples(model, {"": first}, sigmas=self.sigmas(8, latents.shape[-2], latents.shape[-1]),
+                                       latent_shape=tuple(latents.shape[1:]), guidance=guidance, every=2)
+
+        return ma.ensure_spec(model, trajectory, check=check, ratio=ratio)
 
 
 def initial_noise(n: int, shape: tuple, seed=None, generator=None) -> torch.Tensor:

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ma
 from .lora import inject_lora, save_lora  # noqa: F401  LoRA training: inject, optimize handle.parameters(), save
 
 
@@ -68,8 +67,8 @@ def flow_matching_loss(model: nn.Module, x0: torch.Tensor, context: torch.Tensor
 # Wrapping blocks from the outside (no change to the modules or their state-dict keys)
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The residual blocks of an SD3 or FLUX transformer, in order."""
-    return [block for _, _, block in ma.blocks(model)]
+    """The residual blocks of a transformer, in order."""
+    return model.blocks()
 
 
 def checkpoint_blocks(model: nn.Module, enabled: bool = True) -> nn.Module:

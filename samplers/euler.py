@@ -9,16 +9,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from ..checks import choice
-from .guidance import APG, Guidance, GuidanceState, guided_velocity
+from .guidance import GuidanceState, guided_velocity, required_inputs
+from .guide import Guidance
 from .solvers import SAMPLERS
 
 
 def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.Tensor | Sequence[float],
-           cond: Mapping, uncond: Mapping | None = None, *, cfg: float = 1.0, dg: float = 0.0,
-           cfg_interval: tuple[float, float] = (0.0, 1.0), dg_interval: tuple[float, float] = (0.0, 1.0),
-           slg: float = 0.0, slg_layers: Sequence[int] = (), slg_interval: tuple[float, float] = (0.0, 1.0),
-           pag: float = 0.0, pag_layers: Sequence[int] = (), pag_interval: tuple[float, float] = (0.0, 1.0),
-           cfg_zero_star: bool = False, apg: APG | None = None,
+           cond: Mapping, uncond: Mapping | None = None, *, guide: Guidance | None = None,
            guidance: torch.Tensor | float | None = None, generator: torch.Generator | None = None,
            progress: bool = False, callback: Callable | None = None, grad: bool = False,
            sampler: str = "euler") -> torch.Tensor:
@@ -38,15 +35,10 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     noise: (B, C, H, W) initial latents at sigmas[0]; or a shape, drawn from ``generator``
         (standard normal, float32, on the CPU, so a seed gives the same noise on any device)
         and moved to the model's device.
-    cond / uncond: {"context": (B|1, L, Dc), "pooled": (B|1, Dp)}; uncond is the negative prompt.
-    cfg: classifier-free scale (1 = off); dg: Detail Guidance weight (0 = off); slg / pag:
-        Skip Layer / Perturbed Attention Guidance scales (0 = off) on their blocks (global indices).
-    cfg_interval, dg_interval, slg_interval, pag_interval: inclusive sigma ranges where each
-        term is computed (1 = pure noise).
-    cfg_zero_star: CFG-Zero* in place of plain CFG (the uncond prediction scaled by its
-        optimal projection; the first step's velocity is zero), as diffusers' guider.
-    apg: an ``APG(eta, norm_threshold, momentum)`` in place of plain CFG, or None.
-    guidance: FLUX.1-dev's distilled guidance (a number or (B,)); None for the others.
+    cond / uncond: the model's conditioning inputs by name, each (B|1, ...); SD3 / FLUX.1:
+        {"context": (B|1, L, Dc), "pooled": (B|1, Dp)}. uncond is the negative prompt's.
+    guide: every guidance setting (``Guidance(cfg=..., dg=..., slg=..., ...)``); None: none.
+    guidance: a guidance-distilled model's guidance value (FLUX.1-dev's; a number or (B,)).
     callback: called after every step as ``callback(step, sigma_next, latents)`` (UIs, trainers);
         if it returns a tensor, that replaces the latents (inpainting's blend of the known region).
     sampler: "euler" (1 model call per step), "heun" (2 per step, 1 on the step to sigma 0) or
@@ -60,20 +52,23 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     run steps i..j-1 only (a multistep solver restarts its history at i).
     """
     solve = SAMPLERS[choice("sampler", sampler, tuple(SAMPLERS))]
-    rule = Guidance(float(cfg), float(dg), float(slg), tuple(slg_layers), float(pag), tuple(pag_layers),
-                    tuple(cfg_interval), tuple(dg_interval), tuple(slg_interval), tuple(pag_interval),
-                    bool(cfg_zero_star), apg)
+    rule = Guidance() if guide is None else guide
+    if not isinstance(rule, Guidance):
+        raise ValueError(f"guide must be a mmdit.samplers.Guidance, got {type(rule).__name__}")
+    missing = [k for k in required_inputs(model) if k not in cond]
+    if missing:
+        raise ValueError(f"cond needs the model's inputs {list(required_inputs(model))}; missing {missing}")
     if rule.dg != 0.0 and getattr(model, "ma", True) is None:
         raise ValueError("dg needs the model's MA spec: run `mmdit calibrate-ma --model MODEL` once (it is "
                          "cached per checkpoint) or set model.ma = mmdit.MASpec(channels=..., block=...)")
     if uncond is None and rule.cfg != 1.0:
-        warnings.warn(f"cfg={cfg} has no effect without uncond (the negative prompt's conditioning, a dict "
-                      "with 'context' and 'pooled'): pass uncond=... or cfg=1", stacklevel=2)
+        warnings.warn(f"cfg={rule.cfg} has no effect without uncond (the negative prompt's conditioning, a dict "
+                      "like cond): pass uncond=... or cfg=1", stacklevel=2)
     config = getattr(model, "config", None)
     if guidance is not None and config is not None and not getattr(config, "guidance_embed", False):
-        warnings.warn(f"guidance={guidance} is FLUX.1-dev's distilled guidance; this {config.family} model "
-                      "has no guidance embedding and ignores it (use cfg= for classifier-free guidance)",
-                      stacklevel=2)
+        warnings.warn(f"guidance={guidance} is FLUX.1-dev's distilled guidance; this {config.family} model has "
+                      "no guidance embedding and ignores it (use cfg= for classifier-free guidance)", stacklevel=2)
+        guidance = None
     if not isinstance(noise, torch.Tensor):
         noise = torch.randn(tuple(noise), generator=generator).to(_device_of(model))
     sigmas = [float(s) for s in sigmas]

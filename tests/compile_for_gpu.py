@@ -25,7 +25,7 @@ from triton.runtime import driver
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mmdit from this checkout
 
-OPS = ("modulate", "gated_residual", "qk_norm_rope")
+OPS = ("norm_modulate", "gated_residual", "qk_norm_rope")
 # (name, D, heads, head_dim, RoPE): the widths the models launch, and an odd one.
 SHAPES = [("sd3.5-large", 2432, 38, 64, False), ("flux", 3072, 24, 128, True),
           ("sd3.5-medium", 1536, 24, 64, False), ("odd", 80, 5, 16, True)]
@@ -73,12 +73,12 @@ def resource_usage(cubin: bytes) -> dict:
 
 def run_ops(D, H, Dh, rope, dtype, N=48, B=3):
     """Forward and backward of each op as a block calls it (strided views, fork rows)."""
-    from mmdit.kernels import gated_residual, modulate, qk_norm_rope
+    from mmdit.kernels import gated_residual, norm_modulate, qk_norm_rope
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, N, D, generator=g).to(dtype).requires_grad_()
     ada = torch.randn(B, 6 * D, generator=g).to(dtype).requires_grad_()  # shift/scale/gate are chunks
-    modulate(x, ada[:, :D], ada[:, D:2 * D]).float().sum().backward()
+    norm_modulate(x, ada[:, :D], ada[:, D:2 * D]).float().sum().backward()
     channels = torch.zeros(D, dtype=torch.bool)
     channels[[1, D - 2]] = True
     for fork in (None, dict(fork_rows=2, channels=channels, rho=torch.tensor([0.0, 0.5]), token_range=(5, N),

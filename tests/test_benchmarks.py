@@ -101,7 +101,7 @@ def test_kernel_speed_script_times_every_kernel_and_pass(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     rows = report["rows"]
     cases = {(r["kernel"], r["pass"]) for r in rows}
-    assert cases == {(k, p) for k in ("modulate", "gated_residual", "gated_residual+fork", "qk_norm_rope")
+    assert cases == {(k, p) for k in ("norm_modulate", "gated_residual", "gated_residual+fork", "qk_norm_rope")
                      for p in ("fwd", "fwd+bwd")}
     assert {r["impl"] for r in rows} == {"triton", "eager"} and len(rows) == 16
     for r in rows:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mmdit
+from mmdit.models.rows import BlockRows
 from mmdit.branches import Branch, IdentityAttention, MADisruption, SkipLayers
 from test_models import TOL, inputs, tiny
 
@@ -27,11 +28,11 @@ def skipped(model, layers):
         block = blocks[i]
         if model.config.family == "sd3":
             last = block.context_block.pre_only
-            block.forward = lambda ctx, x, c, fork=None, identity=(), last=last: (None if last else ctx, x)
+            block.forward = lambda ctx, x, c, rows=None, last=last: (None if last else ctx, x)
         elif i < model.config.num_double:
-            block.forward = lambda img, txt, *rest: (img, txt)
+            block.forward = lambda img, txt, *rest, rows=None: (img, txt)
         else:
-            block.forward = lambda x, *rest: x
+            block.forward = lambda x, *rest, rows=None: x
     return model
 
 
@@ -42,7 +43,7 @@ def identity_everywhere(model, layers, rows):
         [*model.double_blocks, *model.single_blocks]
     for i in layers:
         original = blocks[i].forward
-        blocks[i].forward = lambda *args, original=original: original(*args[:-1], ((0, rows),))
+        blocks[i].forward = lambda *args, original=original, **kw: original(*args, rows=BlockRows(((0, rows),)))
     return model
 
 

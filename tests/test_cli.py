@@ -278,9 +278,17 @@ def test_generate_with_every_guidance_term_in_one_call_per_step(tmp_path, capsys
     assert np.abs(a - b).mean() > 1.0
 
 
+def test_slg_and_pag_without_layers_use_the_default_blocks_and_say_so(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert cli(["generate", "--prompt", "x", "--steps", "2", "--slg", "2", "--pag", "1", "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "slg: no slg_layers given; using blocks [1, 2] (the default for a 4-block model)" in err
+    assert "pag: no pag_layers given; using blocks [1] (the default for a 4-block model)" in err
+    assert out.exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--slg-layers", "9", "--slg", "2"], "slg_layers [9] outside 0..3 (this model has 4 blocks)"),
-    (["--slg", "2"], "slg=2 needs slg_layers"),
     (["--pag-layers", "x"], "--pag-layers must be block numbers like 7,8,9"),
     (["--apg", "--cfg-zero-star"], "choose one"),
 ])

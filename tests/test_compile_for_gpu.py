@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
-KERNELS = {f"_{op}_{way}_kernel" for op in ("modulate", "gated_residual", "qk_norm_rope") for way in ("fwd", "bwd")}
+KERNELS = {f"_{op}_{way}_kernel" for op in ("norm_modulate", "gated_residual", "qk_norm_rope") for way in ("fwd", "bwd")}
 ARCHS = (80, 90)
 
 
@@ -27,7 +27,7 @@ def test_kernels_compile_for_gpus(tmp_path):
         for kernel, flag in (("_gated_residual_fwd_kernel", "FORK"), ("_qk_norm_rope_bwd_kernel", "ROPE")):
             both = {r["constexprs"][flag] for r in rows if r["arch"] == arch and r["kernel"] == kernel}
             assert both == {False, True}, (arch, kernel, flag)
-        widths = {r["constexprs"]["BLOCK_D"] for r in rows if r["arch"] == arch and r["kernel"] == "_modulate_fwd_kernel"}
+        widths = {r["constexprs"]["BLOCK_D"] for r in rows if r["arch"] == arch and r["kernel"] == "_norm_modulate_fwd_kernel"}
         assert widths == {128, 2048, 4096}, widths  # D = 80, 1536, 2432 and 3072
 
     spilled = [(r["arch"], r["kernel"], r["dtype"], r["constexprs"]) for r in rows if r["LOCAL"] > 0]

@@ -46,8 +46,8 @@ def test_cfg_dg_slg_pag_one_call_per_step_equal_separate_calls(family):
     sigmas = sd3_sigmas(3)
     rec = Recorder(model)
     with torch.no_grad():
-        out = sample(rec, x[:2], sigmas, cond, uncond, cfg=4.0, dg=1.5, slg=2.5, slg_layers=slg_layers, pag=0.7,
-                     pag_layers=pag_layers, guidance=g)
+        out = sample(rec, x[:2], sigmas, cond, uncond, guide=Guidance(cfg=4.0, dg=1.5, slg=2.5, slg_layers=slg_layers,
+                     pag=0.7, pag_layers=pag_layers), guidance=g)
         ref = reference_loop(model, x[:2], sigmas, cond, uncond, g, 4.0, 1.5, 2.5, slg_layers, 0.7, pag_layers)
     assert ((out - ref).abs().max() / ref.abs().max()).item() <= LOOP_TOL
     assert [rows for rows, _ in rec.calls] == [4, 4, 4]  # [uncond | cond] in, one call per step
@@ -97,5 +97,5 @@ def test_cfg_zero_star_first_step_calls_no_model():
     rec = Recorder(model)
     cond, uncond = {"context": ctx[:1], "pooled": pooled[:1]}, {"context": ctx[1:], "pooled": pooled[1:]}
     with torch.no_grad():
-        out = sample(rec, x[:1], sd3_sigmas(3), cond, uncond, cfg=4.0, cfg_zero_star=True, apg=None)
+        out = sample(rec, x[:1], sd3_sigmas(3), cond, uncond, guide=Guidance(cfg=4.0, cfg_zero_star=True, apg=None))
     assert len(rec.calls) == 2 and torch.isfinite(out).all()  # step 0: zero velocity, no call

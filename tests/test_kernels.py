@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdit.kernels import dispatch, gated_residual, modulate, qk_norm_rope
+from mmdit.kernels import dispatch, gated_residual, norm_modulate, qk_norm_rope
 from mmdit.kernels.gated_residual import gated_residual_reference
-from mmdit.kernels.modulate import modulate_reference
+from mmdit.kernels.norm_modulate import norm_modulate_reference
 from mmdit.kernels.qk_norm_rope import qk_norm_rope_reference
 
 EPS = 1e-6
@@ -115,7 +115,7 @@ def impl(request, monkeypatch):
     return request.param
 
 
-# ---- modulate ------------------------------------------------------------------------------
+# ---- norm_modulate ------------------------------------------------------------------------------
 def test_modulate(impl):
     g = torch.Generator().manual_seed(0)
     B, N, D = 3, 37, 80
@@ -123,7 +123,7 @@ def test_modulate(impl):
     mod = torch.randn(B, 6 * D, generator=g)
     shift, scale = mod[:, :D], mod[:, 3 * D:4 * D]  # chunks of an adaLN output: strided rows
     dout = torch.randn(N, B, D, generator=g).transpose(0, 1)
-    fn = modulate_reference if impl == "reference" else modulate
+    fn = norm_modulate_reference if impl == "reference" else norm_modulate
     check(fn, modulate_formula, [x, shift, scale], [dout])
 
 
@@ -202,12 +202,12 @@ def test_qk_norm_rope(impl, rope):
 def test_reduction_grids(monkeypatch, programs):
     """Weight / gate / shift grads are per-program partial sums: vary how many programs."""
     monkeypatch.setenv("MMDIT_KERNELS", "triton")
-    for module in (dispatch, qk_mod):  # modulate / gated_residual size their grids in dispatch
+    for module in (dispatch, qk_mod):  # norm_modulate / gated_residual size their grids in dispatch
         monkeypatch.setattr(module, "num_programs", lambda device: programs)
     g = torch.Generator().manual_seed(4)
     B, N, D = 3, 11, 24
     x, shift, scale = torch.randn(B, N, D, generator=g), torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
-    check(modulate, modulate_formula, [x, shift, scale], [torch.randn(B, N, D, generator=g)])
+    check(norm_modulate, modulate_formula, [x, shift, scale], [torch.randn(B, N, D, generator=g)])
     fork = dict(fork_rows=2, rho=0.25)
     check(lambda *t: gated_residual(*t, **fork, channels=table([3], D)),
           lambda *t: gated_residual_formula(*t, **fork, channels=[3]),
@@ -288,7 +288,7 @@ def lowp_cases(device, B, N, D, H, Dh, gen):
         return run
 
     return [
-        ("modulate", modulate, modulate_reference, [rand(B, N, D), rand(B, D), rand(B, D)], [rand(B, N, D)]),
+        ("norm_modulate", norm_modulate, norm_modulate_reference, [rand(B, N, D), rand(B, D), rand(B, D)], [rand(B, N, D)]),
         ("gated_residual", lambda *t: gated_residual(*t, **fork), lambda *t: gated_residual_reference(*t, **fork),
          [rand(B, N, D), rand(B, N, D), rand(B, D)], [rand(B + 1, N, D)]),
         ("qk_norm_rope", qk(qk_norm_rope), qk(qk_norm_rope_reference),
@@ -308,7 +308,7 @@ def mini_block(x, mod, wqkv, qw, kw, cos, sin, channels, rho, H=2):
     """One attention half-block built from the three ops (the fork included)."""
     B, N, D = x.shape
     shift, scale, gate = mod.chunk(3, dim=1)  # (B, D) each
-    q, k, v = (modulate(x, shift, scale) @ wqkv).view(B, N, 3, H, D // H).unbind(2)
+    q, k, v = (norm_modulate(x, shift, scale) @ wqkv).view(B, N, 3, H, D // H).unbind(2)
     q, k = qk_norm_rope(q, k, qw, kw, cos, sin)  # (B, H, N, Dh)
     a = F.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2).reshape(B, N, D)
     return gated_residual(x, a, gate, 2, channels=channels, rho=rho, token_range=(2, N))

@@ -166,7 +166,7 @@ def test_calibration_saved_with_table(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_analysis_report_and_plots(family, tmp_path):
     pytest.importorskip("matplotlib")
-    from mmdit import ma_report
+    from mmdit.ma import report as ma_report
 
     model = tiny(family)
     g = torch.Generator().manual_seed(5)
@@ -192,7 +192,7 @@ def test_analysis_report_and_plots(family, tmp_path):
 
 
 def test_run_calibrate_saves(tmp_path, monkeypatch):
-    from mmdit import ma_report
+    from mmdit.ma import report as ma_report
 
     monkeypatch.setenv("MMDIT_CACHE", str(tmp_path))
     model = tiny("sd3")
@@ -205,7 +205,7 @@ def test_run_calibrate_saves(tmp_path, monkeypatch):
 def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     import sys
 
-    from mmdit import ma_report
+    from mmdit.ma import report as ma_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

@@ -14,12 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mmdit
-from mmdit import parallel
+from mmdit import distributed as parallel
+from mmdit.distributed.branch import plan
 from mmdit.branches import Branch, SkipLayers
 from mmdit.cli import main
-from mmdit.samplers import sample, sd3_sigmas
-from mmdit.parallel import split_sizes
-from mmdit.ulysses import SequenceParallel
+from mmdit.samplers import Guidance, sample, sd3_sigmas
+from mmdit.distributed.group import split_sizes
+from mmdit.distributed.sequence import SequenceParallel
 from test_models import tiny
 
 LATENT_TOL = 1e-5  # fp32, relative to the latents' scale: the same rows, computed in other batches
@@ -52,7 +53,8 @@ def run_case(family: str, mode: str | None, terms: dict) -> torch.Tensor:
     noise = torch.randn(1, 16, 12, 10, generator=g)
     flux = dict(guidance=3.5) if family == "flux" else {}
     denoiser = parallel.wrap(model, mode)
-    return sample(denoiser, noise, sd3_sigmas(STEPS), cond, uncond if "cfg" in terms else None, **terms, **flux)
+    return sample(denoiser, noise, sd3_sigmas(STEPS), cond, uncond if "cfg" in terms else None,
+                  guide=Guidance(**terms), **flux)
 
 
 def worker(rank: int, size: int, folder: str):
@@ -80,17 +82,17 @@ def test_branch_and_sequence_parallel_equal_one_process(tmp_path, size):
 def test_branch_plan_keeps_the_fork_with_the_cond_rows():
     """Rows [uncond | cond] (B = 2), the fork's copies after them: who computes what."""
     fork = slice(2, 4)
-    two = parallel.plan(4, fork, (), 2)
+    two = plan(4, fork, (), 2)
     assert [(j.rows, j.fork, j.disrupt, j.pieces) for j in two] == [
         (slice(0, 2), False, False, ((0, 2),)), (slice(2, 4), True, False, ((2, 2), (4, 2)))]
-    three = parallel.plan(4, fork, (), 3)  # balanced: uncond | cond | the DG branch alone
+    three = plan(4, fork, (), 3)  # balanced: uncond | cond | the DG branch alone
     assert [(j.rows, j.fork, j.disrupt, j.pieces) for j in three] == [
         (slice(0, 2), False, False, ((0, 2),)), (slice(2, 4), False, False, ((2, 2),)),
         (slice(2, 4), False, True, ((4, 2),))]
     slg = (Branch(fork, SkipLayers((1,))),)
-    cond = parallel.plan(4, fork, slg, 3)[1]  # SLG's copies stay with the cond rows, after the fork's place
+    cond = plan(4, fork, slg, 3)[1]  # SLG's copies stay with the cond rows, after the fork's place
     assert cond.branches == (Branch(slice(0, 2), SkipLayers((1,))),) and cond.pieces == ((2, 2), (6, 2))
-    assert [j.pieces for j in parallel.plan(2, None, (), 3)] == [((0, 1),), ((1, 1),)]  # CFG only: rank 2 waits
+    assert [j.pieces for j in plan(2, None, (), 3)] == [((0, 1),), ((1, 1),)]  # CFG only: rank 2 waits
 
 
 def test_sequence_parallel_needs_heads_divisible_by_ranks():

@@ -68,7 +68,7 @@ def planted_pipeline(tmp_path, monkeypatch, paper=None):
     from safetensors.torch import save_file
 
     monkeypatch.setenv("MMDIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ma, "paper_channels", lambda config: paper)
+    monkeypatch.setattr(ma.policy, "paper_channels", lambda config: paper)
     path = tmp_path / "planted.safetensors"
     save_file({k: v.contiguous() for k, v in tiny("sd3").state_dict().items()}, str(path))
     model = mmdit.load_transformer(path)

@@ -4,7 +4,7 @@ import torch
 
 import mmdit
 from mmdit.samplers import sample, sd3_sigmas
-from mmdit.samplers.guidance import Guidance
+from mmdit.samplers import Guidance
 
 
 class FakeModel:
@@ -88,7 +88,7 @@ def test_fake_model_matches_reference(cfg, dg, use_uncond):
     uncond = uncond if use_uncond else None
     noise = torch.randn(B, 4, 6, 6, generator=torch.Generator().manual_seed(2))
     sigmas = sd3_sigmas(steps)
-    out = sample(model, noise, sigmas, cond, uncond, cfg=cfg, dg=dg)
+    out = sample(model, noise, sigmas, cond, uncond, guide=Guidance(cfg=cfg, dg=dg))
     ref = reference_loop(model.model, noise, sigmas, cond, uncond, cfg, dg)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert len(model.calls) == steps  # one call per step
@@ -105,7 +105,7 @@ def test_intervals_drop_branches():
     noise = torch.randn(B, 4, 6, 6, generator=torch.Generator().manual_seed(3))
     sigmas = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
     kw = dict(cfg=3.0, dg=1.5, cfg_interval=(0.5, 1.0), dg_interval=(0.2, 0.6))
-    out = sample(model, noise, sigmas, cond, uncond, **kw)
+    out = sample(model, noise, sigmas, cond, uncond, guide=Guidance(**kw))
     ref = reference_loop(model.model, noise, sigmas, cond, uncond, 3.0, 1.5, (0.5, 1.0), (0.2, 0.6))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     # sigma: 1.0 (u), 0.8 (u), 0.6 (u + m: both ends inclusive), 0.4 (m), 0.2 (m)
@@ -125,12 +125,12 @@ def test_dtype_noise_shape_and_errors():
         Guidance(dg_interval=(0.9, 0.1))
     with pytest.raises(ValueError, match="same length"):
         sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(2), cond,
-               {"context": torch.randn(1, 7, 5), "pooled": torch.randn(1, 6)}, cfg=2.0)
+               {"context": torch.randn(1, 7, 5), "pooled": torch.randn(1, 6)}, guide=Guidance(cfg=2.0))
     with pytest.raises(ValueError, match="pooled"):
         sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(2), {"context": cond["context"]})
     model.ma = None
     with pytest.raises(ValueError, match="MA spec"):
-        sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(2), cond, dg=1.0)
+        sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(2), cond, guide=Guidance(dg=1.0))
 
 
 TINY = {
@@ -154,7 +154,7 @@ def test_real_tiny_model_matches_reference(family):
     g = 3.5 if family == "flux" else None
     kw = dict(cfg=4.0, dg=2.0, dg_interval=(0.0, 0.99))
     with torch.no_grad():
-        out = sample(rec, noise, sigmas, cond, uncond, guidance=g, **kw)
+        out = sample(rec, noise, sigmas, cond, uncond, guidance=g, guide=Guidance(**kw))
         ref = reference_loop(model, noise, sigmas, cond, uncond, 4.0, 2.0, dg_interval=(0.0, 0.99), guidance=g)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     assert [rows for rows, _ in rec.calls] == [2 * B] * steps
@@ -182,7 +182,7 @@ def test_callback_sees_every_step_and_warnings_for_ignored_arguments():
     cond, _ = _conds(1, 3, 5, 6)
     seen = []
     with pytest.warns(UserWarning, match="cfg=4.5 has no effect without uncond"):
-        sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(3), cond, cfg=4.5,
+        sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(3), cond, guide=Guidance(cfg=4.5),
                callback=lambda i, s, x: seen.append((i, round(s, 4), tuple(x.shape))))
     assert [i for i, _, _ in seen] == [0, 1, 2] and seen[-1][1] == 0.0
     sd3 = mmdit.build_transformer("sd3.5-medium", num_layers=1, num_heads=1, head_dim=8, context_dim=5,

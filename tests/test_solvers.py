@@ -5,7 +5,7 @@ import torch
 from test_sampler import FakeModel, Recorder, _conds, reference_velocity
 
 from mmdit import checks
-from mmdit.samplers import SAMPLERS, sample, sd3_sigmas
+from mmdit.samplers import SAMPLERS, Guidance, sample, sd3_sigmas
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
@@ -81,7 +81,7 @@ def test_matches_diffusers_scheduler(case, steps):
     model, cond, uncond, noise = _setup()
     sched, sigmas = scheduler(steps)
     ref = _diffusers_loop(sched, model, noise, cond, uncond)
-    ours = sample(model, noise, sigmas, cond, uncond, sampler=sampler, **GUIDE)
+    ours = sample(model, noise, sigmas, cond, uncond, sampler=sampler, guide=Guidance(**GUIDE))
     torch.testing.assert_close(ours, ref, atol=PARITY_ATOL, rtol=0)
 
 
@@ -93,7 +93,7 @@ def test_one_batched_call_per_evaluation_and_a_callback_per_step(sampler):
     model, cond, uncond, noise = _setup()
     rec, steps, seen = Recorder(model), 5, []
     sigmas = sd3_sigmas(steps)
-    sample(rec, noise, sigmas, cond, uncond, cfg=4.5, dg=2.0, sampler=sampler,
+    sample(rec, noise, sigmas, cond, uncond, guide=Guidance(cfg=4.5, dg=2.0), sampler=sampler,
            callback=lambda i, s, x: seen.append((i, s, x.shape)))
     assert len(rec.calls) == EVALUATIONS[sampler](steps)
     assert all(rows == 2 * B and fork == slice(B, 2 * B) for rows, fork in rec.calls)  # [u | c] + forked c
@@ -104,10 +104,10 @@ def test_one_batched_call_per_evaluation_and_a_callback_per_step(sampler):
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_dtype_kept_and_partial_schedule(sampler):
     model, cond, uncond, noise = _setup()
-    half = sample(model, noise.bfloat16(), sd3_sigmas(3), cond, uncond, sampler=sampler, **GUIDE)
+    half = sample(model, noise.bfloat16(), sd3_sigmas(3), cond, uncond, sampler=sampler, guide=Guidance(**GUIDE))
     assert half.dtype == torch.bfloat16 and half.shape == noise.shape and half.isfinite().all()
     sigmas = sd3_sigmas(6)
-    out = sample(model, noise, sigmas[2:5], cond, uncond, sampler=sampler, **GUIDE)  # steps 2..3, not to 0
+    out = sample(model, noise, sigmas[2:5], cond, uncond, sampler=sampler, guide=Guidance(**GUIDE))  # steps 2..3, not to 0
     assert out.shape == noise.shape and out.isfinite().all()
 
 

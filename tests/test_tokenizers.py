@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers_encoders import write_clip_tokenizer, write_t5_tokenizer
-from mmdit.tokenizers import PromptTokenizer, TokenizerError, load_tokenizer
+from mmdit.encoders.tokenizers import PromptTokenizer, TokenizerError, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ import mmdit
 from mmdit import cli, tiny, train
 from mmdit.tiny import recipe, shapes
 from mmdit.kernels import dispatch
-from mmdit.sd3 import SD3Transformer
+from mmdit.models.sd3 import SD3Transformer
 
 SMALL = dict(num_layers=1, num_heads=2, head_dim=16, context_dim=32, pooled_dim=32)
 SMALL_TEXT = dict(width=32, num_heads=2, mlp_dim=64)
@@ -117,12 +117,12 @@ def test_loss_decreases():
 def test_triton_step_equals_torch_step(monkeypatch):
     """One SGD step with MMDIT_KERNELS=triton (the Triton interpreter on CPU) equals the torch
     reference step: loss, every gradient and every updated parameter to 1e-5 of its scale."""
-    calls = {"modulate": 0, "gated_residual": 0, "qk_norm_rope": 0}
+    calls = {"norm_modulate": 0, "gated_residual": 0, "qk_norm_rope": 0}
     # (the package re-exports functions with the modules' names: fetch the modules themselves)
     gr, mod, qk = (importlib.import_module(f"mmdit.kernels.{m}")
-                   for m in ("gated_residual", "modulate", "qk_norm_rope"))
+                   for m in ("gated_residual", "norm_modulate", "qk_norm_rope"))
 
-    for name, module in (("modulate", mod), ("gated_residual", gr), ("qk_norm_rope", qk)):
+    for name, module in (("norm_modulate", mod), ("gated_residual", gr), ("qk_norm_rope", qk)):
         def counted(kernel, _original=module.launch, _name=name):  # every Triton launch of the op
             calls[_name] += 1
             return _original(kernel)

@@ -15,7 +15,7 @@ PEERS = {
 }
 
 
-OPS = ("modulate", "gated_residual", "qk_norm_rope")
+OPS = ("norm_modulate", "gated_residual", "qk_norm_rope")
 
 
 def count_triton_calls(monkeypatch) -> Counter:

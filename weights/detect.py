@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import PRESETS, FluxConfig, SD3Config
+from ..models.config import PRESETS, FluxConfig, SD3Config
 from . import keymaps
 from .checkpoint import Checkpoint, CheckpointError, count_indexed
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..clip import CLIPConfig, CLIPTextEncoder
-from ..t5 import T5Config, T5Encoder
-from ..vae import VAE, VAE_PRESETS, VAEConfig
+from ..encoders.clip import CLIPConfig, CLIPTextEncoder
+from ..encoders.t5 import T5Config, T5Encoder
+from ..encoders.vae import VAE, VAE_PRESETS, VAEConfig
 from .checkpoint import Checkpoint, CheckpointError, count_indexed, load_into, open_checkpoint, read_json
 
 TEXT_ENCODER_PREFIXES = {  # kind -> prefix inside Stability all-in-one files

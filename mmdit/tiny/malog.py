@@ -7,7 +7,7 @@ three sigmas) through the live transformer and appends one row per block to
     step, block, top_channel, top, median, ratio, second_ratio, kurtosis, loss_avg
 
 top / median: the largest and the median channel of mean |h| over image tokens at the
-block's output (``mmdit.ma``'s statistic; the issue's bar for MAs is ratio >= 50);
+block's output (``mmdit.ma``'s statistic, read through ``model.taps``; the bar for MAs is ratio >= 50);
 kurtosis: E[(h - mean)^4] / var^2 over the D channels of each image token, averaged over
 tokens (3 for a Gaussian; one channel of size M among D unit ones gives about D when M is
 large). ``plot_log`` draws ratio and kurtosis against step, one line per block.
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import ma
 from . import shapes
 
 FIELDS = ("step", "block", "top_channel", "top", "median", "ratio", "second_ratio", "kurtosis", "loss_avg")
@@ -51,21 +50,19 @@ def block_stats(transformer: nn.Module, conditioner: nn.Module, probe: ProbeBatc
     """Per block: top channel, top and median mean |h| over image tokens, their ratio, the
     second-largest channel's ratio, and the mean per-token kurtosis over channels; the
     captions go through the conditioner as it is now (it trains too)."""
-    found = ma.blocks(transformer)
-    acc = {k: {"abs": 0.0, "kurt": 0.0, "tokens": 0} for k, _, _ in found}
+    acc = {k: {"abs": 0.0, "kurt": 0.0, "tokens": 0} for k in range(transformer.config.total_blocks)}
 
-    def hook_for(k, kind):
-        def hook(module, args, kwargs, out):
-            img, _ = ma._streams(kind, args, kwargs, out)
-            h = img.detach().float()  # (B, N, D)
-            acc[k]["abs"] = acc[k]["abs"] + h.abs().sum((0, 1))
-            c = h - h.mean(-1, keepdim=True)
-            var = c.square().mean(-1).clamp_min(1e-12)
-            acc[k]["kurt"] += (c.pow(4).mean(-1) / var.square()).sum().item()
-            acc[k]["tokens"] += h.shape[0] * h.shape[1]
-        return hook
+    def tap(k, stream, out, gate, text_len):  # every block's output (model.taps), image tokens only
+        if stream == "text":
+            return
+        h = out[:, text_len:].detach().float() if stream == "joint" else out.detach().float()  # (B, N, D)
+        acc[k]["abs"] = acc[k]["abs"] + h.abs().sum((0, 1))
+        c = h - h.mean(-1, keepdim=True)
+        var = c.square().mean(-1).clamp_min(1e-12)
+        acc[k]["kurt"] += (c.pow(4).mean(-1) / var.square()).sum().item()
+        acc[k]["tokens"] += h.shape[0] * h.shape[1]
 
-    handles = [block.register_forward_hook(hook_for(k, kind), with_kwargs=True) for k, kind, block in found]
+    transformer.taps.append(tap)
     modes = transformer.training, conditioner.training
     transformer.eval(), conditioner.eval()
     device = next(transformer.parameters()).device
@@ -74,11 +71,10 @@ def block_stats(transformer: nn.Module, conditioner: nn.Module, probe: ProbeBatc
         for s, x in zip(probe.sigmas, probe.images):
             transformer(x.to(device), torch.full((x.shape[0],), s, device=device), cond["context"], cond["pooled"])
     finally:
-        for h in handles:
-            h.remove()
+        transformer.taps.remove(tap)
         transformer.train(modes[0]), conditioner.train(modes[1])
     rows = []
-    for k, _, _ in found:
+    for k in acc:
         mag = acc[k]["abs"] / acc[k]["tokens"]  # (D,)
         top2 = mag.topk(2)
         median = mag.median().clamp_min(1e-12).item()

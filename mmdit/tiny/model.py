@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..clip import CLIPConfig, CLIPTextEncoder
-from ..config import SD3Config
+from ..encoders.clip import CLIPConfig, CLIPTextEncoder
 from ..ma import MASpec, spec_from_json, spec_to_json
-from ..sd3 import SD3Transformer
+from ..models.config import SD3Config
+from ..models.sd3 import SD3Transformer
 from .wordtok import WordTokenizer
 
 FORMAT = "mmdit-tiny/1"
@@ -254,7 +254,7 @@ def generate(tiny: Tiny, prompts: str | Sequence[str], seed: int | Sequence[int]
 
     seed: one seed for the batch, or one per prompt (each image's noise then depends only on it).
     """
-    from ..samplers import sample, sd3_sigmas
+    from ..samplers import Guidance, sample, sd3_sigmas
 
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -272,5 +272,5 @@ def generate(tiny: Tiny, prompts: str | Sequence[str], seed: int | Sequence[int]
     cond = tiny.conditioner.encode(list(prompts))
     uncond = tiny.conditioner.encode([negative_prompt]) if cfg != 1.0 else None
     x = sample(tiny.transformer, noise.to(param.device, param.dtype), sd3_sigmas(steps, shift), cond, uncond,
-               cfg=cfg, dg=dg)
+               guide=Guidance(cfg=cfg, dg=dg))
     return x.clamp(-1, 1)

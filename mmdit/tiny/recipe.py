@@ -80,27 +80,17 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
     zeroed vs as many random other channels (the reviewers' control)."""
     c = transformer.config
     samples = list(calibration_samples(conditioner, size=c.patch_size * c.pos_embed_max_size))
-    table = ma.find_massive(transformer, samples, ratio=1.0, top_k=4)  # every block's top channels
+    found = ma.find_spec(transformer, samples, ratio=ratio, relaxed=relaxed, paper=False)  # the one MA policy
+    spec = found.spec
+    table = ma.find_massive(transformer, samples, ratio=1.0, top_k=4)  # every block's top channels, for the record
     mag = table.magnitude  # (K, D)
     median = mag.median(1).values.clamp_min(1e-12)
     info = {"statistic": table.rule["statistic"], "samples": table.samples,
             "median": [round(m, 4) for m in median.tolist()],
             "top_over_median": [round(r, 2) for r in (mag.amax(1) / median).tolist()],
             "top_channels": [b.channels for b in table.blocks],
-            "top_magnitude": [[round(m, 3) for m in b.magnitude] for b in table.blocks]}
-    m = table.spec.block  # the default fork block
-    per_block = ma.select_massive(mag, ratio=ratio)  # ma.calibrate's rule, on the same probe
-    nearest = ma.massive_block(per_block, m)
-    if nearest is not None:
-        spec = ma.MASpec(channels=tuple(per_block[nearest].channels), block=nearest)
-        info["rule"] = f"{ratio}x median" + ("" if nearest == m else
-                                             f" (default block {m} has none: the nearest block with some)")
-    else:
-        flagged = [c for c, r in zip(table.blocks[m].channels, mag[m][table.blocks[m].channels] / median[m])
-                   if r >= relaxed]
-        spec = ma.MASpec(channels=tuple(flagged or table.blocks[m].channels[:1]), block=m)
-        info["rule"] = (f"no channel reached {ratio}x the median (no massive activations); "
-                        f"the spec holds block {m}'s channels above {relaxed}x (or its top one)")
+            "top_magnitude": [[round(m, 3) for m in b.magnitude] for b in table.blocks],
+            "rule": found.how}
     g = torch.Generator().manual_seed(0)
     top = table.blocks[spec.block].channels
     control = [c for c in torch.randperm(mag.shape[1], generator=g).tolist() if c not in top][:len(spec.channels)]

@@ -16,32 +16,54 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import ma
-from .samplers import flux_seq_len, flux_sigmas, sample, sd3_sigmas
+from ..samplers import Guidance, flux_seq_len, flux_sigmas, sample, sd3_sigmas
+from .calibrate import Calibration, ablation_effects, find_massive, select_massive
+from .probe import Activations, named_inputs, probe
+from .spec import default_block
 
 
-def _mean_rows(rec: ma.Activations) -> dict[str, torch.Tensor]:
+def _mean_rows(rec: Activations) -> dict[str, torch.Tensor]:
     """Average the rows of a probe record: field -> (K, D)."""
     return {f: getattr(rec, f).mean(1) for f in ("image_mean", "image_signed", "text_mean", "gate")}
 
 
+def as_inputs(model: nn.Module, c) -> dict:
+    """Encoded conditioning as the model's keyword inputs: a dict (``Pipeline.encode``'s form),
+    or a tuple of positional inputs (``(context, pooled)`` for SD3 / FLUX.1)."""
+    if isinstance(c, Mapping):
+        return dict(c)
+    return named_inputs(model, tuple(c))
+
+
+def _split(model: nn.Module, value) -> tuple[torch.Tensor, dict]:
+    """A sample value ``(x, *inputs[, named])`` -> (x, keyword inputs)."""
+    x, *rest = value
+    named = rest.pop() if rest and isinstance(rest[-1], Mapping) else {}
+    return x, named_inputs(model, rest, named)
+
+
+def _stack(u, c, B: int):
+    """uncond's input (1 or B rows) then cond's, as one batch; numbers and None stay as they are."""
+    if not torch.is_tensor(c) or c.dim() == 0:
+        return c
+    u = torch.as_tensor(u, dtype=c.dtype, device=c.device).reshape(-1, *c.shape[1:]) if u is not None else c
+    return torch.cat([u.expand(B, *c.shape[1:]), c])
+
+
 @torch.no_grad()
-def collect(model: nn.Module, samples: Mapping, uncond: tuple | None = None) -> dict:
+def collect(model: nn.Module, samples: Mapping, uncond=None) -> dict:
     """Probe every (prompt, sigma) sample as one batch [uncond | cond]: key -> {"cond", "uncond"}."""
+    un = None if uncond is None else as_inputs(model, uncond)
     out = {}
     for key, value in samples.items():
-        if len(value) not in (3, 4):
-            raise ValueError(f"sample {key}: expected (x, context, pooled[, guidance]), got {len(value)} values")
-        x, context, pooled, *g = value
+        x, inputs = _split(model, value)
         B, sigma = x.shape[0], float(key[1])
-        g = torch.as_tensor(g[0], dtype=torch.float32).reshape(-1).expand(B) if g else None
-        if uncond is not None:
-            cu, pu = (t.expand(B, *t.shape[1:]) for t in _pair(uncond))
-            x, context, pooled = x.repeat(2, 1, 1, 1), torch.cat([cu, context]), torch.cat([pu, pooled])
-            g = None if g is None else g.repeat(2)
-        rec = ma.probe(model, x, torch.full((x.shape[0],), sigma, device=x.device), context, pooled, g)
+        if un is not None:
+            x = x.repeat(2, 1, 1, 1)
+            inputs = {k: _stack(un.get(k), v, B) for k, v in inputs.items()}
+        rec = probe(model, x, torch.full((x.shape[0],), sigma, device=x.device), **inputs)
         out[key] = {"cond": _mean_rows(rec.rows(slice(x.shape[0] - B, None)))}
-        if uncond is not None:
+        if un is not None:
             out[key]["uncond"] = _mean_rows(rec.rows(slice(0, B)))
     return out
 
@@ -54,27 +76,28 @@ def _spread(grid: torch.Tensor) -> dict:
             "std_over_sigmas": grid.std(1, unbiased=False).mean().item()}
 
 
-def analyze(model: nn.Module, samples: Mapping, out_dir, *, uncond: tuple | None = None,
+def analyze(model: nn.Module, samples: Mapping, out_dir, *, uncond=None,
             block: int | None = None, channels=None, ratio: float | None = 50.0,
             absolute: float | None = None, top_k: int | None = 8, control: bool = True,
             plots: bool = True) -> dict:
     """Write ``ma_report.json`` (and PNG figures) to ``out_dir``; return the report.
 
-    samples: {(prompt, sigma): (x, context, pooled[, guidance])} with x (B, 16, H, W) the
-        noisy latents at that sigma; use the same prompts at every sigma and vice versa.
-    uncond: (context, pooled) of the negative / empty prompt, probed as extra rows.
+    samples: {(prompt, sigma): (x, *inputs[, named inputs])} with x (B, C, H, W) the noisy
+        latents at that sigma and the prompt's inputs as the model takes them (SD3 / FLUX.1:
+        context, pooled[, guidance]); the same prompts at every sigma and vice versa.
+    uncond: the negative / empty prompt's inputs (a tuple or a dict), probed as extra rows.
     channels: MA channels to follow (default: those ``ma.select_massive`` flags at block m).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    m = ma.default_block(model.config) if block is None else block
+    m = default_block(model.config) if block is None else block
     stats = collect(model, samples, uncond)
     keys = list(stats)
     prompts = list(dict.fromkeys(k[0] for k in keys))
     sigmas = sorted({float(k[1]) for k in keys}, reverse=True)
     mag = {b: torch.stack([stats[k][b]["image_mean"] for k in keys]).mean(0)
            for b in (("cond", "uncond") if uncond is not None else ("cond",))}
-    flagged = {b: ma.select_massive(v, ratio, absolute, top_k) for b, v in mag.items()}
+    flagged = {b: select_massive(v, ratio, absolute, top_k) for b, v in mag.items()}
     if channels is None:
         channels = flagged["cond"][m].channels or [int(mag["cond"][m].argmax())]
         found = bool(flagged["cond"][m].channels)
@@ -123,12 +146,12 @@ def analyze(model: nn.Module, samples: Mapping, out_dir, *, uncond: tuple | None
 
 def _control(model, samples, key, channels, m, draws: int = 3) -> dict:
     """Zeroing the MA channels at block m vs as many random non-MA channels (reviewers' control)."""
-    x, context, pooled, *g = samples[key]
-    sample_ = (x, float(key[1]), context, pooled, *g)
+    x, inputs = _split(model, samples[key])
+    sample_ = (x, float(key[1]), inputs)
     gen = torch.Generator().manual_seed(0)
     others = [c for c in torch.randperm(model.config.hidden_size, generator=gen).tolist() if c not in channels]
     controls = [others[i * len(channels):(i + 1) * len(channels)] for i in range(draws)]
-    effect, *random = ma.ablation_effects(model, sample_, [channels, *controls], m)
+    effect, *random = ablation_effects(model, sample_, [channels, *controls], m)
     return {"sample": list(key), "ma_channels": effect, "random_channels": random,
             "statistic": "|v_disrupted - v| / |v|"}
 
@@ -228,35 +251,33 @@ def default_sigmas(model: nn.Module, steps: int, height: int, width: int) -> tor
                        shift=model.config.guidance_embed)
 
 
-def _pair(c) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context, pooled) from a tuple or a {"context", "pooled"} dict (``Pipeline.encode``)."""
-    return (c["context"], c["pooled"]) if isinstance(c, Mapping) else tuple(c)
-
-
 @torch.no_grad()
 def trajectory_samples(model: nn.Module, conds: Mapping, sigmas, *, height: int = 1024, width: int = 1024,
-                       seed: int = 0, uncond: tuple | None = None, cfg: float = 1.0,
+                       seed: int = 0, uncond=None, cfg: float = 1.0,
                        guidance: float | None = None, every: int = 1, latent_shape: tuple | None = None) -> dict:
-    """{(prompt, sigma): (x, context, pooled[, guidance])} along one Euler trajectory per prompt.
+    """{(prompt, sigma): (x, *inputs)} along one Euler trajectory per prompt.
 
-    conds: {prompt: (context (1, L, Dc), pooled (1, Dp))} (or {"context", "pooled"} dicts);
-    uncond likewise, for CFG along the trajectory (cfg != 1). The same seeded noise for every
-    prompt, so prompts are the only difference at a given sigma. ``every``: keep every n-th step.
-    latent_shape: (C, h, w) of the latents (default: 16 channels at height/8 x width/8).
+    conds: {prompt: the prompt's inputs}, a tuple of positional inputs ((context (1, L, Dc),
+    pooled (1, Dp)) for SD3 / FLUX.1) or a dict (``Pipeline.encode``); uncond likewise, for CFG
+    along the trajectory (cfg != 1). The same seeded noise for every prompt, so prompts are the
+    only difference at a given sigma. ``every``: keep every n-th step. ``guidance``: FLUX's
+    distilled guidance, kept with each sample. latent_shape: (C, h, w) of the latents (default:
+    16 channels at height/8 x width/8).
     """
     param = next(model.parameters())
     shape = (1, *latent_shape) if latent_shape else (1, 16, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
     sigmas = [float(s) for s in sigmas]
-    un = None if uncond is None else dict(zip(("context", "pooled"), _pair(uncond)))
+    un = None if uncond is None else as_inputs(model, uncond)
     out = {}
     for prompt, c in conds.items():
-        context, pooled = _pair(c)
+        cond = as_inputs(model, c)
+        kept = (*c, *(() if guidance is None else (guidance,))) if not isinstance(c, Mapping) else \
+            ({**cond, "guidance": guidance} if guidance is not None else cond,)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
-        cond = {"context": context, "pooled": pooled}
         for i in range(len(sigmas) - 1):
             if i % every == 0:
-                out[(prompt, sigmas[i])] = (x, context, pooled) + ((guidance,) if guidance is not None else ())
-            x = sample(model, x, sigmas[i:i + 2], cond, un, cfg=cfg, guidance=guidance)
+                out[(prompt, sigmas[i])] = (x, *kept)
+            x = sample(model, x, sigmas[i:i + 2], cond, un, guide=Guidance(cfg=cfg), guidance=guidance)
     return out
 
 
@@ -273,16 +294,26 @@ def run_analyze(model: nn.Module, conds: Mapping, out_dir, *, steps: int = 28, h
     return analyze(model, samples, out_dir, uncond=uncond, **analyze_kw)
 
 
-def run_calibrate(model: nn.Module, conds: Mapping, *, key: str | None = None, steps: int = 28,
-                  height: int = 1024, width: int = 1024, seed: int = 0, guidance: float | None = None,
-                  every: int = 4, sigmas=None, latent_shape=None, **calibrate_kw) -> ma.Calibration:
-    """Prompts -> cond-only trajectories -> ``ma.find_massive``; saved under ``key`` if given
-    (``ma.checkpoint_hash(weights)``, which the loader's ``ma.spec_for_checkpoint`` looks up)."""
+def calibration_samples(model: nn.Module, conds: Mapping, *, steps: int = 28, height: int = 1024, width: int = 1024,
+                        seed: int = 0, guidance: float | None = None, every: int = 4, sigmas=None,
+                        latent_shape=None) -> list:
+    """Cond-only trajectories of the prompts as calibration samples ``(x, sigma, *inputs)``."""
     sigmas = default_sigmas(model, steps, height, width) if sigmas is None else sigmas
     samples = trajectory_samples(model, conds, sigmas, height=height, width=width, seed=seed,
                                  guidance=guidance, every=every, latent_shape=latent_shape)
-    rows = [(x, s, c, p, *g) for (_, s), (x, c, p, *g) in samples.items()]
-    cal = ma.find_massive(model, rows, **calibrate_kw)
+    return [(x, s, *inputs) for (_, s), (x, *inputs) in samples.items()]
+
+
+def run_calibrate(model: nn.Module, conds: Mapping, *, key: str | None = None, steps: int = 28,
+                  height: int = 1024, width: int = 1024, seed: int = 0, guidance: float | None = None,
+                  every: int = 4, sigmas=None, latent_shape=None, **rule) -> Calibration:
+    """Prompts -> cond-only trajectories -> ``find_massive``; saved under ``key`` if given
+    (``checkpoint_hash(weights)``, which the loader's ``spec_for_checkpoint`` looks up)."""
+    from .cache import save_spec
+
+    rows = calibration_samples(model, conds, steps=steps, height=height, width=width, seed=seed, guidance=guidance,
+                               every=every, sigmas=sigmas, latent_shape=latent_shape)
+    cal = find_massive(model, rows, **rule)
     if key is not None:
-        ma.save_spec(cal.spec, key, calibration=cal)
+        save_spec(cal.spec, key, calibration=cal)
     return cal

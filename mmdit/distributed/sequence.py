@@ -16,7 +16,7 @@ the blocks on its own tokens. Around each attention:
 Two all-to-alls per attention (q, k and v together, then the output back), and one gather of
 the output tokens per forward; the weights are on every rank. Heads must divide by P. Rows travel whole, so the DG
 fork (born at block m from the cond rows) and the other branches work unchanged, and
-``parallel.BranchParallel`` may wrap this. Token counts need not divide by P: the first pieces
+``branch.BranchParallel`` may wrap this. Token counts need not divide by P: the first pieces
 are one token longer (FLUX RoPE positions are cut the same way).
 """
 from __future__ import annotations
@@ -24,13 +24,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import layers
-from .parallel import CommClock, split_sizes
+from ..denoiser import Denoiser
+from ..models.attention import tokens_over
+from .group import CommClock, split_sizes
 
 
 class TokenLayout:
     """Where the tokens of one forward live: filled by ``shard`` (the model calls it through
-    ``layers.shard_tokens`` on its text and image streams), read by ``attention`` and
+    ``models.attention.shard_tokens`` on its text and image streams), read by ``attention`` and
     ``gather``. Every size is a Python int: no host sync."""
 
     def __init__(self, rank: int, size: int, group=None, comm: CommClock | None = None):
@@ -112,10 +113,10 @@ class TokenLayout:
         return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
 
 
-class SequenceParallel:
+class SequenceParallel(Denoiser):
     """A denoiser whose forwards run with the tokens split over the ranks (``TokenLayout``);
     every rank returns the whole output. Everything else is the wrapped model's; ``comm`` as in
-    ``parallel.BranchParallel``."""
+    ``branch.BranchParallel``."""
 
     def __init__(self, model, transformer, rank: int, size: int, group=None):
         heads = transformer.config.num_heads
@@ -123,16 +124,14 @@ class SequenceParallel:
             raise ValueError(f"parallel='sequence' gives each of the {size} ranks an equal share of the "
                              f"{heads} attention heads: {heads} is not a multiple of {size}; use a number "
                              f"of ranks that divides {heads}")
-        self.model, self.transformer, self.rank, self.size, self.group = model, transformer, rank, size, group
+        super().__init__(model)
+        self.transformer, self.rank, self.size, self.group = transformer, rank, size, group
         self.comm = CommClock()  # time in the all-to-alls and the gather, when switched on
 
-    def __getattr__(self, name):
-        return getattr(self.__dict__["model"], name)
-
-    def __call__(self, x, sigma, context, pooled, guidance=None, **rows):
+    def __call__(self, x, sigma, *inputs, **named):
         spec = getattr(self.transformer, "ma", None)
         if spec is not None and spec.token_mask is not None:
             raise ValueError("a token mask (local DG) names image tokens of the whole image; it does not run "
                              "with parallel='sequence' (use parallel='branch')")
-        with layers.tokens_over(TokenLayout(self.rank, self.size, self.group, self.comm)):
-            return self.model(x, sigma, context, pooled, guidance=guidance, **rows)
+        with tokens_over(TokenLayout(self.rank, self.size, self.group, self.comm)):
+            return self.model(x, sigma, *inputs, **named)

@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import gated_residual, norm_modulate, qk_norm_rope
+from .attention import gather_tokens, shard_tokens
+from .base import Transformer
 from .config import FluxConfig
-from .kernels import gated_residual, modulate, qk_norm_rope
-from .branches import Rows
-from .layers import (FinalLayer, Fork, MLPEmbedder, Transformer, attention, gather_tokens, gelu_tanh, modulations,
-                     shard_tokens, split_heads, timestep_embedding)
+from .layers import FinalLayer, MLPEmbedder, gelu_tanh, modulations, split_heads, timestep_embedding
+from .rows import PLAIN, BlockRows, RowPlan, per_row
 
 
 def rope_angles(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,24 +94,20 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn, self.txt_attn = StreamAttention(dim, heads), StreamAttention(dim, heads)
         self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
 
-    def forward(self, img, txt, vec, cos, sin, fork: Fork | None = None, identity=()):
-        """img (B, N, D), txt (B, L, D), vec (B, D), cos/sin (L + N, Dh/2) -> (img, txt).
-        ``identity``: row ranges whose image-to-image attention is the identity (PAG)."""
+    def forward(self, img, txt, vec, cos, sin, rows: BlockRows = PLAIN):
+        """img (B, N, D), txt (B, L, D), vec (B, D), cos/sin (L + N, Dh/2) -> (img, txt)."""
         L = txt.shape[1]
         img_msa, img_mlp = self.img_mod(vec)
         txt_msa, txt_mlp = self.txt_mod(vec)
-        qi, ki, vi = self.img_attn.qkv_heads(modulate(img, img_msa.shift, img_msa.scale), cos[L:], sin[L:])
-        qt, kt, vt = self.txt_attn.qkv_heads(modulate(txt, txt_msa.shift, txt_msa.scale), cos[:L], sin[:L])
-        a = attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), identity, L, L)
+        qi, ki, vi = self.img_attn.qkv_heads(norm_modulate(img, img_msa.shift, img_msa.scale), cos[L:], sin[L:])
+        qt, kt, vt = self.txt_attn.qkv_heads(norm_modulate(txt, txt_msa.shift, txt_msa.scale), cos[:L], sin[:L])
+        a = rows.attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), text=L)
         at, ai = a.split([L, img.shape[1]], dim=1)
-        img = gated_residual(img, self.img_attn.proj(ai), img_msa.gate)
+        img = gated_residual(img, self.img_attn.proj(ai), img_msa.gate)  # img + gate * attn
         txt = gated_residual(txt, self.txt_attn.proj(at), txt_msa.gate)
-        img_y = self.img_mlp(modulate(img, img_mlp.shift, img_mlp.scale))
-        txt_y = self.txt_mlp(modulate(txt, txt_mlp.shift, txt_mlp.scale))
-        if fork is None:
-            return gated_residual(img, img_y, img_mlp.gate), gated_residual(txt, txt_y, txt_mlp.gate)
-        return (fork.residual(img, img_y, img_mlp.gate, "image"),
-                fork.residual(txt, txt_y, txt_mlp.gate, "text"))
+        img = rows.residual(img, self.img_mlp(norm_modulate(img, img_mlp.shift, img_mlp.scale)), img_mlp.gate, "image")
+        txt = rows.residual(txt, self.txt_mlp(norm_modulate(txt, txt_mlp.shift, txt_mlp.scale)), txt_mlp.gate, "text")
+        return img, txt
 
 
 class SingleStreamBlock(nn.Module):
@@ -125,18 +122,14 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNorm(dim // self.heads)
 
-    def forward(self, x, vec, cos, sin, text_len: int, fork: Fork | None = None, identity=()):
-        """x (B, L + N, D) -> (B [+ forked], L + N, D); ``identity``: PAG rows, as in the double block."""
+    def forward(self, x, vec, cos, sin, text_len: int, rows: BlockRows = PLAIN):
+        """x (B, L + N, D): ``text_len`` text tokens, then the image's -> (B [+ forked], L + N, D)."""
         (mod,) = self.modulation(vec)
-        qkv, h = self.linear1(modulate(x, mod.shift, mod.scale)).split(
-            [3 * x.shape[-1], self.mlp_hidden], dim=-1)
+        qkv, h = self.linear1(norm_modulate(x, mod.shift, mod.scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)
         q, k = self.norm(q, k, cos, sin)
-        a = attention(q, k, v.transpose(1, 2), identity, text_len, text_len)
-        y = self.linear2(torch.cat([a, gelu_tanh(h)], dim=-1))
-        if fork is None:
-            return gated_residual(x, y, mod.gate)
-        return fork.residual(x, y, mod.gate, "joint", text_len=text_len)
+        a = rows.attention(q, k, v.transpose(1, 2), text=text_len)
+        return rows.residual(x, self.linear2(torch.cat([a, gelu_tanh(h)], dim=-1)), mod.gate, "joint", text_len)
 
 
 class FluxTransformer(Transformer):
@@ -160,7 +153,7 @@ class FluxTransformer(Transformer):
         self.final_layer = FinalLayer(dim, config.out_channels)
         self.ma = None
 
-    def velocity(self, x, sigma, context, pooled, guidance, rows: Rows):
+    def velocity(self, x, sigma, context, pooled, guidance=None, *, rows: RowPlan):
         """x (B, C, H, W), sigma (B,) and guidance (B,) float32 (or None), context (B, L, Dc),
         pooled (B, Dp); ``rows`` says what each block does to which rows. Returns (B', out_channels/4, H, W).
 
@@ -172,6 +165,9 @@ class FluxTransformer(Transformer):
         """
         B, C, H, W = x.shape
         cfg = self.config
+        if context.shape[-1] != cfg.context_dim or pooled.shape[-1] != cfg.pooled_dim:
+            raise ValueError(f"this model takes context (B, L, {cfg.context_dim}) and pooled (B, {cfg.pooled_dim}), "
+                             f"got {tuple(context.shape)} and {tuple(pooled.shape)}")
         if H % 2 or W % 2:
             raise ValueError(f"FLUX latents are packed 2x2: latent size {H}x{W} must be even "
                              "(image size a multiple of 16)")
@@ -186,6 +182,7 @@ class FluxTransformer(Transformer):
         if cfg.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX model is guidance-distilled (FLUX.1-dev): pass guidance, e.g. 3.5")
+            guidance = per_row(guidance, B, x)
             vec = vec + self.guidance_in(timestep_embedding(1000 * guidance.to(x.dtype)).to(x.dtype))
         vec = vec + self.vector_in(pooled)
         ids = [image_ids(h, w, x.device)]
@@ -200,17 +197,10 @@ class FluxTransformer(Transformer):
         ids = torch.cat(ids)
         cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
         for i, block in enumerate(self.double_blocks):
-            img, txt, vec = rows.enter(i, [img, txt, vec])
-            (img, txt), vec = rows.run(i, [img, txt], vec, rows.fork_at(i),
-                                       lambda img, txt, vec, fork, identity, block=block:
-                                       block(img, txt, vec, cos, sin, fork, identity))
+            (img, txt), vec = rows.run(i, block, (img, txt), vec, cos, sin)
         joint = torch.cat([txt, img], dim=1)
-        for j, block in enumerate(self.single_blocks):
-            i = cfg.num_double + j
-            joint, vec = rows.enter(i, [joint, vec])
-            (joint,), vec = rows.run(i, [joint], vec, rows.fork_at(i),
-                                     lambda joint, vec, fork, identity, block=block:
-                                     (block(joint, vec, cos, sin, L, fork, identity),))
+        for i, block in enumerate(self.single_blocks, start=cfg.num_double):
+            (joint,), vec = rows.run(i, block, (joint,), vec, cos, sin, L)
         img = gather_tokens(joint[:, L:])[:, :h * w]  # the image's tokens only (sequence parallel: from every rank)
         out = self.final_layer(img, vec)  # (B', h*w, 4 * c_out)
         out = out.view(-1, h, w, c_out, 2, 2).permute(0, 3, 1, 4, 2, 5)

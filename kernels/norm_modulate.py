@@ -1,4 +1,4 @@
-"""adaLN modulation: LayerNorm without affine, then ``* (1 + scale) + shift``.
+"""adaLN's normalise-then-modulate: LayerNorm without affine, then ``* (1 + scale) + shift``.
 
     out[b, n] = (x[b, n] - mean) * rstd * (1 + scale[b]) + shift[b],
     mean = sum_d x[b, n, d] / D,   rstd = 1 / sqrt(sum_d (x[b, n, d] - mean)^2 / D + eps)
@@ -27,7 +27,7 @@ def _centre(x, mask, D, eps):
 
 
 @triton.jit
-def _modulate_fwd_kernel(
+def _norm_modulate_fwd_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr,
     N, D, eps,
     stride_xb, stride_xn, stride_xd,
@@ -48,7 +48,7 @@ def _modulate_fwd_kernel(
 
 
 @triton.jit
-def _modulate_bwd_kernel(
+def _norm_modulate_bwd_kernel(
     x_ptr, scale_ptr, dout_ptr, dx_ptr, dshift_part_ptr, dscale_part_ptr,
     N, D, eps, rows_per_program,
     stride_xb, stride_xn, stride_xd,
@@ -79,14 +79,14 @@ def _modulate_bwd_kernel(
     tl.store(dscale_part_ptr + part + offs, dscale, mask=mask)
 
 
-@kernel_op("modulate", fake=lambda x, shift, scale, eps: x.new_empty(x.shape))
-def _modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+@kernel_op("norm_modulate", fake=lambda x, shift, scale, eps: x.new_empty(x.shape))
+def _norm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     B, N, D = x.shape
     out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     BLOCK_D = block_size(D)
-    launch(_modulate_fwd_kernel)[(B * N,)](
+    launch(_norm_modulate_fwd_kernel)[(B * N,)](
         x, shift, scale, out, N, D, eps,
         *x.stride(), *shift.stride(), *scale.stride(),
         BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D),
@@ -99,8 +99,8 @@ def _bwd_fake(dout, x, scale, eps):
     return x.new_empty(x.shape), x.new_empty((B, D), dtype=torch.float32), x.new_empty((B, D), dtype=torch.float32)
 
 
-@kernel_op("modulate_bwd", fake=_bwd_fake)
-def _modulate_bwd(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
+@kernel_op("norm_modulate_bwd", fake=_bwd_fake)
+def _norm_modulate_bwd(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (B, N, D) in x.dtype; dshift, dscale (B, D) in fp32."""
     B, N, D = x.shape
@@ -110,7 +110,7 @@ def _modulate_bwd(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps:
     dscale_part = torch.zeros((B, chunks, D), dtype=torch.float32, device=x.device)
     if dx.numel() > 0:
         BLOCK_D = block_size(D)
-        launch(_modulate_bwd_kernel)[(B, chunks)](
+        launch(_norm_modulate_bwd_kernel)[(B, chunks)](
             x, scale, dout, dx, dshift_part, dscale_part, N, D, eps, rows_per_program,
             *x.stride(), *scale.stride(), *dout.stride(),
             BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D),
@@ -126,25 +126,25 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout):
     x, scale = ctx.saved_tensors
-    dx, dshift, dscale = _modulate_bwd(dout, x, scale, ctx.eps)
+    dx, dshift, dscale = _norm_modulate_bwd(dout, x, scale, ctx.eps)
     return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
 
 
-_modulate_fwd.register_autograd(_backward, setup_context=_setup)
+_norm_modulate_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+def norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
     """x: (B, N, D); shift, scale: (B, D) -> (B, N, D). LayerNorm statistics in fp32."""
     h = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return torch.addcmul(shift.float()[:, None], h, 1 + scale.float()[:, None]).to(x.dtype)  # one pass
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
     """``LayerNorm(x) * (1 + scale) + shift``; x: (B, N, D), shift, scale: (B, D) -> (B, N, D)."""
     B, N, D = x.shape
     if shift.shape != (B, D) or scale.shape != (B, D):
         raise ValueError(f"x {tuple(x.shape)} needs shift/scale of shape {(B, D)}, "
                          f"got {tuple(shift.shape)} / {tuple(scale.shape)}")
     if use_triton(x):
-        return _modulate_fwd(x, shift, scale, eps)
-    return modulate_reference(x, shift, scale, eps)
+        return _norm_modulate_fwd(x, shift, scale, eps)
+    return norm_modulate_reference(x, shift, scale, eps)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import gated_residual, norm_modulate, qk_norm_rope
+from .attention import gather_tokens, shard_tokens
+from .base import Transformer
 from .config import SD3Config
-from .kernels import gated_residual, modulate, qk_norm_rope
-from .branches import Rows
-from .layers import (FinalLayer, Fork, SequentialEmbedder, Transformer, attention, gather_tokens, gelu_tanh,
-                     modulations, shard_tokens, split_heads, timestep_embedding)
+from .layers import FinalLayer, SequentialEmbedder, gelu_tanh, modulations, split_heads, timestep_embedding
+from .rows import PLAIN, BlockRows, RowPlan
 
 
 class RMSWeight(nn.Module):
@@ -70,21 +71,17 @@ class StreamBlock(nn.Module):
     def pre_attention(self, h: torch.Tensor, c: torch.Tensor):
         """-> (q, k, v), the modulations."""
         mods = modulations(self.adaLN_modulation(c), self.n_mod)
-        return self.attn.qkv_heads(modulate(h, mods[0].shift, mods[0].scale)), mods
+        return self.attn.qkv_heads(norm_modulate(h, mods[0].shift, mods[0].scale)), mods
 
-    def post_attention(self, h, a, mods, fork: Fork | None, stream: str, identity=()):
-        """h + gate*proj(a) [+ gate2*attn2] + gate_mlp*MLP; the fork acts on the last residual.
-        ``identity``: rows whose attn2 (image-only attention) is the identity (PAG)."""
+    def post_attention(self, h, a, mods, rows: BlockRows, stream: str):
+        """h + gate*proj(a) [+ gate2*attn2] + gate_mlp*MLP; the last residual is ``rows``' (DG's fork)."""
         msa, mlp = mods[0], mods[1]
-        out = gated_residual(h, self.attn.proj(a), msa.gate)
-        if self.dual:
+        out = gated_residual(h, self.attn.proj(a), msa.gate)  # h + gate * attn
+        if self.dual:  # MMDiT-X: a second, image-only attention on the block's input
             msa2 = mods[2]
-            q, k, v = self.attn2.qkv_heads(modulate(h, msa2.shift, msa2.scale))
-            out = gated_residual(out, self.attn2.proj(attention(q, k, v, identity)), msa2.gate)
-        y = self.mlp(modulate(out, mlp.shift, mlp.scale))
-        if fork is None:
-            return gated_residual(out, y, mlp.gate)
-        return fork.residual(out, y, mlp.gate, stream)
+            q, k, v = self.attn2.qkv_heads(norm_modulate(h, msa2.shift, msa2.scale))
+            out = gated_residual(out, self.attn2.proj(rows.attention(q, k, v)), msa2.gate)
+        return rows.residual(out, self.mlp(norm_modulate(out, mlp.shift, mlp.scale)), mlp.gate, stream)
 
 
 class JointBlock(nn.Module):
@@ -98,19 +95,18 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, heads, config.mlp_ratio, config.qk_norm,
                                    dual=index in config.dual_attention_layers)
 
-    def forward(self, ctx, x, c, fork: Fork | None = None, identity=()):
-        """ctx (B, Lc, D), x (B, N, D), c (B, D) -> (ctx or None after the last block, x).
-        ``identity``: row ranges whose image-to-image attention is the identity (PAG)."""
+    def forward(self, ctx, x, c, rows: BlockRows = PLAIN):
+        """ctx (B, Lc, D), x (B, N, D), c (B, D) -> (ctx or None after the last block, x)."""
         (qc, kc, vc), cmods = self.context_block.pre_attention(ctx, c)
         (qx, kx, vx), xmods = self.x_block.pre_attention(x, c)
         Lc = ctx.shape[1]
         if self.context_block.pre_only:  # last block: context tokens are keys/values only
-            ax = attention(qx, torch.cat([kc, kx], 2), torch.cat([vc, vx], 2), identity, 0, Lc)
-            return None, self.x_block.post_attention(x, ax, xmods, fork, "image", identity)
-        a = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2), identity, Lc, Lc)
+            ax = rows.attention(qx, torch.cat([kc, kx], 2), torch.cat([vc, vx], 2), text=0, key_text=Lc)
+            return None, self.x_block.post_attention(x, ax, xmods, rows, "image")
+        a = rows.attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2), text=Lc)
         ac, ax = a.split([Lc, x.shape[1]], dim=1)
-        x = self.x_block.post_attention(x, ax, xmods, fork, "image", identity)
-        return self.context_block.post_attention(ctx, ac, cmods, fork, "text"), x
+        x = self.x_block.post_attention(x, ax, xmods, rows, "image")
+        return self.context_block.post_attention(ctx, ac, cmods, rows, "text"), x
 
 
 class PatchEmbed(nn.Module):
@@ -152,11 +148,14 @@ class SD3Transformer(Transformer):
         table = self.pos_embed.view(1, M, M, -1)[:, top:top + h, left:left + w]
         return table.reshape(1, h * w, -1)
 
-    def velocity(self, x, sigma, context, pooled, guidance, rows: Rows):
-        """x (B, C, H, W), sigma (B,) float32, context (B, L, Dc), pooled (B, Dp); ``guidance``
-        is unused (SD3 has no distilled guidance); ``rows`` says what each block does to which rows."""
+    def velocity(self, x, sigma, context, pooled, guidance=None, *, rows: RowPlan):
+        """x (B, C, H, W), sigma (B,) float32, context (B, L, Dc), pooled (B, Dp) -> (B', C, H, W);
+        ``guidance`` is accepted and unused (SD3 has no distilled guidance)."""
         B, C, H, W = x.shape
-        p = self.config.patch_size
+        cfg, p = self.config, self.config.patch_size
+        if context.shape[-1] != cfg.context_dim or pooled.shape[-1] != cfg.pooled_dim:
+            raise ValueError(f"this model takes context (B, L, {cfg.context_dim}) and pooled (B, {cfg.pooled_dim}), "
+                             f"got {tuple(context.shape)} and {tuple(pooled.shape)}")
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} must be a multiple of the patch size {p} "
                              f"(image size a multiple of {8 * p})")
@@ -166,8 +165,7 @@ class SD3Transformer(Transformer):
         ctx = self.context_embedder(context)
         ctx, img = shard_tokens(ctx, "text"), shard_tokens(img, "image")  # sequence parallel: this rank's tokens
         for i, block in enumerate(self.joint_blocks):
-            ctx, img, c = rows.enter(i, [ctx, img, c])
-            (ctx, img), c = rows.run(i, [ctx, img], c, rows.fork_at(i), block)
+            (ctx, img), c = rows.run(i, block, (ctx, img), c)
         out = gather_tokens(self.final_layer(img, c))  # (B', h*w, p*p*C) with (p, q, c) order per token
-        out = out.view(-1, h, w, p, p, self.config.out_channels)
-        return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, self.config.out_channels, H, W)
+        out = out.view(-1, h, w, p, p, cfg.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, cfg.out_channels, H, W)

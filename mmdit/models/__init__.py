@@ -1,4 +1,13 @@
-"""Build a transformer from a preset or a config."""
+"""The transformers, one file per family, and what they share.
+
+    config.py     one config dataclass per family; PRESETS, the official sizes, as data
+    layers.py     embedders, adaLN modulations, the final layer
+    attention.py  joint attention, PAG's identity rows, the token layout of sequence parallel
+    rows.py       which rows each block runs: DG's fork, SLG's skipped and PAG's perturbed rows
+    base.py       what every family shares: ``model.ma`` and ``forward`` -> the family's ``velocity``
+    sd3.py        SD3 / SD3.5 (MMDiT, MMDiT-X)
+    flux.py       FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext)
+"""
 from __future__ import annotations
 
 import torch

@@ -1,0 +1,66 @@
+"""Joint attention, PAG's identity rows, and where a forward's tokens live.
+
+In one process every token is here. Under sequence parallelism (``mmdit.distributed.sequence``)
+a ``TokenLayout`` is installed for the duration of a call: the model's streams are cut over
+the ranks after the embeddings (``shard_tokens``), attention runs through the layout's
+all-to-all, and the output tokens are gathered (``gather_tokens``). Without one, both are
+the identity.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+_LAYOUT = None  # the installed TokenLayout, or None: every token in this process
+
+
+@contextmanager
+def tokens_over(layout):
+    """Run the forwards inside with the tokens split as ``layout`` says."""
+    global _LAYOUT
+    before, _LAYOUT = _LAYOUT, layout
+    try:
+        yield
+    finally:
+        _LAYOUT = before
+
+
+def shard_tokens(t: torch.Tensor, stream: str, dim: int = 1) -> torch.Tensor:
+    """This rank's share of the "text" or "image" tokens (along ``dim``); all of them in one process."""
+    return t if _LAYOUT is None else _LAYOUT.shard(t, stream, dim)
+
+
+def gather_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, local tokens, F) -> (B, all tokens, F) in the stream's order; the identity in one process."""
+    return t if _LAYOUT is None else _LAYOUT.gather(t)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identity=(), q_text: int = 0,
+              k_text: int = 0) -> torch.Tensor:
+    """q, k, v: (B, H, L, Dh) -> (B, L, H*Dh).
+
+    ``identity``: (start, stop) row ranges whose image tokens attend to no other image token
+    (PAG's perturbed rows); the first ``q_text`` query and ``k_text`` key tokens are text.
+    """
+    if _LAYOUT is not None:  # sequence parallel: this rank's tokens, every rank's keys
+        return _LAYOUT.attention(q, k, v, identity)
+    if not identity:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    mask = identity_mask(q.shape[2], k.shape[2], q_text, k_text, q.device)
+    pieces, row = [], 0
+    for a, b in [*identity, (q.shape[0], q.shape[0])]:
+        if row < a:
+            pieces.append(F.scaled_dot_product_attention(q[row:a], k[row:a], v[row:a]))
+        if a < b:
+            pieces.append(F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], attn_mask=mask))
+        row = b
+    return torch.cat(pieces).transpose(1, 2).flatten(2)
+
+
+def identity_mask(q_len: int, k_len: int, q_text: int, k_text: int, device) -> torch.Tensor:
+    """(q_len, k_len) bool, True = may attend: everything, except image query i to image key j != i."""
+    qi = torch.arange(q_len, device=device) - q_text
+    kj = torch.arange(k_len, device=device) - k_text
+    return (qi[:, None] < 0) | (kj[None, :] < 0) | (qi[:, None] == kj[None, :])

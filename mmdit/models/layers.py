@@ -1,0 +1,83 @@
+"""Pieces the families share: the timestep embedding, embedder MLPs, adaLN modulations, the final layer."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import norm_modulate
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos first: t (B,) -> (B, dim), fp32 (same as SD3, BFL, diffusers)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (FLUX names: in_layer, out_layer)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class SequentialEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (SD3 names: mlp.0, mlp.2)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear projection to the output features."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_features)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # original order: (shift, scale)
+        return self.linear(norm_modulate(x, shift, scale))
+
+
+@dataclass
+class Modulation:
+    """One adaLN triple, each (B, D)."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor | None = None
+
+
+def modulations(params: torch.Tensor, n: int) -> list[Modulation]:
+    """Split the adaLN linear output (B, n*D) into shift/scale(/gate) groups, original order."""
+    chunks = params.chunk(n, dim=1)
+    if n == 2:
+        return [Modulation(chunks[0], chunks[1])]
+    return [Modulation(*chunks[i:i + 3]) for i in range(0, n, 3)]
+
+
+def split_heads(qkv: torch.Tensor, heads: int):
+    """(B, L, 3*H*Dh) -> q, k, v views, each (B, L, H, Dh)."""
+    B, L, _ = qkv.shape
+    q, k, v = qkv.view(B, L, 3, heads, -1).unbind(2)
+    return q, k, v
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")

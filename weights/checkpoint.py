@@ -70,6 +70,16 @@ def count_indexed(keys, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def need_key(shapes: Mapping, key: str, where: str, family: str) -> tuple[int, ...]:
+    """The shape of ``key``, or one error saying the checkpoint lacks it (a shard, or a variant)."""
+    if key not in shapes:
+        raise CheckpointError(f"{where} looks like a {family} transformer but has no {key!r} "
+                              "(or its diffusers equivalent): it is one shard of a multi-file checkpoint (point at "
+                              "the folder or its index.json), or a variant of the architecture this loader does not "
+                              "know")
+    return shapes[key]
+
+
 def read_json(path: Path) -> dict | None:
     """The JSON in ``path``; None if there is no such file; one clear error if it is not JSON."""
     if not path.is_file():

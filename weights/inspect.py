@@ -10,6 +10,7 @@ import torch
 
 from ..models import transformer_for
 from .detect import detect
+from .families import FAMILIES
 from .formats import Canonical
 from .hub import resolve
 
@@ -47,7 +48,7 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
         ("source", str(source) + (f" -> {src.path}" if str(src.path) != str(source) else "")),
         ("files", f"{len(ckpt.files)} file{'s' * (len(ckpt.files) != 1)}, {_bytes(size)}"),
         ("layout", det.layout + (f" (prefix {det.prefix!r})" if det.prefix else "")),
-        ("family", {"sd3": "SD3 / SD3.5 (MMDiT)", "flux": "FLUX.1"}[det.family]),
+        ("family", FAMILIES[det.family].NAME),
         ("preset", det.preset or "none (custom config)"),
         ("config", f"from {det.config_source}: hidden={cfg.hidden_size} {fields}"),
         ("format", f"{ckpt.format}: {ckpt.quantized} weights stored as fp8 with a per-tensor scale"

@@ -1,7 +1,7 @@
-"""Key tables between our names (= the original Stability / BFL names) and diffusers names.
+"""Key maps between our names (= the original Stability / BFL names) and diffusers names.
 
-Each row is ``(ours, diffusers, op)``. ``{}`` stands for a block index; a trailing ``.*``
-stands for the parameter leaf (``weight`` or ``bias``), carried over unchanged. When
+The tables are data, one per family (``weights/families/<family>.py``). Each row is
+``(ours, diffusers, op)``. ``{}`` stands for a block index; a trailing ``.*`` stands for the parameter leaf (``weight`` or ``bias``), carried over unchanged. When
 ``diffusers`` is a tuple, our tensor is the concatenation of those tensors along dim 0.
 
 ops (our tensor <- diffusers tensors; every op is exactly invertible):
@@ -23,82 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-SD3_TABLE = [
-    ("pos_embed", "pos_embed.pos_embed", "copy"),
-    ("x_embedder.proj.*", "pos_embed.proj.*", "copy"),
-    ("t_embedder.mlp.0.*", "time_text_embed.timestep_embedder.linear_1.*", "copy"),
-    ("t_embedder.mlp.2.*", "time_text_embed.timestep_embedder.linear_2.*", "copy"),
-    ("y_embedder.mlp.0.*", "time_text_embed.text_embedder.linear_1.*", "copy"),
-    ("y_embedder.mlp.2.*", "time_text_embed.text_embedder.linear_2.*", "copy"),
-    ("context_embedder.*", "context_embedder.*", "copy"),
-    ("joint_blocks.{}.x_block.adaLN_modulation.1.*", "transformer_blocks.{}.norm1.linear.*", "copy"),
-    ("joint_blocks.{}.x_block.attn.qkv.*", ("transformer_blocks.{}.attn.to_q.*",
-                                            "transformer_blocks.{}.attn.to_k.*",
-                                            "transformer_blocks.{}.attn.to_v.*"), "qkv"),
-    ("joint_blocks.{}.x_block.attn.ln_q.*", "transformer_blocks.{}.attn.norm_q.*", "copy"),
-    ("joint_blocks.{}.x_block.attn.ln_k.*", "transformer_blocks.{}.attn.norm_k.*", "copy"),
-    ("joint_blocks.{}.x_block.attn.proj.*", "transformer_blocks.{}.attn.to_out.0.*", "copy"),
-    ("joint_blocks.{}.x_block.attn2.qkv.*", ("transformer_blocks.{}.attn2.to_q.*",
-                                             "transformer_blocks.{}.attn2.to_k.*",
-                                             "transformer_blocks.{}.attn2.to_v.*"), "qkv"),
-    ("joint_blocks.{}.x_block.attn2.ln_q.*", "transformer_blocks.{}.attn2.norm_q.*", "copy"),
-    ("joint_blocks.{}.x_block.attn2.ln_k.*", "transformer_blocks.{}.attn2.norm_k.*", "copy"),
-    ("joint_blocks.{}.x_block.attn2.proj.*", "transformer_blocks.{}.attn2.to_out.0.*", "copy"),
-    ("joint_blocks.{}.x_block.mlp.fc1.*", "transformer_blocks.{}.ff.net.0.proj.*", "copy"),
-    ("joint_blocks.{}.x_block.mlp.fc2.*", "transformer_blocks.{}.ff.net.2.*", "copy"),
-    ("joint_blocks.{}.context_block.adaLN_modulation.1.*", "transformer_blocks.{}.norm1_context.linear.*", "adaln"),
-    ("joint_blocks.{}.context_block.attn.qkv.*", ("transformer_blocks.{}.attn.add_q_proj.*",
-                                                  "transformer_blocks.{}.attn.add_k_proj.*",
-                                                  "transformer_blocks.{}.attn.add_v_proj.*"), "qkv"),
-    ("joint_blocks.{}.context_block.attn.ln_q.*", "transformer_blocks.{}.attn.norm_added_q.*", "copy"),
-    ("joint_blocks.{}.context_block.attn.ln_k.*", "transformer_blocks.{}.attn.norm_added_k.*", "copy"),
-    ("joint_blocks.{}.context_block.attn.proj.*", "transformer_blocks.{}.attn.to_add_out.*", "copy"),
-    ("joint_blocks.{}.context_block.mlp.fc1.*", "transformer_blocks.{}.ff_context.net.0.proj.*", "copy"),
-    ("joint_blocks.{}.context_block.mlp.fc2.*", "transformer_blocks.{}.ff_context.net.2.*", "copy"),
-    ("final_layer.adaLN_modulation.1.*", "norm_out.linear.*", "adaln"),
-    ("final_layer.linear.*", "proj_out.*", "copy"),
-]
+from .families import FAMILIES
 
-FLUX_TABLE = [
-    ("img_in.*", "x_embedder.*", "copy"),
-    ("txt_in.*", "context_embedder.*", "copy"),
-    ("time_in.in_layer.*", "time_text_embed.timestep_embedder.linear_1.*", "copy"),
-    ("time_in.out_layer.*", "time_text_embed.timestep_embedder.linear_2.*", "copy"),
-    ("vector_in.in_layer.*", "time_text_embed.text_embedder.linear_1.*", "copy"),
-    ("vector_in.out_layer.*", "time_text_embed.text_embedder.linear_2.*", "copy"),
-    ("guidance_in.in_layer.*", "time_text_embed.guidance_embedder.linear_1.*", "copy"),
-    ("guidance_in.out_layer.*", "time_text_embed.guidance_embedder.linear_2.*", "copy"),
-    ("double_blocks.{}.img_mod.lin.*", "transformer_blocks.{}.norm1.linear.*", "copy"),
-    ("double_blocks.{}.txt_mod.lin.*", "transformer_blocks.{}.norm1_context.linear.*", "copy"),
-    ("double_blocks.{}.img_attn.qkv.*", ("transformer_blocks.{}.attn.to_q.*",
-                                         "transformer_blocks.{}.attn.to_k.*",
-                                         "transformer_blocks.{}.attn.to_v.*"), "qkv"),
-    ("double_blocks.{}.txt_attn.qkv.*", ("transformer_blocks.{}.attn.add_q_proj.*",
-                                         "transformer_blocks.{}.attn.add_k_proj.*",
-                                         "transformer_blocks.{}.attn.add_v_proj.*"), "qkv"),
-    ("double_blocks.{}.img_attn.norm.query_norm.scale", "transformer_blocks.{}.attn.norm_q.weight", "copy"),
-    ("double_blocks.{}.img_attn.norm.key_norm.scale", "transformer_blocks.{}.attn.norm_k.weight", "copy"),
-    ("double_blocks.{}.txt_attn.norm.query_norm.scale", "transformer_blocks.{}.attn.norm_added_q.weight", "copy"),
-    ("double_blocks.{}.txt_attn.norm.key_norm.scale", "transformer_blocks.{}.attn.norm_added_k.weight", "copy"),
-    ("double_blocks.{}.img_attn.proj.*", "transformer_blocks.{}.attn.to_out.0.*", "copy"),
-    ("double_blocks.{}.txt_attn.proj.*", "transformer_blocks.{}.attn.to_add_out.*", "copy"),
-    ("double_blocks.{}.img_mlp.0.*", "transformer_blocks.{}.ff.net.0.proj.*", "copy"),
-    ("double_blocks.{}.img_mlp.2.*", "transformer_blocks.{}.ff.net.2.*", "copy"),
-    ("double_blocks.{}.txt_mlp.0.*", "transformer_blocks.{}.ff_context.net.0.proj.*", "copy"),
-    ("double_blocks.{}.txt_mlp.2.*", "transformer_blocks.{}.ff_context.net.2.*", "copy"),
-    ("single_blocks.{}.modulation.lin.*", "single_transformer_blocks.{}.norm.linear.*", "copy"),
-    ("single_blocks.{}.linear1.*", ("single_transformer_blocks.{}.attn.to_q.*",
-                                    "single_transformer_blocks.{}.attn.to_k.*",
-                                    "single_transformer_blocks.{}.attn.to_v.*",
-                                    "single_transformer_blocks.{}.proj_mlp.*"), "qkv_mlp"),
-    ("single_blocks.{}.norm.query_norm.scale", "single_transformer_blocks.{}.attn.norm_q.weight", "copy"),
-    ("single_blocks.{}.norm.key_norm.scale", "single_transformer_blocks.{}.attn.norm_k.weight", "copy"),
-    ("single_blocks.{}.linear2.*", "single_transformer_blocks.{}.proj_out.*", "copy"),
-    ("final_layer.adaLN_modulation.1.*", "norm_out.linear.*", "adaln"),
-    ("final_layer.linear.*", "proj_out.*", "copy"),
-]
-
-TABLES = {"sd3": SD3_TABLE, "flux": FLUX_TABLE}
+TABLES = {name: family.TABLE for name, family in FAMILIES.items()}
 
 
 @dataclass(frozen=True)

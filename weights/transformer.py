@@ -16,7 +16,8 @@ from torch import nn
 
 from .. import fp8 as _fp8
 from .. import ma as _ma
-from ..models.config import FluxConfig, SD3Config
+from ..models.flux import FluxConfig
+from ..models.sd3 import SD3Config
 from ..models import transformer_for
 from . import keymaps
 from .checkpoint import CheckpointError, load_into, mismatches, shard_set

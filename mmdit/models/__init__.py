@@ -1,29 +1,36 @@
 """The transformers, one file per family, and what they share.
 
-    config.py     one config dataclass per family; PRESETS, the official sizes, as data
+    config.py     PRESETS, the official sizes of every family, as data; ``preset()``
     layers.py     embedders, adaLN modulations, the final layer
     attention.py  joint attention, PAG's identity rows, the token layout of sequence parallel
     rows.py       which rows each block runs: DG's fork, SLG's skipped and PAG's perturbed rows
     base.py       what every family shares: ``model.ma`` and ``forward`` -> the family's ``velocity``
-    sd3.py        SD3 / SD3.5 (MMDiT, MMDiT-X)
-    flux.py       FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext)
+    sd3.py        SD3 / SD3.5 (MMDiT, MMDiT-X): its config, presets and model
+    flux.py       FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext): the same
+
+A new family is a new file here (config dataclass, PRESETS, model) and one line in ``MODELS``
+and in ``config.PRESETS``; its checkpoints are a new file in ``weights/families/``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .config import FluxConfig, SD3Config, preset
-from .flux import FluxTransformer
-from .sd3 import SD3Transformer
+from .config import preset
+from .flux import FluxConfig, FluxTransformer
+from .sd3 import SD3Config, SD3Transformer
+
+MODELS = {SD3Config: SD3Transformer, FluxConfig: FluxTransformer}  # config class -> model class
 
 
-def transformer_for(config: SD3Config | FluxConfig) -> nn.Module:
-    """The model class for a config (not initialised beyond torch defaults)."""
-    return SD3Transformer(config) if isinstance(config, SD3Config) else FluxTransformer(config)
+def transformer_for(config) -> nn.Module:
+    """The model for a config (not initialised beyond torch defaults)."""
+    if type(config) not in MODELS:
+        raise ValueError(f"no model for a {type(config).__name__}; known configs: {[c.__name__ for c in MODELS]}")
+    return MODELS[type(config)](config)
 
 
-def build_transformer(name_or_config: str | SD3Config | FluxConfig, *, device=None, dtype=None,
+def build_transformer(name_or_config, *, device=None, dtype=None,
                       **overrides) -> nn.Module:
     """A randomly initialised transformer from a preset name (``"sd3.5-medium"``) or config.
 

@@ -2,6 +2,8 @@
 checkpoints."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,9 +11,76 @@ from torch import nn
 from ..kernels import gated_residual, norm_modulate, qk_norm_rope
 from .attention import gather_tokens, shard_tokens
 from .base import Transformer
-from .config import FluxConfig
 from .layers import FinalLayer, MLPEmbedder, gelu_tanh, modulations, split_heads, timestep_embedding
 from .rows import PLAIN, BlockRows, RowPlan, per_row
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """FLUX.1: double-stream blocks, then single-stream blocks, 3-axis RoPE."""
+
+    num_double: int = 19
+    num_single: int = 38
+    num_heads: int = 24
+    head_dim: int = 128
+    in_channels: int = 64  # 16 latent channels packed 2x2 (+ conditioning: Fill 384, Depth / Canny 128)
+    out_channels: int | None = None  # None: in_channels; 64 for every released FLUX.1
+    context_dim: int = 4096
+    pooled_dim: int = 768
+    guidance_embed: bool = True  # FLUX.1-dev distilled guidance input; schnell has none
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE split of head_dim: (unused, row, col)
+    theta: int = 10000
+    mlp_ratio: float = 4.0
+    family: str = field(default="flux", init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, "
+                             f"but head_dim is {self.head_dim}; they must be equal")
+        if any(d % 2 for d in self.axes_dim):
+            raise ValueError(f"every RoPE axis dim must be even, got {self.axes_dim}")
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        if self.in_channels % 4 or self.out_channels % 4 or self.out_channels > self.in_channels:
+            raise ValueError(f"in_channels={self.in_channels} and out_channels={self.out_channels} must be "
+                             "multiples of 4 (2x2 packing), with out_channels <= in_channels")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def latent_channels(self) -> int:
+        """The latent channels the model denoises (its output); the input may carry more."""
+        return self.out_channels // 4
+
+    @property
+    def condition_channels(self) -> int:
+        """Extra input channels per latent pixel (Fill: masked image + mask; Depth / Canny: control)."""
+        return (self.in_channels - self.out_channels) // 4
+
+    @property
+    def total_blocks(self) -> int:
+        return self.num_double + self.num_single
+
+    def adjust(self, overrides: dict) -> dict:
+        """Overrides of a preset, completed: ``num_layers`` is the total, split like the original (a
+        third double blocks, rounded up); narrower latents (a test model) narrow the output too,
+        wider inputs (Fill, Depth) keep it."""
+        if "num_layers" in overrides:
+            total = overrides.pop("num_layers")
+            overrides.setdefault("num_double", max(1, -(-total // 3)))
+            overrides.setdefault("num_single", total - overrides["num_double"])
+        if "in_channels" in overrides and "out_channels" not in overrides:
+            overrides["out_channels"] = min(self.out_channels, overrides["in_channels"])
+        return overrides
+
+
+PRESETS = {
+    "flux.1-dev": FluxConfig(guidance_embed=True),
+    "flux.1-schnell": FluxConfig(guidance_embed=False),
+}
 
 
 def rope_angles(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:

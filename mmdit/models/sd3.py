@@ -1,15 +1,67 @@
 """SD3 / SD3.5 MMDiT (and MMDiT-X). Module names follow the Stability checkpoints."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from ..kernels import gated_residual, norm_modulate, qk_norm_rope
 from .attention import gather_tokens, shard_tokens
 from .base import Transformer
-from .config import SD3Config
 from .layers import FinalLayer, SequentialEmbedder, gelu_tanh, modulations, split_heads, timestep_embedding
 from .rows import PLAIN, BlockRows, RowPlan
+
+
+@dataclass(frozen=True)
+class SD3Config:
+    """SD3 / SD3.5 MMDiT (and MMDiT-X with dual attention)."""
+
+    num_layers: int = 24
+    num_heads: int = 24
+    head_dim: int = 64
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    pos_embed_max_size: int = 192  # the stored table is (1, M*M, hidden), centre-cropped per image
+    context_dim: int = 4096  # T5 width; CLIP features are zero-padded to it
+    pooled_dim: int = 2048  # CLIP-L pooled (768) ++ CLIP-G projected (1280)
+    qk_norm: bool = False  # RMSNorm(head_dim) on q and k (SD3.5)
+    dual_attention_layers: tuple[int, ...] = ()  # MMDiT-X: extra image-only attention
+    mlp_ratio: float = 4.0
+    family: str = field(default="sd3", init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dual_attention_layers", tuple(sorted(self.dual_attention_layers)))
+        bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"dual_attention_layers {bad} outside 0..{self.num_layers - 1}")
+        if self.num_layers < 1 or self.num_heads < 1 or self.head_dim < 1:
+            raise ValueError(f"num_layers={self.num_layers}, num_heads={self.num_heads}, "
+                             f"head_dim={self.head_dim} must all be >= 1")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def total_blocks(self) -> int:
+        return self.num_layers
+
+    def adjust(self, overrides: dict) -> dict:
+        """Overrides of a preset, completed: ``num_layers`` also trims ``dual_attention_layers``."""
+        if "num_layers" in overrides and "dual_attention_layers" not in overrides:
+            overrides["dual_attention_layers"] = tuple(i for i in self.dual_attention_layers
+                                                       if i < overrides["num_layers"])
+        return overrides
+
+
+PRESETS = {
+    "sd3-medium": SD3Config(num_layers=24, num_heads=24, pos_embed_max_size=192),
+    "sd3.5-medium": SD3Config(num_layers=24, num_heads=24, pos_embed_max_size=384, qk_norm=True,
+                              dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": SD3Config(num_layers=38, num_heads=38, pos_embed_max_size=192, qk_norm=True),
+}
 
 
 class RMSWeight(nn.Module):

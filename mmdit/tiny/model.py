@@ -15,7 +15,7 @@ from torch import nn
 
 from ..encoders.clip import CLIPConfig, CLIPTextEncoder
 from ..ma import MASpec, spec_from_json, spec_to_json
-from ..models.config import SD3Config
+from ..models.sd3 import SD3Config
 from ..models.sd3 import SD3Transformer
 from .wordtok import WordTokenizer
 

@@ -29,7 +29,8 @@ class CompiledTransformer(Denoiser):
     def __call__(self, x, sigma, *inputs, disrupt=None, fork=None, branches=(), **named):
         rows = [None if r is None else row_indices(r, x.shape[0], name)
                 for r, name in ((disrupt, "disrupt"), (fork, "fork"))]  # the rows decide the graph
-        shapes = tuple(tuple(t.shape) for t in (*inputs, *named.values()) if torch.is_tensor(t))
+        tensors = [t for v in (*inputs, *named.values()) for t in (v if isinstance(v, tuple) else (v,))]
+        shapes = tuple(tuple(t.shape) for t in tensors if torch.is_tensor(t))
         plan = tuple((b.source.indices(x.shape[0]), b.perturbation) for b in branches)  # slices hash from 3.12 only
         key = (tuple(x.shape), shapes, *rows, plan)
         kw = dict(disrupt=disrupt, fork=fork, branches=branches, **named)
@@ -37,7 +38,7 @@ class CompiledTransformer(Denoiser):
             torch.compiler.cudagraph_mark_step_begin()
         if key in self.shapes:
             return self.fn(x, sigma, *inputs, **kw)
-        text = next((t.shape[1] for t in (*inputs, *named.values()) if torch.is_tensor(t) and t.dim() == 3), 0)
+        text = next((t.shape[1] for t in tensors if torch.is_tensor(t) and t.dim() == 3), 0)
         print(f"compiling the transformer for {x.shape[0]} rows of {tuple(x.shape[1:])} latents, "
               f"{text} text tokens (once per shape)...", end="", file=sys.stderr, flush=True)
         start = time.perf_counter()

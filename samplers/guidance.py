@@ -57,8 +57,11 @@ def required_inputs(model) -> tuple[str, ...]:
 
 
 def _batch(parts: list[Mapping], key: str, batch: int):
-    """One conditioning input of every part, stacked as the call's rows (numbers and None as they are)."""
+    """One conditioning input of every part, stacked as the call's rows (numbers and None as they
+    are; a tuple of tensors, e.g. reference images, element by element)."""
     values = [p[key] for p in parts]
+    if isinstance(values[0], tuple):
+        return tuple(_batch([{key: v[j]} for v in values], key, batch) for j in range(len(values[0])))
     if not torch.is_tensor(values[0]) or values[0].dim() == 0:
         return values[0]
     shapes = {tuple(v.shape[1:]) for v in values}

@@ -97,7 +97,9 @@ class BranchParallel(Denoiser):
         if self.rank < len(jobs):
             job = jobs[self.rank]
 
-            def rows(t):
+            def rows(t):  # this job's rows of a per-row input (a tensor, or a tuple of them)
+                if isinstance(t, tuple):
+                    return tuple(map(rows, t))
                 return t[job.rows] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == n else t
 
             k = job.rows.stop - job.rows.start

@@ -38,25 +38,36 @@ def gather_tokens(t: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identity=(), q_text: int = 0,
-              k_text: int = 0) -> torch.Tensor:
+              k_text: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v: (B, H, L, Dh) -> (B, L, H*Dh).
 
     ``identity``: (start, stop) row ranges whose image tokens attend to no other image token
     (PAG's perturbed rows); the first ``q_text`` query and ``k_text`` key tokens are text.
+    ``mask``: bool, True = may attend, broadcastable to (B, H, Lq, Lk): e.g. (B, 1, 1, Lk) for the
+    text's padding (its rows follow the batch's: DG's forked rows carry their source's).
     """
     if _LAYOUT is not None:  # sequence parallel: this rank's tokens, every rank's keys
+        if mask is not None:
+            raise ValueError("a model with an attention mask (text padding) does not run with "
+                             "parallel='sequence' (its keys are spread over the ranks); use parallel='branch'")
         return _LAYOUT.attention(q, k, v, identity)
     if not identity:
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-    mask = identity_mask(q.shape[2], k.shape[2], q_text, k_text, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+    pag = identity_mask(q.shape[2], k.shape[2], q_text, k_text, q.device)
     pieces, row = [], 0
     for a, b in [*identity, (q.shape[0], q.shape[0])]:
         if row < a:
-            pieces.append(F.scaled_dot_product_attention(q[row:a], k[row:a], v[row:a]))
+            pieces.append(F.scaled_dot_product_attention(q[row:a], k[row:a], v[row:a], attn_mask=_rows(mask, row, a)))
         if a < b:
-            pieces.append(F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], attn_mask=mask))
+            both = pag if mask is None else pag & _rows(mask, a, b)
+            pieces.append(F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], attn_mask=both))
         row = b
     return torch.cat(pieces).transpose(1, 2).flatten(2)
+
+
+def _rows(mask: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
+    """Rows a..b of a mask with a batch dimension (one of size 1 broadcasts)."""
+    return mask if mask is None or mask.dim() < 4 or mask.shape[0] == 1 else mask[a:b]
 
 
 def identity_mask(q_len: int, k_len: int, q_text: int, k_text: int, device) -> torch.Tensor:

@@ -81,7 +81,9 @@ class Transformer(nn.Module):
         back = [order.index(b) for b in range(B)]
         pick = [torch.tensor(order, device=x.device), torch.tensor(back, device=x.device)]
 
-        def moved(t):
+        def moved(t):  # a per-row input (a tensor, or a tuple of them) in the new row order
+            if isinstance(t, tuple):
+                return tuple(map(moved, t))
             return t.index_select(0, pick[0]) if torch.is_tensor(t) and t.dim() and t.shape[0] == B else t
 
         x, sigma, inputs, named = moved(x), moved(sigma), map(moved, inputs), {k: moved(v) for k, v in named.items()}

@@ -81,10 +81,12 @@ class BlockRows:
     fork: Fork | None = None
     tap: Tap | None = None
 
-    def attention(self, q, k, v, text: int = 0, key_text: int | None = None) -> torch.Tensor:
+    def attention(self, q, k, v, text: int = 0, key_text: int | None = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
         """Joint attention, q, k, v (B, H, L, Dh) -> (B, L, H*Dh); ``text``: leading text tokens
-        of the queries (and of the keys, unless ``key_text`` says otherwise)."""
-        return attention(q, k, v, self.identity, text, text if key_text is None else key_text)
+        of the queries (and of the keys, unless ``key_text`` says otherwise); ``mask``: bool, True =
+        may attend, broadcastable to (B, H, Lq, Lk) (a text padding mask: (B, 1, 1, Lk))."""
+        return attention(q, k, v, self.identity, text, text if key_text is None else key_text, mask)
 
     def residual(self, x, y, gate, stream: str, text_len: int = 0) -> torch.Tensor:
         """The block's last residual, ``x + gate * y``, for one stream ("image", "text" or "joint"

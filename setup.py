@@ -16,7 +16,7 @@ setup(
     },
     package_data={"mmdit.weights": ["*.json", "tiny/*"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # torch.library.triton_op / wrap_triton (the fused kernels under torch.compile)
         "safetensors>=0.4",
         "huggingface_hub>=0.24",  # imported only when a hub repo id is given
         "tokenizers>=0.19",  # imported only when a pipeline with real text encoders loads

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import fields
@@ -40,6 +41,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="mmdit", description=__doc__.splitlines()[0], epilog=EXAMPLES, formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"mmdit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_inspect, _add_analyze, _add_calibrate, _add_train):
         add(sub)
@@ -51,8 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # user-caused: bad path, wrong file, bad settings
         print(f"mmdit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; nothing half-written is left behind
+        print(f"\nmmdit {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         warnings.formatwarning = formatwarning
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmdit-dg")
+    except PackageNotFoundError:  # a plain checkout, not installed
+        return "(not installed)"
 
 
 def _command(sub, name: str, help: str, description: str | None = None):
@@ -84,8 +98,11 @@ def _count(name, low=1, high=None):
 
 def _model_args(p) -> None:
     p.add_argument("--model", default=None,
-                   help="a hub repo id, a diffusers pipeline folder, or a folder written by `mmdit train` "
-                        "(default: the shipped tiny-shapes model)")
+                   help="a hub repo id, a diffusers pipeline folder, a folder written by `mmdit train`, or one "
+                        "transformer file (any layout; with --text-from) (default: the shipped tiny-shapes model)")
+    p.add_argument("--text-from", default=None, metavar="REPO_OR_FOLDER",
+                   help="with --model FILE: the pipeline (repo id or folder) whose text encoders, VAE and scheduler "
+                        "go with it (default: the official repo of the file's preset)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--text-device", default=None, help="where the text encoders run (default: --device)")
@@ -112,7 +129,7 @@ def _pipeline(args):
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return Pipeline.from_pretrained(args.model, dtype=dtype, device=args.device, text_device=args.text_device,
                                     compile=getattr(args, "compile", False), lora=loras, weight_dtype=weight_dtype,
-                                    parallel=getattr(args, "parallel", None))
+                                    parallel=getattr(args, "parallel", None), text_from=args.text_from)
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
@@ -152,6 +169,12 @@ def _prompt_args(p, many: bool) -> None:
                    help="FLUX.1-dev's distilled guidance (default: 3.5; other models have none)")
     p.add_argument("--max-sequence-length", type=_count("max sequence length", 1, 512), default=None,
                    help="T5 tokens (default: 256 for SD3, 512 for FLUX)")
+
+
+def _compile_arg(text: str) -> str:
+    if text != "regional":
+        raise argparse.ArgumentTypeError(f"takes nothing (the whole model) or 'regional', got {text!r}")
+    return text
 
 
 def _interval(name):
@@ -231,8 +254,9 @@ def _add_generate(sub) -> None:
                         "(re-spaced between the default's first and last sigma)")
     p.add_argument("--output", default=None, help="where to write the PNG, its settings in its metadata "
                                                   "(default: out.png)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the transformer (one graph per image size; CUDA graphs on CUDA): "
+    p.add_argument("--compile", nargs="?", const=True, default=False, type=_compile_arg, metavar="regional",
+                   help="compile the transformer: the whole model (one graph per image size; CUDA graphs on CUDA), "
+                        "or `--compile regional`, one compiled block per kind of block (much less compile time): "
                         "the first image at a size waits for the compiler, later ones are faster")
     p.add_argument("--parallel", choices=checks.PARALLEL, default=None,
                    help="under torchrun: each image's steps over all ranks, branch (uncond / cond / DG rows on "
@@ -246,6 +270,8 @@ def _add_generate(sub) -> None:
         guide_settings(args)  # Guidance's own checks, before anything loads
         images = _input_images(args)
         todo = _lines(args) if args.prompts else [(args.prompt, args.seed, Path(args.output or "out.png"))]
+        if args.prompts and not _left_to_draw(args, todo):
+            return
         rank, size = parallel.init(args.device)
         try:
             _generate(args, images, todo, rank, size)
@@ -278,6 +304,34 @@ def _generate(args, images: dict, todo: list, rank: int, size: int) -> None:
                                                        f"({time.perf_counter() - start:.1f}s)")
 
 
+def _left_to_draw(args, todo: list) -> int:
+    """Say what a --prompts run will do before anything loads; the number of images left to draw."""
+    if not todo:
+        print(f"0 prompts in {args.prompts} (every line is blank): nothing to draw", file=sys.stderr)
+        return 0
+    there = sum(path.exists() for _, _, path in todo)
+    left = len(todo) - there
+    if there:
+        print(f"{there} of {len(todo)} images already in {args.outdir}" +
+              (f"; drawing the other {left}" if left else ": nothing to draw"), file=sys.stderr)
+    return left
+
+
+def _writable(folder: Path, flag: str) -> None:
+    """One clear error, before anything loads, when the output can't be written to ``folder``."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag}: {existing} is a file, not a folder; choose another output path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: can't write in {existing} ({e.strerror or e}); choose a folder you can write "
+                         "to") from None
+
+
 def _check_outputs(args) -> None:
     """--prompt with --output, or --prompts with --outdir: checked before anything loads."""
     if (args.prompt is None) == (args.prompts is None):
@@ -287,6 +341,7 @@ def _check_outputs(args) -> None:
             raise ValueError("--prompts writes one PNG per line into --outdir DIR (not --output)")
         if not args.prompts.is_file():
             raise ValueError(f"--prompts {str(args.prompts)!r}: no such file")
+        _writable(args.outdir, "--outdir")
         return
     if args.outdir is not None:
         raise ValueError("--outdir goes with --prompts FILE; for one image give --output FILE.png")
@@ -295,6 +350,7 @@ def _check_outputs(args) -> None:
         raise ValueError(f"--output must name a .png file, got {output!r}")
     if Path(output).is_dir():
         raise ValueError(f"--output {output!r} is a folder; name a .png file")
+    _writable(Path(output).parent, "--output")
 
 
 def _lines(args) -> list[tuple[str, int, Path]]:
@@ -334,8 +390,11 @@ def _draw(pipe, args, images: dict, height, width, prompt: str, seed: int, path:
     info.add_text("mmdit", json.dumps(settings))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
-    image.save(partial, format="PNG", pnginfo=info)
-    os.replace(partial, path)
+    try:
+        image.save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, path)
+    finally:  # interrupted or failed: no half-written file stays
+        partial.unlink(missing_ok=True)
     if args.prompts is None:
         print(f"wrote {path} ({width}x{height})")
 

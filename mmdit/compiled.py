@@ -1,4 +1,5 @@
-"""A transformer compiled for sampling: one graph per input shape, CUDA graphs on GPUs."""
+"""A transformer compiled for sampling: the whole model as one graph per input shape (CUDA graphs
+on GPUs), or regionally, one compiled block of each kind reused by every block of that kind."""
 from __future__ import annotations
 
 import sys
@@ -18,12 +19,13 @@ class CompiledTransformer(Denoiser):
     shape says so on stderr, with the time it took.
     """
 
-    def __init__(self, model: torch.nn.Module, cuda_graphs: bool | None = None):
+    def __init__(self, model: torch.nn.Module, cuda_graphs: bool | None = None, **options):
+        """``options`` go to torch.compile (``backend=``, ...)."""
         super().__init__(model)
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         mode = "reduce-overhead" if self.cuda_graphs else None
-        self.fn = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
+        self.fn = torch.compile(model, fullgraph=True, dynamic=False, mode=mode, **options)
         self.shapes = set()
 
     def __call__(self, x, sigma, *inputs, disrupt=None, fork=None, branches=(), **named):
@@ -47,3 +49,22 @@ class CompiledTransformer(Denoiser):
         self.shapes.add(key)
         return out
 
+
+COMPILE_MODES = (False, True, "regional")
+
+
+def compile_mode(value) -> bool | str:
+    """``compile=`` checked: False, True (the whole model) or "regional" (block by block)."""
+    if value not in COMPILE_MODES or (value is not True and value is not False and not isinstance(value, str)):
+        raise ValueError(f"compile must be False, True or 'regional', got {value!r}")
+    return value
+
+
+def compile_regional(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """Compile every block in place (``nn.Module.compile``, fullgraph): blocks of one kind share the
+    compiled code (their weights are inputs of the graph), so a 24-block model compiles about one
+    block per kind, and per variant (the DG fork block, SLG / PAG rows) once. The row planning between
+    blocks stays eager. Returns ``model``; ``options`` go to torch.compile."""
+    for block in model.blocks():
+        block.compile(fullgraph=True, dynamic=False, **options)
+    return model

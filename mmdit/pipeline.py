@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from . import checks, image_modes, ma
-from .compiled import CompiledTransformer
+from .compiled import CompiledTransformer, compile_mode, compile_regional
 from .lora import apply_lora
 from .ma import MASpec
+from .models.attention import sdpa_backends
 from .samplers import Guidance, default_layers, flux_sigmas, sd3_sigmas
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
@@ -24,6 +25,11 @@ from .weights.transformer import load_transformer
 # The diffusers pipelines' defaults (docs/architecture.md, "Text conditioning").
 DEFAULTS = {"sd3": dict(steps=28, cfg=7.0, max_sequence_length=256, size=1024),
             "flux": dict(steps=28, cfg=1.0, guidance=3.5, max_sequence_length=512, size=1024)}
+# The diffusers repos whose text encoders, tokenizers, VAE and scheduler go with a single transformer file.
+OFFICIAL_REPOS = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+                  "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+                  "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+                  "flux.1-dev": "black-forest-labs/FLUX.1-dev", "flux.1-schnell": "black-forest-labs/FLUX.1-schnell"}
 PIPELINE_FILES = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder*/*", "tokenizer*/*"]
 
 
@@ -94,21 +100,26 @@ class Pipeline:
     """``images = pipe(prompt, negative_prompt="", steps=28, cfg=..., dg=..., seed=0)``."""
 
     def __init__(self, transformer, text, vae, family: str, scheduler: dict | None = None,
-                 defaults: dict | None = None, compile: bool = False, parallel: str | None = None):
+                 defaults: dict | None = None, compile: bool | str = False, parallel: str | None = None):
         """``compile=True``: sample with the transformer compiled as one graph per shape
         (``torch.compile(fullgraph=True)``; CUDA graphs on CUDA): the first call at a new size
-        compiles (seconds to minutes), later ones are faster. ``parallel``: "branch", "sequence"
+        compiles (seconds to minutes), later ones are faster. ``compile="regional"``: each block
+        compiled in place, one per kind of block (``compiled.compile_regional``): far less compile
+        time, a little less speed. ``parallel``: "branch", "sequence"
         or "branch+sequence" splits each image's steps over the ranks of the default process group
         (``mmdit.distributed``; joined from torchrun's environment); one process: no change."""
         from . import distributed as ranks
 
         if parallel is not None and parallel not in ranks.MODES:
             raise ValueError(f"parallel={parallel!r}: use one of {ranks.MODES} (or None)")
-        if compile and parallel is not None and "sequence" in parallel:
+        compile = compile_mode(compile)
+        if compile is True and parallel is not None and "sequence" in parallel:
             raise ValueError(f"compile=True with parallel={parallel!r} is not supported (its all-to-alls are outside "
                              "the compiled graph); use parallel='branch', whose gather is outside the model")
         self.transformer, self.text, self.vae = transformer, text, vae
-        self.denoiser = CompiledTransformer(transformer) if compile else transformer
+        if compile == "regional":
+            compile_regional(transformer)
+        self.denoiser = CompiledTransformer(transformer) if compile is True else transformer
         if parallel is not None:
             ranks.init(str(next(transformer.parameters()).device))
             self.denoiser = ranks.wrap(self.denoiser, parallel, transformer)
@@ -119,7 +130,7 @@ class Pipeline:
         self.kontext = False  # a FLUX.1 Kontext model: image= is the reference to edit (same shapes as dev)
 
     @classmethod
-    def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool = False, *,
+    def tiny(cls, folder: str | os.PathLike | None = None, device="cpu", compile: bool | str = False, *,
              lora: list[tuple] | None = None, weight_dtype: torch.dtype | None = None,
              parallel: str | None = None) -> Pipeline:
         """The project's own small pixel-space model (default: the one shipped in the package).
@@ -137,10 +148,14 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
                         text_device=None, revision: str | None = None, token=None,
-                        compile: bool = False, lora: list[tuple] | None = None,
-                        weight_dtype: torch.dtype | None = None, parallel: str | None = None) -> Pipeline:
-        """An SD3 / SD3.5 / FLUX diffusers repo id or folder (model_index.json + components), or a
-        folder written by ``mmdit train`` (a tiny model).
+                        compile: bool | str = False, lora: list[tuple] | None = None,
+                        weight_dtype: torch.dtype | None = None, parallel: str | None = None,
+                        text_from: str | os.PathLike | None = None) -> Pipeline:
+        """A diffusers repo id or pipeline folder (model_index.json + components), a folder written
+        by ``mmdit train`` (a tiny model), or one transformer file (any layout ``load_transformer``
+        reads, as ComfyUI users hold them) whose text encoders, tokenizers, VAE and scheduler come
+        from ``text_from`` (a repo id or pipeline folder; default: the official repo of the file's
+        preset, ``OFFICIAL_REPOS``), said on stderr.
 
         ``text_device``: where the text encoders run (default: ``device``); "cpu" keeps
         them off the GPU. ``lora``: ``[(path or state dict, scale), ...]`` applied to the
@@ -159,9 +174,17 @@ class Pipeline:
         if is_tiny_folder(source):  # written by `mmdit train`
             return cls.tiny(source, device=device, compile=compile, lora=lora, weight_dtype=weight_dtype,
                             parallel=parallel)
-        root = _pipeline_folder(source, revision, token)
+        if Path(source).expanduser().is_file() or text_from is not None:  # one transformer file + the rest
+            transformer = load_transformer(source, dtype=dtype, device=device, weight_dtype=weight_dtype,
+                                           revision=revision, token=token)
+            text_from = text_from if text_from is not None else _official_repo(transformer, source)
+            root = _pipeline_folder(text_from, revision, token, transformer=False)
+            print(f"text encoders, VAE and scheduler from {text_from}", file=sys.stderr, flush=True)
+        else:
+            root = _pipeline_folder(source, revision, token)
+            transformer = load_transformer(root / "transformer", dtype=dtype, device=device,
+                                           weight_dtype=weight_dtype)
         index = read_json(root / "model_index.json")
-        transformer = load_transformer(root / "transformer", dtype=dtype, device=device, weight_dtype=weight_dtype)
         _adapt(transformer, lora, None)
         family = transformer.config.family
         text_device = text_device or device
@@ -319,8 +342,9 @@ class Pipeline:
         if guide.dg != 0.0:
             image_modes.check_dg(self.transformer, plan)
             self.ensure_ma(cond, latents, sigmas, guidance)
-        x = image_modes.denoise(self.denoiser, plan, latents, sigmas, cond, uncond, guide=guide, guidance=guidance,
-                                progress=progress, callback=callback, sampler=sampler)
+        with sdpa_backends(device):
+            x = image_modes.denoise(self.denoiser, plan, latents, sigmas, cond, uncond, guide=guide,
+                                    guidance=guidance, progress=progress, callback=callback, sampler=sampler)
         if output == "latent":
             return x
         images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
@@ -433,19 +457,30 @@ def _where(module) -> tuple[torch.device, torch.dtype]:
 
 
 def is_tiny_folder(source) -> bool:
-    """A folder in the tiny model's format (``mmdit.tiny.save_tiny``)."""
-    path = Path(source).expanduser() / "config.json"
-    if not path.is_file():
+    """A folder in the tiny model's format (``mmdit.tiny.save_tiny``): a config.json without a
+    model_index.json beside it. Its config.json that is not JSON is one clear error."""
+    folder = Path(source).expanduser()
+    path = folder / "config.json"
+    if not path.is_file() or (folder / "model_index.json").is_file():
         return False
     from .tiny.model import FORMAT
 
-    try:
-        return read_json(path).get("format") == FORMAT
-    except (ValueError, AttributeError):
-        return False
+    data = read_json(path)  # CheckpointError naming the file when it is not JSON
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def _pipeline_folder(source, revision, token) -> Path:
+def _official_repo(transformer, source) -> str:
+    """The hub repo whose text encoders and VAE go with a transformer file of an official preset."""
+    preset = getattr(getattr(transformer, "detected", None), "preset", None)
+    if preset not in OFFICIAL_REPOS:
+        raise CheckpointError(f"{source} is a transformer of no official preset ({preset or 'a custom config'}), so "
+                              "the text encoders and VAE it needs are not known: pass text_from= (CLI: --text-from "
+                              "REPO_OR_FOLDER), a diffusers pipeline folder or repo id of the same family")
+    return OFFICIAL_REPOS[preset]
+
+
+def _pipeline_folder(source, revision, token, transformer: bool = True) -> Path:
+    """A local pipeline folder, or a hub repo's snapshot (without transformer/ when ``transformer`` is False)."""
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -453,8 +488,8 @@ def _pipeline_folder(source, revision, token) -> Path:
                                   "pass the folder that holds model_index.json, transformer/, vae/, ...")
         return path
     if path.exists():
-        raise CheckpointError(f"{source} is a file, not a pipeline folder; "
-                              "use mmdit.load_transformer for single-file transformers")
+        raise CheckpointError(f"{source} is a file, not a pipeline folder: give a diffusers pipeline folder or repo "
+                              "id for the text encoders and VAE")
     if not REPO_ID.match(str(source)):
         raise CheckpointError(f"{source} does not exist (and is not a hub repo id like 'org/name')")
     import huggingface_hub
@@ -463,8 +498,9 @@ def _pipeline_folder(source, revision, token) -> Path:
     from .weights.hub import cache_dir, offline
 
     try:
+        patterns = PIPELINE_FILES if transformer else [p for p in PIPELINE_FILES if not p.startswith("transformer")]
         folder = huggingface_hub.snapshot_download(str(source), revision=revision, token=token,
-                                                   cache_dir=cache_dir(), allow_patterns=PIPELINE_FILES,
+                                                   cache_dir=cache_dir(), allow_patterns=patterns,
                                                    local_files_only=offline())
     except (hf_errors.LocalEntryNotFoundError, hf_errors.IncompleteSnapshotError):
         raise CheckpointError(f"{source} is not in the local Hugging Face cache ({cache_dir()}) and "
@@ -472,4 +508,4 @@ def _pipeline_folder(source, revision, token) -> Path:
                               "download it once with network access or pass a local folder") from None
     except hf_errors.RepositoryNotFoundError:
         raise CheckpointError(f"{source} is neither a local folder nor a Hugging Face repo you can access") from None
-    return _pipeline_folder(folder, revision, token)
+    return _pipeline_folder(folder, revision, token, transformer)

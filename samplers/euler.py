@@ -105,11 +105,13 @@ class _StepReport:
             replaced = self.callback(i, sigma_next, x)
             x = replaced if torch.is_tensor(replaced) else x
         if self.progress:
-            elapsed = time.perf_counter() - self.start
-            print(f"\rstep {i + 1}/{self.steps}  sigma {sigma_next:.4f}  {elapsed:.1f}s", end="",
-                  file=sys.stderr, flush=True)
+            line = f"step {i + 1}/{self.steps}  sigma {sigma_next:.4f}  {time.perf_counter() - self.start:.1f}s"
+            if sys.stderr.isatty():  # one line, updated in place
+                print(f"\r{line}", end="", file=sys.stderr, flush=True)
+            elif (i + 1) % max(1, self.steps // 10) == 0 or i + 1 == self.steps:  # a log file: about ten lines
+                print(line, file=sys.stderr, flush=True)
         return x
 
     def close(self) -> None:
-        if self.progress:
+        if self.progress and sys.stderr.isatty():
             print(file=sys.stderr)

@@ -13,6 +13,8 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: cold compiles, several processes, subprocesses "
+                                       "(`bash run.sh test -m 'not slow'` leaves them out; CI runs everything)")
 
 
 def pytest_collection_modifyitems(config, items):

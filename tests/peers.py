@@ -19,6 +19,7 @@ from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import save_file
 
+from helpers import write_clip_tokenizer, write_t5_tokenizer
 from mmdit.weights import keymaps
 
 STD = 0.05  # noise added to every weight and buffer, so zero/one inits don't hide wiring mistakes
@@ -246,3 +247,84 @@ def full_size(name: str):
     with torch.device("meta"):
         peer = cls(**kw)
     return dict(peer.state_dict()), dict(peer.config)
+
+
+# ---- tiny diffusers pipeline folders (SD3, FLUX.1) -----------------------------------------
+
+PROMPTS = ["a photo of an astronaut riding a horse on mars!", "the quick brown fox"]
+T5_LEN = 12  # max_sequence_length, short to keep the test fast
+H, W = 32, 24  # pixels; the tiny VAE downsamples 2x, so 16x12 latents
+
+
+def clip(width, projection, vocab, seed):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=width,
+                         hidden_act="quick_gelu" if projection else "gelu", bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return randomize(cls(cfg).eval(), seed, std=0.2)
+
+
+def t5(d_model, vocab, seed):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+    return randomize(T5EncoderModel(cfg).eval(), seed, std=0.2)
+
+
+def vae(scaling, shift, seed):
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                          scaling_factor=scaling, shift_factor=shift)
+    return randomize(model.eval(), seed, std=0.1)
+
+
+def tokenizer_files(root, names_pads):
+    for name, pad in names_pads:
+        write_clip_tokenizer(root / name, pad=pad) if pad else write_t5_tokenizer(root / name)
+
+
+def sd3_folder(root, **transformer):
+    """A tiny SD3.5-medium-like pipeline (dual attention in block 0, qk norm); ``transformer``
+    overrides the transformer's config (e.g. SD3-medium: no qk norm, no dual attention)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    tokenizer_files(root / "tok", [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"), ("tokenizer_3", None)])
+    toks = [CLIPTokenizer.from_pretrained(root / "tok/tokenizer"), CLIPTokenizer.from_pretrained(root / "tok/tokenizer_2"),
+            T5TokenizerFast.from_pretrained(root / "tok/tokenizer_3")]
+    config = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=80, caption_projection_dim=32, pooled_projection_dim=64,
+                  out_channels=16, pos_embed_max_size=12, dual_attention_layers=(0,), qk_norm="rms_norm")
+    transformer = SD3Transformer2DModel(**{**config, **transformer})
+    pipe = StableDiffusion3Pipeline(
+        transformer=randomize(transformer.eval(), 1), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae(1.5305, 0.0609, 2), text_encoder=clip(32, True, len(toks[0]), 3), tokenizer=toks[0],
+        text_encoder_2=clip(32, True, len(toks[1]), 4), tokenizer_2=toks[1],
+        text_encoder_3=t5(80, len(toks[2]), 5), tokenizer_3=toks[2])
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe", pipe
+
+
+def flux_folder(root):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    tokenizer_files(root / "tok", [("tokenizer", "<|endoftext|>"), ("tokenizer_2", None)])
+    toks = [CLIPTokenizer.from_pretrained(root / "tok/tokenizer"), T5TokenizerFast.from_pretrained(root / "tok/tokenizer_2")]
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=40,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=randomize(transformer.eval(), 1), scheduler=scheduler,
+                        vae=vae(0.3611, 0.1159, 2), text_encoder=clip(32, False, len(toks[0]), 3), tokenizer=toks[0],
+                        text_encoder_2=t5(40, len(toks[1]), 5), tokenizer_2=toks[1])
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe", pipe

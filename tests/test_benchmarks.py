@@ -18,6 +18,8 @@ import kernel_speed  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles, several processes or subprocesses
+
 TINY = {
     "sd3": ["--preset", "sd3.5-medium", "--num-layers", "2", "--set", "pos_embed_max_size=16",
             "--set", "dual_attention_layers=(0,)"],
@@ -127,3 +129,14 @@ def test_guidance_compare_writes_a_contact_sheet_and_detail_numbers(tmp_path, ca
 def test_default_slg_layers_start_at_30_percent_and_spare_the_last_block(total, layers):
     assert common.slg_layers(total) == layers
     assert common.slg_layers(total, "3,5") == (3, 5)
+
+
+def test_regional_compile_script_times_each_way_and_matches_eager(tmp_path, capsys):
+    import regional_compile
+
+    out = regional_compile.run(regional_compile.parse(["--layers", "3", "--heads", "1", "--size", "4",
+                                                       "--text-len", "4", "--steps", "1",
+                                                       "--backend", "aot_eager", "--json", str(tmp_path / "rc.json")]))
+    assert set(out["ways"]) == {"eager", "whole", "regional"} and out["blocks"] == 3
+    assert all(w["rel_err_vs_eager"] <= 1e-5 and w["step_ms"] > 0 for w in out["ways"].values())
+    assert json.loads((tmp_path / "rc.json").read_text())["ways"]["regional"]["first_step_s"] > 0

@@ -9,42 +9,10 @@ import torch
 import mmdit
 from mmdit.models.rows import BlockRows
 from mmdit.branches import Branch, IdentityAttention, MADisruption, SkipLayers
-from test_models import TOL, inputs, tiny
+from helpers import TOL, inputs, rel_err, tiny
 
 # Tiny models: SD3 3 joint blocks (block 0 dual attention, block 2 the last); FLUX 2 double + 2 single.
 LAYERS = {"sd3": [(0,), (1, 2), (2,)], "flux": [(0,), (1, 2), (2, 3), (3,)]}
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def skipped(model, layers):
-    """A copy of ``model`` whose listed blocks return their input."""
-    model = copy.deepcopy(model)
-    blocks = list(model.joint_blocks) if model.config.family == "sd3" else \
-        [*model.double_blocks, *model.single_blocks]
-    for i in layers:
-        block = blocks[i]
-        if model.config.family == "sd3":
-            last = block.context_block.pre_only
-            block.forward = lambda ctx, x, c, rows=None, last=last: (None if last else ctx, x)
-        elif i < model.config.num_double:
-            block.forward = lambda img, txt, *rest, rows=None: (img, txt)
-        else:
-            block.forward = lambda x, *rest, rows=None: x
-    return model
-
-
-def identity_everywhere(model, layers, rows):
-    """A copy of ``model`` whose listed blocks give every one of its ``rows`` rows identity attention."""
-    model = copy.deepcopy(model)
-    blocks = list(model.joint_blocks) if model.config.family == "sd3" else \
-        [*model.double_blocks, *model.single_blocks]
-    for i in layers:
-        original = blocks[i].forward
-        blocks[i].forward = lambda *args, original=original, **kw: original(*args, rows=BlockRows(((0, rows),)))
-    return model
 
 
 def source_rows(t, src):
@@ -66,10 +34,10 @@ def test_each_branch_equals_a_separate_perturbed_forward(family):
             skip_ref = skipped(model, layers)(*sub[:4], guidance=sub[4])
             pag_ref = identity_everywhere(model, layers, 2)(*sub[:4], guidance=sub[4])
         assert out.shape[0] == 3 + 2 + 2
-        assert rel(out[:3], plain) <= TOL, layers
-        assert rel(out[3:5], skip_ref) <= TOL, layers
-        assert rel(out[5:7], pag_ref) <= TOL, layers
-        assert rel(out[3:5], plain[src]) > 1e-3 and rel(out[5:7], plain[src]) > 1e-3  # they do something
+        assert rel_err(out[:3], plain) <= TOL, layers
+        assert rel_err(out[3:5], skip_ref) <= TOL, layers
+        assert rel_err(out[5:7], pag_ref) <= TOL, layers
+        assert rel_err(out[3:5], plain[src]) > 1e-3 and rel_err(out[5:7], plain[src]) > 1e-3  # they do something
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -90,9 +58,9 @@ def test_dg_slg_pag_in_one_call_equal_each_alone(family):
                  model(x, sigma, ctx, pooled, guidance=g, branches=branches[2:])[2:]]
         plain = model(x, sigma, ctx, pooled, guidance=g)
     assert out.shape[0] == 5
-    assert rel(out[:2], plain) <= TOL
+    assert rel_err(out[:2], plain) <= TOL
     for i, ref in enumerate(alone):
-        assert rel(out[2 + i:3 + i], ref) <= TOL, i
+        assert rel_err(out[2 + i:3 + i], ref) <= TOL, i
 
 
 def test_fork_keeps_its_meaning_beside_other_branches():
@@ -104,7 +72,7 @@ def test_fork_keeps_its_meaning_beside_other_branches():
         both = model(x, sigma, ctx, pooled, fork=slice(2, 3), branches=(Branch(slice(0, 1), SkipLayers((1,))),))
         fork = model(x, sigma, ctx, pooled, fork=slice(2, 3))
         skip = model(x, sigma, ctx, pooled, branches=(Branch(slice(0, 1), SkipLayers((1,))),))
-    assert rel(both[:4], fork) <= TOL and rel(both[4:], skip[3:]) <= TOL
+    assert rel_err(both[:4], fork) <= TOL and rel_err(both[4:], skip[3:]) <= TOL
 
 
 def test_open_ended_source_slices_resolve_against_the_batch():

@@ -78,6 +78,7 @@ def test_calibrate_stores_the_spec_in_a_tiny_folder(tmp_path, capsys):
     assert list(spec.channels) == after["ma_calibration"]["spec"]["channels"]
 
 
+@pytest.mark.slow
 def test_generate_compiled_equals_eager_and_says_it_compiles(tmp_path, capsys):
     """--compile: the transformer compiled once for the step's shape (CFG+DG: one graph with the
     fork), the same image as eager up to compiler rounding."""

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from helpers_encoders import rel_err, save_safetensors
+from helpers import rel_err, save_safetensors
 from mmdit.encoders.clip import CLIP_PRESETS, CLIPConfig, CLIPTextEncoder, clip_config
 from mmdit.weights.checkpoint import CheckpointError
 from mmdit.weights.encoders import load_text_encoder

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # compiles, several processes or subprocesses
+
 SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
 KERNELS = {f"_{op}_{way}_kernel" for op in ("norm_modulate", "gated_residual", "qk_norm_rope") for way in ("fwd", "bwd")}
 ARCHS = (80, 90)

@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 from mmdit import tiny, train
 from mmdit.tiny import recipe, shapes
 
+pytestmark = pytest.mark.slow  # compiles, several processes or subprocesses
+
 WORLD = 2
 BATCH = 4  # per step, over both ranks
 STEPS = 2

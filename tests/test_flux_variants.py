@@ -122,6 +122,7 @@ def test_wrong_input_channels_is_one_clear_error():
         model(torch.randn(1, 16, 4, 4), 0.5, torch.randn(1, 3, 8), torch.randn(1, 8), guidance=3.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_channels, refs", [(384, 0), (64, 1)])
 def test_fill_and_kontext_forward_with_the_fork_is_one_graph(in_channels, refs):
     """The conditioning channels and the reference tokens add no graph break or host sync."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mmdit
-from test_models import TOL, inputs, tiny
+from helpers import TOL, inputs, rel_err, tiny
 
 # (family, fork block, streams): SD3 middle and last block; FLUX double, first single, last single.
 CASES = [("sd3", 1, ("image",)), ("sd3", 2, ("image",)), ("sd3", 1, ("image", "text")),
@@ -19,9 +19,6 @@ def with_spec(family, block, streams, rho=0.0, token_mask=None):
     return model
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
 
 @pytest.mark.parametrize("family,block,streams", CASES)
 def test_fork_rows_equal_disrupted_rows_and_kept_rows_equal_plain(family, block, streams):
@@ -33,9 +30,9 @@ def test_fork_rows_equal_disrupted_rows_and_kept_rows_equal_plain(family, block,
         forked = model(x, sigma, ctx, pooled, guidance=g, fork=fork)
         disrupted = model(x, sigma, ctx, pooled, guidance=g, disrupt=torch.ones(3, dtype=torch.bool))
     assert forked.shape[0] == 5
-    assert rel(forked[:3], plain) <= TOL
-    assert rel(forked[3:], disrupted[fork]) <= TOL
-    assert rel(disrupted, plain) > 1e-3  # the disruption does something
+    assert rel_err(forked[:3], plain) <= TOL
+    assert rel_err(forked[3:], disrupted[fork]) <= TOL
+    assert rel_err(disrupted, plain) > 1e-3  # the disruption does something
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -48,9 +45,9 @@ def test_disrupt_touches_only_its_rows_and_rho_one_is_identity(family):
         some = model(x, sigma, ctx, pooled, guidance=g, disrupt=rows)
         model.ma = replace(model.ma, rho=1.0)
         identity = model(x, sigma, ctx, pooled, guidance=g, disrupt=rows)
-    assert rel(some[1], plain[1]) <= TOL
-    assert rel(some[0], plain[0]) > 1e-3 and rel(some[2], plain[2]) > 1e-3
-    assert rel(identity, plain) <= TOL
+    assert rel_err(some[1], plain[1]) <= TOL
+    assert rel_err(some[0], plain[0]) > 1e-3 and rel_err(some[2], plain[2]) > 1e-3
+    assert rel_err(identity, plain) <= TOL
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -64,8 +61,8 @@ def test_token_mask_limits_the_disruption_to_its_tokens(family):
         masked_out = model(x, sigma, ctx, pooled, guidance=g, disrupt=torch.ones(3, dtype=torch.bool))
         model.ma = replace(model.ma, token_mask=torch.arange(N) < N // 2)
         half = model(x, sigma, ctx, pooled, guidance=g, disrupt=torch.ones(3, dtype=torch.bool))
-    assert rel(masked_out, plain) <= TOL
-    assert rel(half, plain) > 1e-3
+    assert rel_err(masked_out, plain) <= TOL
+    assert rel_err(half, plain) > 1e-3
 
 
 def test_fork_without_spec_or_with_both_masks_is_a_clear_error():

@@ -7,9 +7,9 @@ import torch
 import mmdit
 from mmdit.samplers import APG, Guidance, GuidanceState, sample, sd3_sigmas
 from mmdit.samplers.guidance import _cfg
-from test_branches import identity_everywhere, skipped
-from test_models import inputs, tiny
-from test_sampler import Recorder
+from helpers import identity_everywhere, skipped
+from helpers import inputs, rel_err, tiny
+from helpers import Recorder
 
 FORMULA_TOL = 1e-6  # our combination vs diffusers' on the same fp32 tensors, relative
 LOOP_TOL = 1e-4  # batched sampler vs separate calls, fp32 latents

@@ -13,7 +13,7 @@ from PIL import Image
 
 import mmdit
 from peers import pack, randomize
-from test_pipeline import PROMPTS, T5_LEN, flux_folder, sd3_folder
+from peers import PROMPTS, T5_LEN, flux_folder, sd3_folder
 
 PIXEL_TOL = 1e-3
 H, W = 32, 24  # pixels; the tiny VAE downsamples 2x

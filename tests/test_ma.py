@@ -5,32 +5,8 @@ import pytest
 import torch
 
 import mmdit
+from helpers import MA_TINY, PLANTED, planted
 from mmdit import ma
-
-TINY = {
-    "sd3": ("sd3.5-medium", dict(num_layers=4, num_heads=2, head_dim=32, context_dim=32, pooled_dim=24)),
-    "flux": ("flux.1-dev", dict(num_double=2, num_single=2, num_heads=2, head_dim=32, axes_dim=(8, 12, 12),
-                                context_dim=32, pooled_dim=24)),
-}
-PLANTED = 41  # channel of the 64-wide hidden state
-BIAS = 300.0  # typical |h| of the random model is ~1
-
-
-def tiny(family, plant=True):
-    torch.manual_seed(0)
-    name, kw = TINY[family]
-    model = mmdit.build_transformer(name, **kw).eval()
-    if plant:  # a huge fc2 bias in one channel of the first block's image MLP, its gate opened to 1
-        D = model.config.hidden_size
-        if family == "sd3":
-            fc2, ada = model.joint_blocks[0].x_block.mlp.fc2, model.joint_blocks[0].x_block.adaLN_modulation[1]
-        else:
-            fc2, ada = model.double_blocks[0].img_mlp[2], model.double_blocks[0].img_mod.lin
-        with torch.no_grad():
-            fc2.bias[PLANTED] = BIAS
-            ada.weight[5 * D + PLANTED] = 0.0  # gate_mlp is the 6th chunk
-            ada.bias[5 * D + PLANTED] = 1.0
-    return model
 
 
 def samples(model, n=3, B=2, seed=1):
@@ -45,9 +21,9 @@ def samples(model, n=3, B=2, seed=1):
     return out
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("family", sorted(MA_TINY))
 def test_probe_shapes_and_gate(family):
-    model = tiny(family)
+    model = planted(family)
     x, sigma, ctx, pooled, *g = samples(model, n=1)[0]
     rec = ma.probe(model, x, sigma, ctx, pooled, *g)
     K, D = model.config.total_blocks, model.config.hidden_size
@@ -66,9 +42,9 @@ def test_probe_shapes_and_gate(family):
     assert rec.rows(slice(0, 1)).image_mean.shape == (K, 1, D)
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("family", sorted(MA_TINY))
 def test_calibrate_finds_planted_channel_and_control(family):
-    model = tiny(family)
+    model = planted(family)
     cal = ma.find_massive(model, samples(model))
     m = ma.default_block(model.config)
     assert cal.spec.block == m and cal.spec.rho == 0.0
@@ -88,7 +64,7 @@ def test_calibrate_finds_planted_channel_and_control(family):
 
 
 def test_no_massive_channel_is_a_clear_error():
-    model = tiny("sd3", plant=False)
+    model = planted("sd3", plant=False)
     with pytest.raises(ValueError, match="no massive channel at block 2"):
         ma.calibrate(model, samples(model, n=1))
     with pytest.raises(ValueError, match="rule"):
@@ -154,7 +130,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
 
 def test_calibration_saved_with_table(tmp_path, monkeypatch):
     monkeypatch.setenv("MMDIT_CACHE", str(tmp_path))
-    model = tiny("flux")
+    model = planted("flux")
     cal = ma.find_massive(model, samples(model, n=1), block=0, top_k=3)
     path = ma.save_spec(cal.spec, "k" * 64, calibration=cal)
     data = json.loads(path.read_text())
@@ -163,12 +139,12 @@ def test_calibration_saved_with_table(tmp_path, monkeypatch):
     assert f"{PLANTED} (" in cal.summary() and "<- fork block m" in cal.summary()
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("family", sorted(MA_TINY))
 def test_analysis_report_and_plots(family, tmp_path):
     pytest.importorskip("matplotlib")
     from mmdit.ma import report as ma_report
 
-    model = tiny(family)
+    model = planted(family)
     g = torch.Generator().manual_seed(5)
     cfg = model.config
 
@@ -195,7 +171,7 @@ def test_run_calibrate_saves(tmp_path, monkeypatch):
     from mmdit.ma import report as ma_report
 
     monkeypatch.setenv("MMDIT_CACHE", str(tmp_path))
-    model = tiny("sd3")
+    model = planted("sd3")
     conds = {"p": (torch.randn(1, 5, 32), torch.randn(1, 24))}
     cal = ma_report.run_calibrate(model, conds, key="abc", steps=4, height=64, width=64, every=2)
     assert cal.spec.channels == (PLANTED,) and cal.samples == 2
@@ -210,7 +186,7 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    model = tiny("sd3")
+    model = planted("sd3")
     x, sigma, ctx, pooled = samples(model, n=1)[0]
     with pytest.raises(ImportError, match="pip install"):
         ma_report.analyze(model, {("p", 0.5): (x, ctx, pooled)}, tmp_path, control=False)

@@ -12,35 +12,6 @@ OFFICIAL_PARAMS = {
     "flux.1-dev": 11_901_408_320,
     "flux.1-schnell": 11_891_178_560,
 }
-TINY = {
-    "sd3": dict(name="sd3.5-medium", num_layers=3, num_heads=2, head_dim=16, context_dim=24,
-                pooled_dim=20, pos_embed_max_size=16, dual_attention_layers=(0,)),
-    "flux": dict(name="flux.1-dev", num_double=2, num_single=2, num_heads=2, head_dim=16,
-                 axes_dim=(4, 6, 6), context_dim=24, pooled_dim=20),
-}
-TOL = 1e-5  # fp32, same computation path
-
-
-def tiny(family, **extra):
-    kw = dict(TINY[family], **extra)
-    torch.manual_seed(0)
-    model = mmdit.build_transformer(kw.pop("name"), **kw).eval()
-    for p in model.parameters():  # torch's zero/one inits would hide wiring mistakes
-        p.data.normal_(0, 0.1)
-    return model
-
-
-def inputs(model, B=3, H=12, W=10, L=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    x = torch.randn(B, 16, H, W, generator=g)
-    sigma = torch.rand(B, generator=g)
-    ctx = torch.randn(B, L, cfg.context_dim, generator=g)
-    pooled = torch.randn(B, cfg.pooled_dim, generator=g)
-    guidance = torch.full((B,), 3.5) if getattr(cfg, "guidance_embed", False) else None
-    return x, sigma, ctx, pooled, guidance
-
-
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
 def test_preset_parameter_counts_match_official(name):
     model = mmdit.build_transformer(name, device="meta")

@@ -21,7 +21,9 @@ from mmdit.cli import main
 from mmdit.samplers import Guidance, sample, sd3_sigmas
 from mmdit.distributed.group import split_sizes
 from mmdit.distributed.sequence import SequenceParallel
-from test_models import tiny
+from helpers import tiny
+
+pytestmark = pytest.mark.slow  # compiles, several processes or subprocesses
 
 LATENT_TOL = 1e-5  # fp32, relative to the latents' scale: the same rows, computed in other batches
 STEPS = 3

@@ -7,7 +7,7 @@ import torch
 import mmdit
 from mmdit import ma
 from mmdit.pipeline import Pipeline, PixelSpace
-from test_ma import PLANTED, tiny
+from helpers import PLANTED, planted
 
 SAME = 1e-5  # per pixel in [0, 1]: the same noise, batched or alone (fp32 matmuls sum in another order)
 
@@ -70,7 +70,7 @@ def planted_pipeline(tmp_path, monkeypatch, paper=None):
     monkeypatch.setenv("MMDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ma.policy, "paper_channels", lambda config: paper)
     path = tmp_path / "planted.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny("sd3").state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in planted("sd3").state_dict().items()}, str(path))
     model = mmdit.load_transformer(path)
     assert model.ma is None
 

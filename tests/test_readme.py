@@ -45,7 +45,7 @@ def stand_ins(tmp_path, monkeypatch):
     """flux1-dev.safetensors (FLUX.1-dev's input widths, 1 + 2 blocks of one 128-wide head), a
     small SD3.5-style diffusers pipeline folder with its MA spec cached, and a loader."""
     from safetensors.torch import save_file
-    from test_pipeline import sd3_folder
+    from peers import sd3_folder
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MMDIT_CACHE", str(tmp_path / "cache"))

@@ -7,84 +7,12 @@ from mmdit.samplers import sample, sd3_sigmas
 from mmdit.samplers import Guidance
 
 
-class FakeModel:
-    """A nonlinear stand-in with the model's signature; ``disrupt`` / ``fork`` rows use a
-    different ("degraded") function, forked rows are appended after the batch."""
-
-    ma = mmdit.MASpec(channels=(0,), block=0)
-
-    def __init__(self, C=4, L=3, Dc=5, Dp=6):
-        g = torch.Generator().manual_seed(0)
-        self.wc = torch.randn(Dc, C, generator=g)
-        self.wp = torch.randn(Dp, C, generator=g)
-
-    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None):
-        bias = context.mean(1) @ self.wc + pooled @ self.wp  # (B, C)
-        g = 0.0 if guidance is None else guidance[:, None, None, None]
-        v = torch.tanh(x * (1 + sigma[:, None, None, None]) + bias[:, :, None, None]) + 0.1 * g
-        degraded = 0.5 * v + 0.2 * x.roll(1, dims=-1)
-        if disrupt is not None:
-            return torch.where(disrupt[:, None, None, None], degraded, v)
-        if fork is not None:
-            return torch.cat([v, degraded[fork]])
-        return v
-
-
-class Recorder:
-    """Counts calls and records each call's batch size and fork mask."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    @property
-    def ma(self):
-        return self.model.ma
-
-    def __call__(self, x, sigma, context, pooled, guidance=None, disrupt=None, fork=None, **kw):
-        self.calls.append((x.shape[0], fork))
-        return self.model(x, sigma, context, pooled, guidance=guidance, disrupt=disrupt, fork=fork, **kw)
-
-
-def reference_velocity(model, x, s, cond, uncond, cfg, dg, cfg_interval=(0, 1), dg_interval=(0, 1), guidance=None):
-    """The guided velocity from separate cond / uncond / disrupted calls (intervals in float32)."""
-    B = x.shape[0]
-    cfg_interval, dg_interval = [[torch.tensor(float(v)).item() for v in iv] for iv in (cfg_interval, dg_interval)]
-    s = torch.tensor(float(s)).item()
-    g = None if guidance is None else torch.full((B,), float(guidance))
-    sig = torch.full((B,), s)
-    v_c = model(x, sig, cond["context"], cond["pooled"], guidance=g)
-    v = v_c
-    if uncond is not None and cfg != 1 and cfg_interval[0] <= s <= cfg_interval[1]:
-        v_u = model(x, sig, uncond["context"], uncond["pooled"], guidance=g)
-        v = v_u + cfg * (v_c - v_u)
-    if dg != 0 and dg_interval[0] <= s <= dg_interval[1]:
-        v_m = model(x, sig, cond["context"], cond["pooled"], guidance=g, disrupt=torch.ones(B, dtype=torch.bool))
-        v = v + dg * (v_c - v_m)
-    return v
-
-
-def reference_loop(model, x, sigmas, cond, uncond, cfg, dg, cfg_interval=(0, 1), dg_interval=(0, 1),
-                   guidance=None):
-    """Euler steps on ``reference_velocity``, by hand."""
-    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        x = x + (s_next - s) * reference_velocity(model, x, s, cond, uncond, cfg, dg, cfg_interval, dg_interval,
-                                                  guidance)
-    return x
-
-
-def _conds(B, L, Dc, Dp, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    cond = {"context": torch.randn(B, L, Dc, generator=g), "pooled": torch.randn(B, Dp, generator=g)}
-    uncond = {"context": torch.randn(B, L, Dc, generator=g), "pooled": torch.randn(B, Dp, generator=g)}
-    return cond, uncond
-
-
 @pytest.mark.parametrize("cfg,dg,use_uncond", [(1.0, 0.0, False), (4.5, 0.0, True), (1.0, 2.0, False),
                                                (4.5, 2.0, True), (4.5, 2.0, False), (1.0, 2.0, True)])
 def test_fake_model_matches_reference(cfg, dg, use_uncond):
     model = Recorder(FakeModel())
     B, steps = 2, 6
-    cond, uncond = _conds(B, 3, 5, 6)
+    cond, uncond = conds(B, 3, 5, 6)
     uncond = uncond if use_uncond else None
     noise = torch.randn(B, 4, 6, 6, generator=torch.Generator().manual_seed(2))
     sigmas = sd3_sigmas(steps)
@@ -101,7 +29,7 @@ def test_fake_model_matches_reference(cfg, dg, use_uncond):
 def test_intervals_drop_branches():
     model = Recorder(FakeModel())
     B = 3
-    cond, uncond = _conds(B, 3, 5, 6)
+    cond, uncond = conds(B, 3, 5, 6)
     noise = torch.randn(B, 4, 6, 6, generator=torch.Generator().manual_seed(3))
     sigmas = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
     kw = dict(cfg=3.0, dg=1.5, cfg_interval=(0.5, 1.0), dg_interval=(0.2, 0.6))
@@ -116,7 +44,7 @@ def test_intervals_drop_branches():
 
 def test_dtype_noise_shape_and_errors():
     model = FakeModel()
-    cond, _ = _conds(1, 3, 5, 6)
+    cond, _ = conds(1, 3, 5, 6)
     out = sample(model, (2, 4, 6, 6), sd3_sigmas(3), cond, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 4, 6, 6) and out.dtype == torch.float32  # one cond row broadcasts
     half = sample(model, torch.randn(1, 4, 6, 6).bfloat16(), sd3_sigmas(2), cond)
@@ -148,7 +76,7 @@ def test_real_tiny_model_matches_reference(family):
     model.ma = mmdit.MASpec(channels=(3, 17), block=1)
     rec = Recorder(model)
     B, steps = 2, 4
-    cond, uncond = _conds(B, 5, 32, 24, seed=4)
+    cond, uncond = conds(B, 5, 32, 24, seed=4)
     noise = torch.randn(B, 16, 8, 8, generator=torch.Generator().manual_seed(5))
     sigmas = sd3_sigmas(steps)
     g = 3.5 if family == "flux" else None
@@ -179,7 +107,7 @@ def test_inference_mode_by_default_and_grad_on_request():
 
 def test_callback_sees_every_step_and_warnings_for_ignored_arguments():
     model = FakeModel()
-    cond, _ = _conds(1, 3, 5, 6)
+    cond, _ = conds(1, 3, 5, 6)
     seen = []
     with pytest.warns(UserWarning, match="cfg=4.5 has no effect without uncond"):
         sample(model, torch.randn(1, 4, 6, 6), sd3_sigmas(3), cond, guide=Guidance(cfg=4.5),

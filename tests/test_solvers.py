@@ -2,7 +2,7 @@
 same deterministic guided velocity (FakeModel, CFG + DG); one batched model call per evaluation."""
 import pytest
 import torch
-from test_sampler import FakeModel, Recorder, _conds, reference_velocity
+from helpers import FakeModel, Recorder, conds, reference_velocity
 
 from mmdit import checks
 from mmdit.samplers import SAMPLERS, Guidance, sample, sd3_sigmas
@@ -24,7 +24,7 @@ SHIFT = 3.0  # SD3's flow shift
 
 
 def _setup(seed=7):
-    cond, uncond = _conds(B, 3, 5, 6)
+    cond, uncond = conds(B, 3, 5, 6)
     noise = torch.randn(B, *SHAPE, generator=torch.Generator().manual_seed(seed))
     return FakeModel(), cond, uncond, noise
 

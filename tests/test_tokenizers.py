@@ -7,7 +7,7 @@ and a unigram spiece.model with T5's special ids.
 import pytest
 import torch
 
-from helpers_encoders import write_clip_tokenizer, write_t5_tokenizer
+from helpers import write_clip_tokenizer, write_t5_tokenizer
 from mmdit.encoders.tokenizers import PromptTokenizer, TokenizerError, load_tokenizer
 
 transformers = pytest.importorskip("transformers")

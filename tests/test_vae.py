@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from helpers_encoders import rel_err, save_safetensors
+from helpers import rel_err, save_safetensors
 from mmdit.encoders.vae import VAE, VAE_PRESETS, VAEConfig, vae_config
 from mmdit.weights.checkpoint import CheckpointError
 from mmdit.weights.encoders import load_vae, vae_key, vae_to_diffusers, vae_to_ldm

@@ -15,6 +15,23 @@ import torch.nn.functional as F
 
 _LAYOUT = None  # the installed TokenLayout, or None: every token in this process
 
+# The order SDPA tries its CUDA backends in, ours rather than torch's default: cuDNN (fastest on
+# Hopper at head_dim 64 / 128 in bf16, by NVIDIA's and PyTorch's published numbers), then flash,
+# then memory-efficient, then math. benchmarks/gpu_check measures each where one is available.
+SDPA_ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+@contextmanager
+def sdpa_backends(device):
+    """Inside, SDPA on CUDA tries the backends in ``SDPA_ORDER``; elsewhere nothing changes."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_ORDER], set_priority=True):
+        yield
+
 
 @contextmanager
 def tokens_over(layout):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..encoders.clip import CLIPConfig, CLIPTextEncoder
@@ -216,10 +216,13 @@ def load_tiny(folder: str | os.PathLike | None = None, *, device: str | torch.de
         hint = ("the package was installed without its data; reinstall with `pip install -e .`"
                 if folder == default_folder() else "train one with `mmdit train --out FOLDER`")
         raise FileNotFoundError(f"no tiny model at {folder} (config.json missing); {hint}")
-    config = json.loads(cfg_path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path} is not a tiny-model config (format {config.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}); the folder is damaged: train it again") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{cfg_path} is not a tiny-model config (format {found!r}, expected {FORMAT!r})")
     tcfg = SD3Config(**config["transformer"])
     ccfg = CLIPConfig(**config["text_encoder"])
     tokenizer = WordTokenizer.from_file(folder / "vocab.json")
@@ -229,8 +232,7 @@ def load_tiny(folder: str | os.PathLike | None = None, *, device: str | torch.de
         transformer = SD3Transformer(tcfg)
         conditioner = TinyConditioner(tokenizer, ccfg, tcfg.context_dim, config["max_length"])
     for module, name in ((transformer, "transformer"), (conditioner.text_encoder, "text_encoder")):
-        state = {k: v.to(device, dtype) for k, v in load_file(folder / f"{name}.safetensors").items()}
-        module.load_state_dict(state, strict=True, assign=True)
+        module.load_state_dict(_read(folder / f"{name}.safetensors", device, dtype), strict=True, assign=True)
     ma = config.get("ma")
     if ma is not None:
         transformer.ma = spec_from_json(ma)
@@ -239,6 +241,17 @@ def load_tiny(folder: str | os.PathLike | None = None, *, device: str | torch.de
     meta = {k: v for k, v in config.items()
             if k not in ("format", "transformer", "text_encoder", "max_length", "image", "ma")}
     return Tiny(transformer.eval(), conditioner.eval(), settings, meta)
+
+
+def _read(path: Path, device, dtype) -> dict[str, torch.Tensor]:
+    """A tiny folder's weight file, with the same one-line errors as any checkpoint (missing, truncated)."""
+    from ..weights.checkpoint import Checkpoint, CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: this tiny-model folder is incomplete (train it again, or copy it "
+                              "whole)")
+    ckpt = Checkpoint([path])
+    return {k: ckpt[k].to(device, dtype) for k in ckpt}
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -105,11 +105,11 @@ def calibrate_tiny(transformer: nn.Module, conditioner: tiny.TinyConditioner, ra
 def model_overrides(args: argparse.Namespace) -> dict:
     """Transformer config fields from the size flags: --width (hidden size), --heads, --layers,
     --patch, --size, --no-qk-norm. Without --width a head has 32 channels (the shipped model's); with it,
-    --heads defaults to width / 64."""
+    --heads defaults to width / 64 (at least one head)."""
     over = {}
     if args.layers:
         over["num_layers"] = args.layers
-    heads = args.heads or (args.width // 64 if args.width else None)
+    heads = args.heads or (max(1, args.width // 64) if args.width else None)
     if heads:
         over["num_heads"] = heads
     if args.width:
@@ -213,39 +213,47 @@ def train(args: argparse.Namespace) -> dict:
                                           "checkpoint": True, "args": _args_json(args)}})
 
     model.train()
-    for step in range(first, args.steps):
-        lr = lr_at(step, args.steps, args.lr, args.warmup, schedule=args.schedule, decay_steps=args.decay_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("scale", 1.0)
-        batch = next(data)
-        ids = conditioner.tokenize(drop_captions(batch.captions, args.caption_dropout, rng))
-        x0 = batch.images.to(args.device)
-        sigma = sample_sigma(x0.shape[0], mode=args.sigma_mode, mean=args.sigma_mean, std=args.sigma_std,
-                             shift=args.shift, generator=g, device=args.device)
-        noise = torch.randn(x0.shape, generator=g).to(args.device)
-        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(x0, ids, sigma, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if ema is not None:
-            ema.update(model)
-        value = loss.item()
-        avg = value if avg is None else 0.95 * avg + 0.05 * value
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            elapsed = time.perf_counter() - start
-            history.append([done, round(avg, 5)])
-            print(f"step {done}/{args.steps}  loss {value:.4f}  avg {avg:.4f}  "
-                  f"{(done - first) / elapsed:.2f} it/s  {wall_before + elapsed:.0f}s", flush=True)
-        if args.ma_every and (done % args.ma_every == 0 or done == args.steps):
-            malog.append_log(out / "ma_log.csv", done, malog.block_stats(transformer, conditioner, probe), avg)
-            print(f"MA {malog.summary(out / 'ma_log.csv')}", flush=True)
-        if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == args.steps):
+    done = first
+    try:
+        for step in range(first, args.steps):
+            lr = lr_at(step, args.steps, args.lr, args.warmup, schedule=args.schedule, decay_steps=args.decay_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("scale", 1.0)
+            batch = next(data)
+            ids = conditioner.tokenize(drop_captions(batch.captions, args.caption_dropout, rng))
+            x0 = batch.images.to(args.device)
+            sigma = sample_sigma(x0.shape[0], mode=args.sigma_mode, mean=args.sigma_mean, std=args.sigma_std,
+                                 shift=args.shift, generator=g, device=args.device)
+            noise = torch.randn(x0.shape, generator=g).to(args.device)
+            with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
+                loss = model(x0, ids, sigma, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+            done = step + 1
+            value = loss.item()
+            avg = value if avg is None else 0.95 * avg + 0.05 * value
+            if done % args.log_every == 0 or done == args.steps:
+                elapsed = time.perf_counter() - start
+                history.append([done, round(avg, 5)])
+                print(f"step {done}/{args.steps}  loss {value:.4f}  avg {avg:.4f}  "
+                      f"{(done - first) / elapsed:.2f} it/s  {wall_before + elapsed:.0f}s", flush=True)
+            if args.ma_every and (done % args.ma_every == 0 or done == args.steps):
+                malog.append_log(out / "ma_log.csv", done, malog.block_stats(transformer, conditioner, probe), avg)
+                print(f"MA {malog.summary(out / 'ma_log.csv')}", flush=True)
+            if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == args.steps):
+                checkpoint(done)
+            if args.ma_every and (done == args.steps or args.checkpoint_every and done % args.checkpoint_every == 0):
+                malog.plot_log(out / "ma_log.csv")  # matplotlib is slow to start: at checkpoints and the end only
+    except KeyboardInterrupt:  # a resumable checkpoint of the last finished step; the CLI says one line
+        if done > first:
             checkpoint(done)
-        if args.ma_every and (done == args.steps or args.checkpoint_every and done % args.checkpoint_every == 0):
-            malog.plot_log(out / "ma_log.csv")  # matplotlib is slow to start: at checkpoints and the end only
+            print(f"interrupted after step {done}: checkpoint saved to {ckpt_path} (the same command with --resume "
+                  "continues)", flush=True)
+        raise
     wall = wall_before + time.perf_counter() - start
     if ema is not None:
         ema.copy_to(model)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 MAX_STEPS = 1000  # the models were trained on 1000 noise levels; more steps add nothing
 SAMPLERS = ("euler", "dpmpp_2m", "heun")  # the solvers in samplers/solvers.py
 SCHEDULES = ("default", "beta", "karras", "exponential")  # the sigma spacings in samplers/schedules.py
-PARALLEL = ("branch", "sequence", "branch+sequence")  # the multi-rank modes of one image in parallel.py
+PARALLEL = ("branch", "sequence", "branch+sequence")  # the multi-rank modes of one image (mmdit.distributed)
 
 
 def count(name: str, value, low: int = 1, high: int | None = None) -> int:

@@ -210,7 +210,7 @@ def test_help_is_for_users(capsys):
     assert "--seed SEED" in texts["generate"] and "seed of the initial noise" in texts["generate"]
     assert "(default: out.png)" in texts["generate"] and "(default: 2500)" in texts["train"]
     assert "(default: tiny-shapes)" in texts["train"]
-    assert "bash run.sh train --threads 1 --out tiny-shapes" in (ROOT / "README.md").read_text()
+    assert "bash run.sh train --threads 1 --out tiny-shapes" in (ROOT / "docs" / "tiny-model.md").read_text()
 
 
 def test_unknown_words_warn_once_naming_them_and_the_vocabulary():

@@ -297,7 +297,7 @@ def test_cli_inspect_bad_path_exits_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-# ---- files as people have them (issue 12): variants that load, formats that are named -------
+# ---- files as people have them (renamed norms, index-less shards, quantized or LoRA files): what loads, what is named
 
 def test_comfy_flux_norm_weight_variant_loads(tmp_path):
     peer = make_peer("flux", DEV)

@@ -14,7 +14,7 @@ from diffusers import (  # noqa: E402
     FlowMatchHeunDiscreteScheduler,
 )
 
-# float32 latents of magnitude ~10, ours vs diffusers' .step loop (the issue: <= 1e-4 for DPM++ 2M). Measured
+# float32 latents of magnitude ~10, ours vs diffusers' .step loop (required: <= 1e-4 for DPM++ 2M). Measured
 # <= 1.5e-5 (DPM++ 2M) and 2.5e-5 (Heun, 2 steps: diffusers round-trips v through x0 at sigma 0.009).
 PARITY_ATOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers DPM, numpy 2

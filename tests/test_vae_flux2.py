@@ -146,3 +146,18 @@ def test_errors(ref, tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "_class_name": "AutoencoderDC"}))
     with pytest.raises(CheckpointError, match="is a AutoencoderDC; the VAEs loaded here are"):
         load_vae(folder)
+
+
+def test_pipeline_calls(ref, tmp_path):
+    """What the pipelines call: image_modes.encode (images in [0, 1] -> normalised latents) and
+    Pipeline.decode (latents -> images in [0, 1]) reach the same numbers through normalize / denormalize."""
+    from types import SimpleNamespace
+
+    from mmdit import image_modes
+    from mmdit.pipeline import Pipeline
+
+    pipe = SimpleNamespace(vae=load_vae(save_safetensors(_bfl(ref), tmp_path / "ae.safetensors")))
+    images = torch.rand(1, 3, 32, 16, generator=torch.Generator().manual_seed(3))
+    assert rel_err(image_modes.encode(pipe, images), flux2_encode(ref, images * 2 - 1)) <= TOL
+    z = torch.randn(1, 16, 4, 2, generator=torch.Generator().manual_seed(4))
+    assert rel_err(Pipeline.decode(pipe, z), (flux2_decode(ref, z) / 2 + 0.5).clamp(0, 1)) <= TOL

@@ -205,3 +205,20 @@ def test_one_graph():
                         (lambda a: vae.decode(vae.denormalize(a)), torch.randn(1, cfg.latent_channels, 2, 2))]:
             explained = torch._dynamo.explain(fn)(arg)
             assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_pipeline_calls(ref, tmp_path):
+    """What the pipelines call: image_modes.encode and Pipeline.decode, through normalize / denormalize
+    (2.1: RGBA in and out)."""
+    from types import SimpleNamespace
+
+    from mmdit import image_modes
+    from mmdit.pipeline import Pipeline
+
+    ref.save_pretrained(tmp_path / "vae")
+    pipe = SimpleNamespace(vae=load_vae(tmp_path / "vae"))
+    cfg, g = pipe.vae.config, torch.Generator().manual_seed(3)
+    images = torch.rand(1, cfg.in_channels, 2 * cfg.downsample, cfg.downsample, generator=g)
+    assert rel_err(image_modes.encode(pipe, images), qwen_encode(ref, images * 2 - 1)) <= TOL
+    z = torch.randn(1, cfg.latent_channels, 2, 1, generator=g)
+    assert rel_err(Pipeline.decode(pipe, z), (qwen_decode(ref, z) / 2 + 0.5).clamp(0, 1)) <= TOL

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..encoders.clip import CLIPConfig, CLIPTextEncoder
-from ..encoders.t5 import T5Config, T5Encoder
 from ..encoders.qwen21_vae import QWEN_IMAGE_21_VAE_PRESETS, QwenImage21VAE
+from ..encoders.t5 import T5Config, T5Encoder
 from ..encoders.vae import VAE, VAE_PRESETS, VAEConfig
 from ..encoders.wan_vae import QWEN_IMAGE_VAE_PRESETS, QwenImageVAE
 from .checkpoint import Checkpoint, CheckpointError, count_indexed, load_into, open_checkpoint, read_json

@@ -144,13 +144,14 @@ def _fit(t: torch.Tensor, n: int, height: int, width: int, name: str, nearest: b
 
 @torch.no_grad()
 def encode(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] -> scaled latents ``scaling * (mean - shift)`` (float32)."""
-    vae, cfg = pipe.vae, pipe.vae.config
+    """Images (B, 3, H, W) in [0, 1] -> normalised latents (``vae.normalize`` of the posterior mean:
+    ``scaling * (mean - shift)`` for SD3 / FLUX.1), float32."""
+    vae = pipe.vae
     p = next(vae.parameters(), None) if hasattr(vae, "parameters") else None
     x = images * 2 - 1
     if p is not None:
         x = x.to(device=p.device, dtype=p.dtype)
-    return (cfg.scaling_factor * (vae.encode(x).float() - cfg.shift_factor)).cpu()
+    return vae.normalize(vae.encode(x).float()).cpu()
 
 
 def prepare(pipe, mode: str, n: int, height: int, width: int, image=None, mask=None, control_image=None) -> Plan:

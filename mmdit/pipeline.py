@@ -95,6 +95,12 @@ class PixelSpace:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
 
 class Pipeline:
     """``images = pipe(prompt, negative_prompt="", steps=28, cfg=..., dg=..., seed=0)``."""
@@ -251,9 +257,7 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1]."""
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + cfg.shift_factor
-        return (self.vae.decode(z).float() / 2 + 0.5).clamp(0, 1)
+        return (self.vae.decode(self.vae.denormalize(latents)).float() / 2 + 0.5).clamp(0, 1)
 
     # --- the whole thing --------------------------------------------------------------------
 

@@ -5,7 +5,10 @@
 * a Stability all-in-one file: ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`` and
   ``first_stage_model.*`` (or ComfyUI's ``vae.*``), next to the transformer;
 * standalone files: ``clip_l/clip_g/t5xxl_*.safetensors`` (transformers names, with or without
-  CLIP's ``text_model.`` prefix) and ``ae.safetensors`` (LDM names).
+  CLIP's ``text_model.`` prefix) and ``ae.safetensors`` (LDM names; FLUX.1 and FLUX.2).
+
+Qwen-Image's VAEs (config.json ``_class_name`` ``AutoencoderKLQwenImage*``, or RMS-norm ``gamma``
+keys) are handed to ``mmdit.weights.wan_vae``.
 
 Without a config.json the architecture is read off the shapes. Models are built on ``meta``
 and tensors stream in one at a time (cast per tensor, float8 upcast); a missing, unexpected
@@ -22,9 +25,12 @@ from pathlib import Path
 import torch
 
 from ..encoders.clip import CLIPConfig, CLIPTextEncoder
+from ..encoders.qwen21_vae import QWEN_IMAGE_21_VAE_PRESETS, QwenImage21VAE
 from ..encoders.t5 import T5Config, T5Encoder
 from ..encoders.vae import VAE, VAE_PRESETS, VAEConfig
+from ..encoders.wan_vae import QWEN_IMAGE_VAE_PRESETS, QwenImageVAE
 from .checkpoint import Checkpoint, CheckpointError, count_indexed, load_into, open_checkpoint, read_json
+from .wan_vae import QWEN_VAE_CLASSES, load_qwen_vae, qwen_vae_arch
 
 TEXT_ENCODER_PREFIXES = {  # kind -> prefix inside Stability all-in-one files
     "clip_l": "text_encoders.clip_l.transformer.",
@@ -32,6 +38,9 @@ TEXT_ENCODER_PREFIXES = {  # kind -> prefix inside Stability all-in-one files
     "t5xxl": "text_encoders.t5xxl.transformer.",
 }
 VAE_PREFIXES = ("first_stage_model.", "vae.")
+VAE_FAMILIES = (*VAE_PRESETS, *QWEN_IMAGE_VAE_PRESETS, *QWEN_IMAGE_21_VAE_PRESETS)
+_KL_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2")
+_VAE_IGNORED = {"bn.num_batches_tracked"}  # FLUX.2's BatchNorm counter: training only, not always saved
 _CLIP_IGNORED = {"embeddings.position_ids"}  # a buffer older transformers versions saved
 _CLIP_OTHER_TOWER = ("vision_model.", "visual_projection.", "logit_scale")  # a full CLIPModel file
 
@@ -55,7 +64,8 @@ VAE_KEYMAP: list[tuple[str, str]] = [
     (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1."),
     (f"{part}.norm_out.", f"{part}.conv_norm_out."),
     (f"{part}.conv_out.", f"{part}.conv_out."),
-]]
+]] + [("encoder.quant_conv.", "quant_conv."), ("decoder.post_quant_conv.", "post_quant_conv."),  # FLUX.2
+     ("bn.", "bn.")]
 _VAE_ATTN_WEIGHT = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")  # LDM (C,C,1,1) vs diffusers (C,C)
 
 
@@ -136,23 +146,35 @@ def _t5_fp16(name: str) -> torch.dtype:
 
 
 def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu",
-             family: str | None = None) -> VAE:
-    """The 16-channel AutoencoderKL from a diffusers folder (or its ``vae/``), an all-in-one
-    file (``first_stage_model.*``) or ``ae.safetensors``.
+             family: str | None = None) -> VAE | QwenImageVAE | QwenImage21VAE:
+    """A VAE from a diffusers folder (or its ``vae/``), a single file, or an all-in-one file:
+    the AutoencoderKL of SD3 / FLUX.1 (``first_stage_model.*``, ``ae.safetensors``), FLUX.2's
+    (``ae.safetensors`` or ``AutoencoderKLFlux2``), Qwen-Image 1.0's and 2.1's (diffusers, or
+    ComfyUI's Wan-named files; see ``mmdit.weights.wan_vae``).
 
-    ``family`` ("sd3" or "flux") sets scaling_factor / shift_factor; without it they come from
-    config.json, or from a Stability all-in-one file (SD3); otherwise it is an error.
+    ``family`` ("sd3", "flux", "flux2", "qwen-image", "qwen-image-2.1") must agree with the file;
+    SD3 and FLUX.1 share an architecture, so for them it picks scaling_factor / shift_factor (else
+    config.json's, or SD3's for a Stability all-in-one file; otherwise it is an error).
+    Every VAE returned has ``config.latent_channels`` / ``downsample`` and ``encode``, ``decode``,
+    ``normalize``, ``denormalize`` (see ``mmdit.encoders.vae``).
     """
-    if family is not None and family not in VAE_PRESETS:
-        raise ValueError(f"family must be one of {sorted(VAE_PRESETS)} or None, got {family!r}")
+    if family is not None and family not in VAE_FAMILIES:
+        raise ValueError(f"family must be one of {sorted(VAE_FAMILIES)} or None, got {family!r}")
     path = _existing(source)
     if path.is_dir() and (path / "model_index.json").is_file():
         if not (path / "vae").is_dir():
             raise CheckpointError(f"{path} is a diffusers pipeline folder without a vae/ subfolder")
         path = path / "vae"
     ckpt, cj, where = _open(path, stem="diffusion_pytorch_model")
+    kind = (cj or {}).get("_class_name")
+    if kind is not None and kind not in (*_KL_CLASSES, *QWEN_VAE_CLASSES):
+        known = sorted((*_KL_CLASSES, *QWEN_VAE_CLASSES))
+        raise CheckpointError(f"{where} is a {kind}; the VAEs loaded here are {known}")
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in ckpt)), "")
     keys = [k[len(prefix):] for k in ckpt if k.startswith(prefix)]
+    if family in (*QWEN_IMAGE_VAE_PRESETS, *QWEN_IMAGE_21_VAE_PRESETS) or qwen_vae_arch(keys, cj) is not None:
+        return load_qwen_vae(ckpt, cj, prefix, family, dtype, device, where)
+    keys = [k for k in keys if k not in _VAE_IGNORED]
     if any(k.startswith("encoder.down_blocks.") for k in keys):
         layout, levels = "diffusers VAE", count_indexed(keys, "encoder.down_blocks.{}.")
         names = {(vae_key(k, levels, "ldm") or k): prefix + k for k in keys}
@@ -169,9 +191,14 @@ def load_vae(source: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     with torch.device("meta"):
         model = VAE(cfg)
     layout += f" (prefix {prefix!r})" if prefix else ""
-    _load(model, ckpt, names, shapes, dtype, device, f"{layout} in {where}",
+    _load(model, ckpt, names, shapes, _vae_dtype(dtype), device, f"{layout} in {where}",
           fix=lambda name, t: t.reshape(shapes[name]))
     return model.eval()
+
+
+def _vae_dtype(dtype: torch.dtype):
+    """FLUX.2's latent statistics stay float32 (bf16 would round them to ~3 significant digits)."""
+    return lambda name: torch.float32 if name.startswith("bn.") else dtype
 
 
 # --- opening and picking components ------------------------------------------------------------
@@ -321,23 +348,50 @@ def _t5_config(shapes: Mapping, cj: dict | None, where: str) -> T5Config:
 
 def _vae_config(shapes: Mapping, cj: dict | None, family: str | None, prefix: str, where: str) -> VAEConfig:
     levels = count_indexed(shapes, "encoder.down.{}.")
+    z = _need(shapes, "decoder.conv_in.weight", where)[1]
     fields = dict(channels=tuple(_need(shapes, f"encoder.down.{i}.block.0.conv1.weight", where)[0]
                                  for i in range(levels)),
                   layers_per_block=count_indexed(shapes, "encoder.down.0.block.{}."),
                   in_channels=_need(shapes, "encoder.conv_in.weight", where)[1],
-                  latent_channels=_need(shapes, "decoder.conv_in.weight", where)[1],
+                  latent_channels=z,
                   out_channels=_need(shapes, "decoder.conv_out.weight", where)[0],
-                  mid_attention="encoder.mid.attn_1.q.weight" in shapes)
+                  mid_attention="encoder.mid.attn_1.q.weight" in shapes,
+                  quant_conv="encoder.quant_conv.weight" in shapes)
+    flux2 = "bn.running_mean" in shapes  # FLUX.2: latent statistics, 2x2 patchify
+    if flux2:
+        stats = shapes["bn.running_mean"][0]
+        patch = round((stats / z) ** 0.5)
+        if patch * patch * z != stats:
+            raise CheckpointError(f"{where}: bn statistics for {stats} channels do not fit {z} latent channels "
+                                  "patchified p x p")
+        fields.update(latent_channels=stats, patch_size=patch, batch_norm_eps=VAE_PRESETS["flux2"].batch_norm_eps,
+                      scaling_factor=1.0, shift_factor=0.0)
+    if fields["quant_conv"] != ("decoder.post_quant_conv.weight" in shapes):
+        raise CheckpointError(f"{where} has only one of encoder.quant_conv / decoder.post_quant_conv; "
+                              "this loader takes both or neither")
     if cj:
-        if cj.get("use_quant_conv") or cj.get("use_post_quant_conv"):
+        if (cj.get("use_quant_conv") or cj.get("use_post_quant_conv")) and not flux2:
             raise CheckpointError(f"{where}: a VAE with quant convs (SD1/SDXL) is not the 16-channel SD3/FLUX VAE")
+        if cj.get("decoder_block_out_channels") not in (None, cj.get("block_out_channels")):
+            raise CheckpointError(f"{where}: a decoder with its own widths (decoder_block_out_channels="
+                                  f"{cj['decoder_block_out_channels']}) is not supported")
         for ours, theirs in [("channels", "block_out_channels"), ("layers_per_block", "layers_per_block"),
                              ("in_channels", "in_channels"), ("out_channels", "out_channels"),
                              ("latent_channels", "latent_channels"), ("norm_groups", "norm_num_groups"),
-                             ("mid_attention", "mid_block_add_attention")]:
-            if cj.get(theirs) is not None:
+                             ("mid_attention", "mid_block_add_attention"), ("batch_norm_eps", "batch_norm_eps")]:
+            if cj.get(theirs) is not None and (ours != "batch_norm_eps" or flux2):
                 fields[ours] = tuple(cj[theirs]) if ours == "channels" else cj[theirs]
-    if family is not None:
+        if flux2 and cj.get("latent_channels") is not None:  # diffusers counts them before the patchify
+            fields["latent_channels"] = cj["latent_channels"] * fields["patch_size"] ** 2
+        if flux2 and cj.get("patch_size") is not None and tuple(cj["patch_size"]) != (fields["patch_size"],) * 2:
+            raise CheckpointError(f"{where}: config.json patch_size {cj['patch_size']} does not match the bn "
+                                  f"statistics ({fields['patch_size']} x {fields['patch_size']})")
+    if flux2 or family == "flux2":
+        if family not in (None, "flux2") or not flux2:
+            fix = "pass family='flux2' or omit it" if flux2 else "pass family='sd3' or family='flux'"
+            held = "a FLUX.2 VAE (bn statistics, patchified latents)" if flux2 else "no FLUX.2 VAE (no bn.* statistics)"
+            raise CheckpointError(f"{where} holds {held}; {fix}")
+    elif family is not None:
         preset = VAE_PRESETS[family]
         fields.update(scaling_factor=preset.scaling_factor, shift_factor=preset.shift_factor)
     elif cj and cj.get("scaling_factor") is not None:

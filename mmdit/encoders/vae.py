@@ -1,12 +1,17 @@
-"""The 16-channel AutoencoderKL of SD3 / SD3.5 / FLUX.1 (same architecture, different weights).
+"""The AutoencoderKL of SD3 / SD3.5 / FLUX.1 (16 latent channels) and FLUX.2 (32, patchified).
 
-Module names are the original LDM ones (``encoder.down.{i}.block.{j}``, ``mid.attn_1``,
-``decoder.up.{i}`` indexed by resolution level), so ``ae.safetensors`` and the
+Module names are the original LDM / BFL ones (``encoder.down.{i}.block.{j}``, ``mid.attn_1``,
+``decoder.up.{i}`` indexed by resolution level; FLUX.2 adds ``encoder.quant_conv``,
+``decoder.post_quant_conv`` and ``bn.running_mean/var``), so ``ae.safetensors`` and the
 ``first_stage_model.*`` part of Stability files load without renaming; diffusers
 checkpoints go through the key table in ``mmdit.weights.encoders``.
 
-``encode`` returns the posterior mean and ``decode`` takes raw latents: the pipeline applies
-``z = scaling_factor * (mean - shift_factor)`` and its inverse, with the numbers on the config.
+Every VAE of the project (also ``wan_vae`` / ``qwen21_vae``) speaks one contract:
+``encode`` (B, in, H, W) in [-1, 1] -> posterior mean (B, latent_channels, H/d, W/d), d =
+``config.downsample``; ``decode`` is its inverse; ``normalize`` / ``denormalize`` map between
+those raw latents and the transformer's latent space (here ``scaling * (z - shift)``; FLUX.2:
+per channel by the BatchNorm running statistics). FLUX.2's 2x2 patchify happens inside
+``encode`` / ``decode``, so its latents are (B, 128, H/16, W/16) throughout.
 """
 from __future__ import annotations
 
@@ -22,13 +27,16 @@ from torch import nn
 class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
-    latent_channels: int = 16
+    latent_channels: int = 16  # as the transformer sees them: z channels * patch_size**2 (FLUX.2: 32 * 4)
     channels: tuple[int, ...] = (128, 256, 512, 512)  # per resolution level; len-1 down/upsamplings
     layers_per_block: int = 2  # ResNet blocks per encoder level (the decoder has one more)
     norm_groups: int = 32
     mid_attention: bool = True
-    scaling_factor: float = 1.5305  # SD3; FLUX 0.3611
+    scaling_factor: float = 1.5305  # SD3; FLUX 0.3611 (unused when batch_norm_eps is set)
     shift_factor: float = 0.0609  # SD3; FLUX 0.1159
+    quant_conv: bool = False  # FLUX.2: 1x1 convs on the moments and on the latents
+    patch_size: int = 1  # FLUX.2: 2, the z grid is 2x2-patchified into channels (c*4 + ph*2 + pw)
+    batch_norm_eps: float | None = None  # FLUX.2: 1e-4; normalise by bn.running_mean / running_var
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -38,16 +46,26 @@ class VAEConfig:
                              f"norm_groups={self.norm_groups}")
         if self.layers_per_block < 1:
             raise ValueError(f"VAE layers_per_block must be >= 1, got {self.layers_per_block}")
+        if self.patch_size < 1 or self.latent_channels % self.patch_size ** 2:
+            raise ValueError(f"VAE latent_channels={self.latent_channels} must be a multiple of "
+                             f"patch_size**2 (patch_size={self.patch_size})")
+
+    @property
+    def z_channels(self) -> int:
+        """Channels at the autoencoder's bottleneck, before the patchify (FLUX.2: 32)."""
+        return self.latent_channels // self.patch_size ** 2
 
     @property
     def downsample(self) -> int:
-        """Image pixels per latent pixel along each axis (8 for SD3/FLUX)."""
-        return 2 ** (len(self.channels) - 1)
+        """Image pixels per latent pixel along each axis (8 for SD3/FLUX.1, 16 for FLUX.2)."""
+        return 2 ** (len(self.channels) - 1) * self.patch_size
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {
     "sd3": VAEConfig(),
     "flux": VAEConfig(scaling_factor=0.3611, shift_factor=0.1159),
+    "flux2": VAEConfig(latent_channels=128, patch_size=2, quant_conv=True, batch_norm_eps=1e-4,
+                       scaling_factor=1.0, shift_factor=0.0),
 }
 
 
@@ -143,7 +161,8 @@ class Encoder(nn.Module):
             self.down.append(_level(blocks, Downsample(ch[i]) if i < n - 1 else None, "downsample"))
         self.mid = Mid(cfg, ch[-1])
         self.norm_out = _norm(cfg, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean ++ logvar
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.z_channels, 3, padding=1)  # mean ++ logvar
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1) if cfg.quant_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -153,14 +172,16 @@ class Encoder(nn.Module):
             if level.downsample is not None:
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return self.quant_conv(h) if self.quant_conv is not None else h
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, n = cfg.channels, len(cfg.channels)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1) if cfg.quant_conv else None
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch[-1], 3, padding=1)
         self.mid = Mid(cfg, ch[-1])
         # up[i] works at resolution level i (as in LDM); it runs from i = n-1 down to 0
         self.up = nn.ModuleList()
@@ -172,6 +193,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             for block in level.block:
@@ -181,17 +204,64 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class LatentStats(nn.Module):
+    """FLUX.2's per-channel latent statistics (BFL / diffusers ``bn``: a BatchNorm2d without affine,
+    only ever used in eval mode, so its two running buffers are all there is)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+
+def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C*p*p, h/p, w/p), channel c*p*p + ph*p + pw (BFL's rearrange)."""
+    B, C, h, w = z.shape
+    return z.view(B, C, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C * p * p, h // p, w // p)
+
+
+def unpatchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of :func:`patchify`."""
+    B, C, h, w = z.shape
+    return z.view(B, C // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, C // (p * p), h * p, w * p)
+
+
 class VAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.bn = LatentStats(cfg.latent_channels) if cfg.batch_norm_eps is not None else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) in [-1, 1] -> posterior mean (B, z, H/8, W/8), unscaled."""
-        return self.encoder(x)[:, : self.config.latent_channels]
+        """x: (B, 3, H, W) in [-1, 1] -> posterior mean (B, latent_channels, H/d, W/d), unnormalised
+        (FLUX.2: the 32-channel mean at H/8, patchified to 128 channels at H/16)."""
+        mean = self.encoder(x)[:, : self.config.z_channels]
+        p = self.config.patch_size
+        return patchify(mean, p) if p > 1 else mean
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, z, h, w) raw latents (already ``z / scaling + shift``) -> (B, 3, 8h, 8w) in ~[-1, 1]."""
-        return self.decoder(z)
+        """z: (B, latent_channels, h, w) unnormalised (``denormalize`` of the transformer's latents)
+        -> (B, 3, d*h, d*w) in ~[-1, 1]."""
+        p = self.config.patch_size
+        return self.decoder(unpatchify(z, p) if p > 1 else z)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (``encode``'s) -> the transformer's latent space."""
+        if self.bn is None:
+            return self.config.scaling_factor * (z - self.config.shift_factor)
+        mean, std = self._stats()
+        return ((z.float() - mean) / std).to(z.dtype)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """The transformer's latents -> raw latents for ``decode``."""
+        if self.bn is None:
+            return z / self.config.scaling_factor + self.config.shift_factor
+        mean, std = self._stats()
+        return (z.float() * std + mean).to(z.dtype)
+
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (1, C, 1, 1) float32; std = sqrt(running_var + eps) as BFL and diffusers."""
+        mean = self.bn.running_mean.float().view(1, -1, 1, 1)
+        return mean, torch.sqrt(self.bn.running_var.float().view(1, -1, 1, 1) + self.config.batch_norm_eps)

@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLQwenImage21
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
-from helpers_encoders import save_safetensors
+from helpers import save_safetensors
 from mmdit.weights.wan_vae import wan_key
 
 STD = 0.1  # noise on every float weight, so ones / zeros inits (RMS gammas, biases) don't hide wiring

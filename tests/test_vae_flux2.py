@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from helpers_encoders import rel_err, save_safetensors  # noqa: E402
+from helpers import rel_err, save_safetensors  # noqa: E402
 from peers_vae import flux2_decode, flux2_encode, flux2_peer  # noqa: E402
 
 from mmdit import load_vae  # noqa: E402

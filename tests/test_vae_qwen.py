@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from helpers_encoders import rel_err, save_safetensors  # noqa: E402
+from helpers import rel_err, save_safetensors  # noqa: E402
 from peers_vae import qwen21_peer, qwen_arch, qwen_decode, qwen_encode, qwen_peer, save_wan, to_wan  # noqa: E402
 
 from mmdit import load_vae  # noqa: E402

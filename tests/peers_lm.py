@@ -375,3 +375,57 @@ def write_mistral_tokenizer(folder, corpus: list[str], vocab_size: int = 400, pa
                                     pad_token="<pad>", padding_side=padding_side, chat_template=MISTRAL_TEMPLATE)
     tok.save_pretrained(folder)
     return T.AutoTokenizer.from_pretrained(folder)
+
+
+# --- file layouts ---------------------------------------------------------------------------------
+
+def lm_state_dict(peer) -> dict[str, torch.Tensor]:
+    """The language model's tensors in our (= transformers' language-model) names."""
+    return dict(language_model(peer).state_dict())
+
+
+def legacy_state_dict(peer, kind: str) -> dict[str, torch.Tensor]:
+    """The peer's tensors in transformers 4.x (< 4.52) names, which transformers 5 still reads:
+    Mistral3 ``language_model.model.*`` / ``language_model.lm_head`` / ``vision_tower.*``;
+    Qwen2.5-VL ``model.*`` / ``visual.*``. Qwen3ForCausalLM never changed, and Qwen3-VL came after
+    the rename (4.57), so only its config.json differs."""
+    out = {}
+    for k, v in peer.state_dict().items():
+        if kind == "mistral3":
+            k = "language_model.lm_head.weight" if k == "lm_head.weight" else k
+            for new, old in [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                             ("model.multi_modal_projector.", "multi_modal_projector.")]:
+                k = old + k[len(new):] if k.startswith(new) else k
+        elif kind == "qwen2_5_vl":
+            for new, old in [("model.language_model.", "model."), ("model.visual.", "visual.")]:
+                k = old + k[len(new):] if k.startswith(new) else k
+        out[k] = v
+    return out
+
+
+def legacy_config(peer) -> dict:
+    """config.json as transformers 4.x wrote it: ``rope_theta`` (+ ``rope_scaling``) instead of
+    v5's ``rope_parameters``; Qwen2.5-VL's text fields at the top level, its M-RoPE typed "mrope"."""
+    cfg = peer.config.to_dict()
+    text = cfg.get("text_config", cfg)
+    rope = dict(text.pop("rope_parameters"))
+    text["rope_theta"] = rope.pop("rope_theta")
+    if cfg.get("model_type") == "qwen2_5_vl":
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        cfg.update(cfg.pop("text_config"))
+    elif "mrope_section" in rope:  # Qwen3-VL (4.57+): {"rope_type": "default", "mrope_section", "mrope_interleaved"}
+        text["rope_scaling"] = rope
+    return cfg
+
+
+def comfy_state_dict(peer, kind: str, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """A ComfyUI text-encoder file: the language model under ``model.``, the LM head, and what
+    ComfyUI keeps beside it (the Qwen-VL vision tower as ``visual.*``; Mistral's tokenizer
+    JSON as a uint8 ``tekken_model`` tensor)."""
+    out = {prefix + k: v for k, v in lm_state_dict(peer).items()}
+    out["lm_head.weight"] = peer.lm_head.weight
+    if kind in ("qwen2_5_vl", "qwen3_vl"):
+        out.update({k[len("model."):]: v for k, v in peer.state_dict().items() if k.startswith("model.visual.")})
+    if kind == "mistral3":
+        out["tekken_model"] = torch.frombuffer(bytearray(b'{"config": {}, "vocab": []}'), dtype=torch.uint8)
+    return out

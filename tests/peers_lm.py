@@ -313,9 +313,10 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
                  "<|image_pad|>", "<|video_pad|>", "<think>", "</think>"]
 # words merged whole, so the templates tokenize as the real vocabulary does (Qwen-Image's 34-token
 # prefix, 2.1's 14-token system turn)
+# (bare pieces last: their merges must not pre-empt those of the Ġ-words)
 QWEN_WORDS = ("system user assistant Describe Ġthe Ġimage Ġby Ġdetailing Ġcolor Ġshape Ġsize Ġtexture Ġquantity "
-              "Ġtext Ġspatial Ġrelationships Ġof Ġobjects Ġand Ġbackground Com preh end Ġanalyze Ġprovided "
-              "Ġprompt Ġa Ġphoto Ġcat Ġdog Ġred Ġon Ġmars Ġriding Ġhorse").split()
+              "Ġtext Ġspatial Ġrelationships Ġof Ġobjects Ġand Ġbackground Ġanalyze Ġprovided Ġprompt Ġa Ġphoto "
+              "Ġcat Ġdog Ġred Ġon Ġmars Ġriding Ġhorse Com preh end").split()
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -429,3 +430,48 @@ def comfy_state_dict(peer, kind: str, prefix: str = "model.") -> dict[str, torch
     if kind == "mistral3":
         out["tekken_model"] = torch.frombuffer(bytearray(b'{"config": {}, "vocab": []}'), dtype=torch.uint8)
     return out
+
+
+class TextOnlyQwen3VLProcessor:
+    """What ``Qwen3VLProcessor`` does for text-only calls, which is all Qwen-Image 2.1's t2i path
+    asks of it (transformers 5.24 can't build the real one without torchvision, which the venv
+    lacks): ``apply_chat_template`` renders the chat template and tokenizes the text as a batch
+    (ProcessorMixin: no special tokens added when the text starts with BOS; Qwen has none);
+    ``__call__`` tokenizes and adds ``mm_token_type_ids`` (all 0 for text)."""
+
+    def __init__(self, tokenizer, chat_template: str = QWEN3_VL_TEMPLATE):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+
+    def apply_chat_template(self, conversation, tokenize=False, return_dict=False, **kwargs):
+        text = self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
+                                                  **kwargs)
+        if not tokenize:
+            return text
+        out = self(text=[text])
+        return out if return_dict else out["input_ids"]
+
+    def __call__(self, text, images=None, padding=False, padding_side=None, return_tensors=None, **kwargs):
+        if images is not None:
+            raise NotImplementedError("text only: image conditioning needs the real processor (torchvision)")
+        out = self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors)
+        out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"]) if return_tensors == "pt" else \
+            [[0] * len(ids) for ids in out["input_ids"]]
+        return out
+
+
+def write_tekken(path, tokenizer, n_special: int = 24) -> None:
+    """A tekken.json with the tiny Mistral tokenizer's vocabulary: its specials at ranks 0..18
+    (gaps named <SPECIAL_i>), ``n_special`` special slots, byte strings by rank (id order)."""
+    import base64
+    import json
+
+    symbols = {c: b for b, c in bytes_to_unicode().items()}
+    inner = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i > max(MISTRAL_SPECIALS))
+    vocab = [{"rank": r, "token_bytes": base64.b64encode(bytes(symbols[c] for c in t)).decode(), "token_str": None}
+             for r, (_, t) in enumerate(inner)]
+    specials = [{"rank": i, "token_str": MISTRAL_SPECIALS.get(i, f"<SPECIAL_{i}>"), "is_control": True}
+                for i in range(max(MISTRAL_SPECIALS) + 1)]
+    config = {"pattern": TEKKEN_SPLIT, "num_vocab_tokens": len(vocab) + n_special,
+              "default_vocab_size": len(vocab) + n_special, "default_num_special_tokens": n_special, "version": "v7"}
+    path.write_text(json.dumps({"config": config, "vocab": vocab, "special_tokens": specials}))

@@ -182,7 +182,8 @@ def test_tekken(toks, tmp_path):
     path = save_safetensors(sd, tmp_path / "mistral_3_small_flux2.safetensors")
     peer.save_pretrained(tmp_path / "hf")
     cfg = load_decoder_lm(tmp_path / "hf").config  # the tiny shapes are no preset's
-    text = LMText(load_chat_tokenizer(path), load_decoder_lm(path, config=cfg, num_layers=30), PROMPT_FORMATS["flux.2-dev"])
+    encoder = load_decoder_lm(path, config=cfg, num_layers=30)
+    text = LMText(load_chat_tokenizer(path), encoder, PROMPT_FORMATS["flux.2-dev"])
     ref_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=ref_backend, bos_token="<s>", eos_token="</s>",
                                                    unk_token="<unk>", pad_token="<pad>", padding_side="left",
                                                    chat_template=P.MISTRAL_TEMPLATE)
@@ -196,6 +197,9 @@ def test_tekken(toks, tmp_path):
 def test_errors(toks, tmp_path):
     with pytest.raises(ValueError, match="unknown family"):
         load_lm_text("flux.3", tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_lm_text("flux.2-klein-4b", tmp_path / "missing")
+    assert PROMPT_FORMATS["flux.2-klein-9b"] is PROMPT_FORMATS["flux.2-klein"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="holds no tokenizer.json or tekken.json"):
         load_chat_tokenizer(tmp_path / "empty")

@@ -86,6 +86,8 @@ PROMPT_FORMATS: dict[str, PromptFormat] = {
                  "<|im_start|>assistant\n", side="left", length=None, fixed=False, unpad=True,
         drop=f"<|im_start|>system\n{QWEN_IMAGE_21_SYSTEM}<|im_end|>\n", empty=" "),
 }
+# the transformer presets' names, for callers that hold those (klein 4B / 9B, base or distilled: one recipe)
+PROMPT_FORMATS["flux.2-klein-4b"] = PROMPT_FORMATS["flux.2-klein-9b"] = PROMPT_FORMATS["flux.2-klein"]
 
 
 @dataclass
@@ -154,6 +156,9 @@ def load_lm_text(family: str, source: str | os.PathLike, tokenizer: str | os.Pat
         raise ValueError(f"unknown family {family!r}; choose one of {sorted(PROMPT_FORMATS)}")
     fmt = PROMPT_FORMATS[family]
     root = Path(source)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist; pass a pipeline folder, or the text encoder's folder or "
+                                "file with tokenizer= its tokenizer folder")
     if tokenizer is None and root.is_file():
         tokenizer = root  # ComfyUI's Mistral file: its tekken_model tensor
     elif tokenizer is None:

@@ -115,7 +115,7 @@ def _tekken_bytes(path: Path) -> bytes:
             if "tekken_model" not in f.keys():
                 raise TokenizerError(f"{path} carries no tokenizer (no 'tekken_model' tensor, which ComfyUI's "
                                      "Mistral files have); pass the tokenizer folder of the model's hub repo")
-            return bytes(f.get_tensor("tekken_model").to(torch.uint8).flatten().tolist())
+            return f.get_tensor("tekken_model").to(torch.uint8).flatten().numpy().tobytes()
     except TokenizerError:
         raise
     except Exception as e:  # safetensors' own error types

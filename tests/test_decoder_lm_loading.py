@@ -186,6 +186,10 @@ def test_errors(tmp_path):
     t5 = save_safetensors({"encoder.embed_tokens.weight": torch.zeros(4, 4)}, tmp_path / "t5.safetensors")
     with pytest.raises(CheckpointError, match="holds no decoder language model"):
         load_decoder_lm(t5)
+    native = save_safetensors({"tok_embeddings.weight": torch.zeros(4, 4), "layers.0.attention.wq.weight":
+                               torch.zeros(4, 4)}, tmp_path / "consolidated.safetensors")
+    with pytest.raises(CheckpointError, match="Mistral's own layout"):
+        load_decoder_lm(native)
     model.save_pretrained(tmp_path / "yarn")
     cj = json.loads((tmp_path / "yarn" / "config.json").read_text())
     cj["text_config"]["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e9, "factor": 4.0}

@@ -106,7 +106,12 @@ def is_decoder_lm(path: Path) -> bool:
 
 def find_prefix(keys, where: str) -> str:
     """The prefix of the language model's keys: what precedes ``embed_tokens.weight``."""
+    keys = list(keys)
     found = _prefixes(keys)
+    if not found and any(k.endswith("tok_embeddings.weight") for k in keys):
+        raise CheckpointError(f"{where} is in Mistral's own layout (consolidated.safetensors: tok_embeddings, "
+                              "attention.wq, ...), which is not supported; use the transformers files of the same "
+                              "repo (model-*.safetensors + index) or ComfyUI's text-encoder file")
     if not found:
         raise CheckpointError(f"{where} holds no decoder language model (no '<prefix>{ANCHOR}' beside "
                               f"'<prefix>layers.0.'; found e.g. {sorted(keys)[:4]})")

@@ -34,6 +34,7 @@ _PUBLIC = {
     "load_transformer": ".weights.transformer",
     "load_text_encoder": ".weights.encoders", "load_vae": ".weights.encoders",
     "load_tokenizer": ".encoders.tokenizers",
+    "load_decoder_lm": ".weights.decoder_lm", "load_lm_text": ".encoders.prompts",
     "Pipeline": ".pipeline",
 }
 __all__ = list(_PUBLIC)

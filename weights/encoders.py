@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 
 from ..encoders.clip import CLIPConfig, CLIPTextEncoder
+from ..encoders.decoder_lm import DecoderLM
 from ..encoders.qwen21_vae import QWEN_IMAGE_21_VAE_PRESETS, QwenImage21VAE
 from ..encoders.t5 import T5Config, T5Encoder
 from ..encoders.vae import VAE, VAE_PRESETS, VAEConfig
 from ..encoders.wan_vae import QWEN_IMAGE_VAE_PRESETS, QwenImageVAE
 from .checkpoint import Checkpoint, CheckpointError, count_indexed, load_into, open_checkpoint, read_json
+from .decoder_lm import is_decoder_lm, load_decoder_lm
 from .wan_vae import QWEN_VAE_CLASSES, load_qwen_vae, qwen_vae_arch
 
 TEXT_ENCODER_PREFIXES = {  # kind -> prefix inside Stability all-in-one files
@@ -111,8 +113,9 @@ def vae_to_ldm(sd: Mapping[str, torch.Tensor], levels: int) -> dict[str, torch.T
 # --- public loaders ----------------------------------------------------------------------------
 
 def load_text_encoder(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu",
-                      kind: str | None = None) -> CLIPTextEncoder | T5Encoder:
-    """A CLIP or T5 text encoder from a folder or a file (see the module docstring).
+                      kind: str | None = None) -> CLIPTextEncoder | T5Encoder | DecoderLM:
+    """A CLIP or T5 text encoder from a folder or a file (see the module docstring), or the
+    decoder LM of FLUX.2 / Qwen-Image (``mmdit.weights.decoder_lm.load_decoder_lm``).
 
     ``kind`` ("clip_l", "clip_g", "t5xxl") picks the component of a pipeline folder or an
     all-in-one file; elsewhere it is checked against what the file holds. fp16 keeps T5's
@@ -121,6 +124,8 @@ def load_text_encoder(source: str | os.PathLike, dtype: torch.dtype = torch.floa
     if kind is not None and kind not in TEXT_ENCODER_PREFIXES:
         raise ValueError(f"kind must be one of {sorted(TEXT_ENCODER_PREFIXES)} or None, got {kind!r}")
     path = _existing(source)
+    if kind is None and is_decoder_lm(path):
+        return load_decoder_lm(path, dtype=dtype, device=device)
     if path.is_dir() and (path / "model_index.json").is_file():
         path = _pipeline_text_encoder(path, kind)
     ckpt, cj, where = _open(path, stem="model")

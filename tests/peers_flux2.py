@@ -126,3 +126,31 @@ def full_size(name: str):
     with torch.device("meta"):
         peer = Flux2Transformer2DModel(**FULL[name])
     return dict(peer.state_dict()), dict(peer.config)
+
+
+# ---- our model alone: tiny random FLUX.2 for the row / branch / graph tests ----------------
+
+TINY = dict(num_double=2, num_single=2, num_heads=2, head_dim=16, in_channels=16, context_dim=24)  # axes (4,)*4
+
+
+def tiny(guidance: bool = True, seed: int = 0, **extra):
+    """Our FLUX.2 ([dev]-like with ``guidance``, else [klein]-like), weights N(0, 0.1)."""
+    import mmdit
+
+    torch.manual_seed(seed)
+    model = mmdit.build_transformer("flux.2-dev" if guidance else "flux.2-klein-4b", **{**TINY, **extra}).eval()
+    for p in model.parameters():  # torch's zero/one inits would hide wiring mistakes
+        p.data.normal_(0, 0.1)
+    return model
+
+
+def tiny_inputs(model, B=3, h=4, w=3, L=5, refs=(), seed=1):
+    """x (B, C, h, w), sigma (B,), context (B, L, Dc), guidance (B,) or None, refs as ``inputs``."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(B, cfg.in_channels, h, w, generator=g)
+    sigma = torch.rand(B, generator=g)
+    ctx = torch.randn(B, L, cfg.context_dim, generator=g)
+    guidance = torch.full((B,), 4.0) if cfg.guidance_embed else None
+    refs = tuple(torch.randn(n, cfg.in_channels, hi, wi, generator=g) for n, hi, wi in refs) or None
+    return x, sigma, ctx, guidance, refs

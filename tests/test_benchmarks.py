@@ -25,7 +25,8 @@ TINY = {
     "flux": ["--preset", "flux.1-dev", "--num-layers", "3", "--set", "axes_dim=(4,6,6)", "--set", "pooled_dim=20"],
     "flux2": ["--preset", "flux.2-dev", "--num-layers", "3"],  # head_dim 16: axes (4, 4, 4, 4); no pooled input
 }
-SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--device", "cpu", "--dtype", "fp32"]
+SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24",
+         "--device", "cpu", "--dtype", "fp32"]
 CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all_ms", "flops_ours",
                "flops_diffusers", "tflops_ours", "tflops_diffusers", "max_rel_err", "rows_ours", "rows_diffusers",
                "s_per_image_ours", "s_per_image_diffusers", "matmul_fraction_ours"}

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import mmdit  # noqa: E402
-from mmdit.models import flux  # noqa: E402
-from mmdit.models.config import FluxConfig, SD3Config  # noqa: E402
+from mmdit.models import flux, flux2  # noqa: E402
+from mmdit.models.config import Flux2Config, FluxConfig, SD3Config  # noqa: E402
 from mmdit.samplers import default_layers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -66,7 +66,7 @@ def text_len(args, config) -> int:
     return args.text_len or (333 if config.family == "sd3" else 512)
 
 
-def config_from_args(args) -> SD3Config | FluxConfig:
+def config_from_args(args) -> SD3Config | FluxConfig | Flux2Config:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -95,6 +95,12 @@ def peer_kwargs(config) -> dict:
                     pooled_projection_dim=config.pooled_dim, pos_embed_max_size=config.pos_embed_max_size,
                     dual_attention_layers=config.dual_attention_layers,
                     qk_norm="rms_norm" if config.qk_norm else None)
+    if isinstance(config, Flux2Config):
+        return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
+                    num_single_layers=config.num_single, attention_head_dim=config.head_dim,
+                    num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
+                    mlp_ratio=config.mlp_ratio, axes_dims_rope=config.axes_dim, rope_theta=config.theta,
+                    guidance_embeds=config.guidance_embed)
     return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
                 num_single_layers=config.num_single, attention_head_dim=config.head_dim,
                 num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
@@ -104,11 +110,12 @@ def peer_kwargs(config) -> dict:
 
 def build_peer(config, device, dtype, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised diffusers transformer for ``config``, built on ``device``."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # its note on casting with .to() is about fp16 checkpoints
-    cls = SD3Transformer2DModel if isinstance(config, SD3Config) else FluxTransformer2DModel
+    cls = {SD3Config: SD3Transformer2DModel, FluxConfig: FluxTransformer2DModel,
+           Flux2Config: Flux2Transformer2DModel}[type(config)]
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: full-size FLUX is 48 GB in fp32
@@ -139,11 +146,15 @@ def ma_channels(config) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class Inputs:
-    x: torch.Tensor  # (B, 16, h, w) latents
+    x: torch.Tensor  # (B, 16, h, w) latents; FLUX.2: (B, 128, h/2, w/2), the patchified grid
     sigma: torch.Tensor  # (B,)
     context: torch.Tensor  # (B, L, context_dim)
-    pooled: torch.Tensor  # (B, pooled_dim)
-    guidance: torch.Tensor | None  # (B,) for FLUX-dev
+    pooled: torch.Tensor | None  # (B, pooled_dim); FLUX.2 has none
+    guidance: torch.Tensor | None  # (B,) for FLUX-dev and FLUX.2 [dev]
+
+    def args(self) -> tuple:
+        """The model's positional inputs."""
+        return (self.x, self.sigma, self.context) + (() if self.pooled is None else (self.pooled,))
 
     def repeat(self, n: int) -> "Inputs":
         """n copies of the rows, e.g. [uncond | cond] (the prompts' content doesn't matter here)."""
@@ -156,16 +167,19 @@ def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, d
                 seed: int = 1) -> Inputs:
     g = torch.Generator().manual_seed(seed)
     h, w = latent_hw
-    C = config.in_channels if isinstance(config, SD3Config) else config.latent_channels
+    if isinstance(config, Flux2Config):  # the 2x2-patchified grid, one token per position
+        C, h, w = config.in_channels, h // 2, w // 2
+    else:
+        C = config.in_channels if isinstance(config, SD3Config) else config.latent_channels
 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     guidance = None
-    if isinstance(config, FluxConfig) and config.guidance_embed:
+    if not isinstance(config, SD3Config) and config.guidance_embed:
         guidance = torch.full((batch,), 3.5, device=device, dtype=dtype)
     sigma = torch.rand(batch, generator=g).to(device)
-    return Inputs(randn(batch, C, h, w), sigma, randn(batch, text_len, config.context_dim),
-                  randn(batch, config.pooled_dim), guidance)
+    pooled = None if isinstance(config, Flux2Config) else randn(batch, config.pooled_dim)
+    return Inputs(randn(batch, C, h, w), sigma, randn(batch, text_len, config.context_dim), pooled, guidance)
 
 
 class PeerRunner:
@@ -177,7 +191,8 @@ class PeerRunner:
 
     def __init__(self, peer, config):
         self.peer, self.config = peer, config
-        self.flux = isinstance(config, FluxConfig)
+        self.flux = not isinstance(config, SD3Config)  # FLUX.1 or FLUX.2: position ids, no skip_layers
+        self.flux2 = isinstance(config, Flux2Config)
         self._ids = {}
         self.hook = None  # the DG hook's handle (see build_cases)
 
@@ -187,6 +202,13 @@ class PeerRunner:
             return dict(hidden_states=inp.x, encoder_hidden_states=inp.context,
                         pooled_projections=inp.pooled, timestep=1000 * inp.sigma)
         B, C, H, W = inp.x.shape
+        if self.flux2:  # one token per grid position, 4-axis ids
+            key = (H, W, inp.context.shape[1])
+            if key not in self._ids:
+                self._ids[key] = (flux2.grid_ids(H, W, inp.x.device), flux2.text_ids(key[2], inp.x.device))
+            img_ids, txt_ids = self._ids[key]
+            return dict(hidden_states=inp.x.flatten(2).transpose(1, 2), encoder_hidden_states=inp.context,
+                        timestep=inp.sigma.to(inp.x.dtype), img_ids=img_ids, txt_ids=txt_ids, guidance=inp.guidance)
         h, w = H // 2, W // 2
         packed = flux.pack(inp.x)
         key = (h, w, inp.context.shape[1])
@@ -204,6 +226,8 @@ class PeerRunner:
             return out
         B, C, H, W = shape
         B = out.shape[0]
+        if self.flux2:
+            return out.transpose(1, 2).reshape(B, C, H, W)
         return out.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
     def block(self, m: int) -> torch.nn.Module:
@@ -213,18 +237,19 @@ class PeerRunner:
         return self.peer.transformer_blocks[m]
 
 
-def zero_ma_hook(batch: int, channels: torch.Tensor):
+def zero_ma_hook(batch: int, channels: torch.Tensor, text_len: int = 0):
     """A forward hook zeroing ``channels`` of the image tokens of the last ``batch`` rows at a
     block's output, in calls of 3 * batch rows ([uncond | cond | cond to disrupt]) only.
 
     It stays registered: the batch size, not Python state, switches it on, so a compiled peer
     sees the same hook in every call (dynamo does not notice submodule hooks added later).
-    Every diffusers SD3 / FLUX block (joint, double, single) returns (context, image).
+    Every diffusers SD3 / FLUX block (joint, double, single) and FLUX.2 double block returns
+    (context, image); a FLUX.2 single block returns [text ; image] (``text_len`` text tokens).
     """
     def hook(module, args, output):
-        image = output[1]
+        image, start = (output[1], 0) if isinstance(output, tuple) else (output, text_len)
         if image.shape[0] == 3 * batch:
-            image[2 * batch:, :, channels] = 0
+            image[2 * batch:, start:, channels] = 0
         return output
     return hook
 
@@ -254,6 +279,15 @@ def forward_flops(config, n_img: int, n_txt: int, batch: int, fork_block: int | 
         return 4 * q_len * k_len * D  # QK^T and PV over all heads
 
     total = 0
+    if isinstance(config, Flux2Config):  # no biases, modulations once per call, SwiGLU (2F in, F out)
+        total += 2 * batch * (N * config.in_channels * D + T * config.context_dim * D
+                              + (256 * D + D * D) * (2 if config.guidance_embed else 1) + 15 * D * D)
+        L = N + T
+        for i in range(config.num_double):
+            total += rows(i) * (2 * L * (4 * D * D + 3 * F * D) + attn(L, L))
+        for j in range(config.num_single):
+            total += rows(config.num_double + j) * (2 * L * (D * (3 * D + 2 * F) + (D + F) * D) + attn(L, L))
+        return total + 2 * rows(config.total_blocks) * (2 * D * D + N * D * config.in_channels)
     if isinstance(config, SD3Config):
         p = config.patch_size
         head = N * config.in_channels * p * p * D + T * config.context_dim * D
@@ -394,15 +428,16 @@ class Case:
     peer: object
 
 
-def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int) -> None:
-    """Our MA spec and the peer's DG hook on block m (the last ``batch`` of 3 * batch rows)."""
+def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int, text_len: int = 0) -> None:
+    """Our MA spec and the peer's DG hook on block m (the last ``batch`` of 3 * batch rows);
+    ``text_len``: the text tokens before the image's in a FLUX.2 single block's output."""
     channels = ma_channels(config)
     ours.ma = mmdit.MASpec(channels, block=fork_block)
     if runner.hook is not None:
         runner.hook.remove()
     device = next(runner.peer.parameters()).device
     runner.hook = runner.block(fork_block).register_forward_hook(
-        zero_ma_hook(batch, torch.tensor(channels, device=device)))
+        zero_ma_hook(batch, torch.tensor(channels, device=device), text_len))
 
 
 def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
@@ -416,11 +451,11 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
     shape = tuple(inp.x.shape)
     n_img, n_txt = tokens(config, shape[2:]), inp.context.shape[1]
     if runner.hook is None:
-        attach_dg(ours, runner, config, fork_block, B)
+        attach_dg(ours, runner, config, fork_block, B, n_txt)
     out = []
 
     def call(model, i: Inputs, **kw):
-        return model(i.x, i.sigma, i.context, i.pooled, guidance=i.guidance, **kw)
+        return model(*i.args(), guidance=i.guidance, **kw)
 
     if "forward" in names:
         prep = runner.prepare(inp)

@@ -89,7 +89,7 @@ def run(args, on_mode=None) -> dict:
     ours = common.ours_from_peer(peer, config)
     runner = common.PeerRunner(peer, config)
     inp = common.make_inputs(config, args.batch, (H // 8, W // 8), text_len, device, dtype)
-    common.attach_dg(ours, runner, config, m, args.batch)  # before compiling: dynamo sees the hook
+    common.attach_dg(ours, runner, config, m, args.batch, text_len)  # before compiling: dynamo sees the hook
     n_img = common.tokens(config, (H // 8, W // 8))
     matmul = common.matmul_tflops(device, dtype, args.batch * (n_img + text_len), config.hidden_size,
                                   int(config.hidden_size * config.mlp_ratio))

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import quantize, set_module
+from .fp8 import dequantize, quantize, set_module
 from .weights import keymaps
 from .weights.checkpoint import CheckpointError
 
@@ -110,16 +110,15 @@ class LoRALinear(nn.Module):
 
 
 def _dense(module: nn.Module) -> torch.Tensor:
-    """The module's weight in fp32 (fp8: ``w.float() * weight_scale``)."""
-    w = module.weight.detach().float()
+    """The module's weight in fp32 (fp8: ``w.float() * weight_scale``, per tensor or per row)."""
     scale = getattr(module, "weight_scale", None)
-    return w if scale is None else w * scale
+    return module.weight.detach().float() if scale is None else dequantize(module.weight.detach(), scale, torch.float32)
 
 
 def _store(module: nn.Module, dense: torch.Tensor) -> None:
     with torch.no_grad():
-        if getattr(module, "weight_scale", None) is not None:
-            q, s = quantize(dense, module.weight.dtype)
+        if getattr(module, "weight_scale", None) is not None:  # re-quantized with the scales it has (per row or not)
+            q, s = quantize(dense, module.weight.dtype, per_row=module.weight_scale.dim() == 1)
             module.weight.copy_(q)
             module.weight_scale.copy_(s)
         else:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -22,17 +23,18 @@ pytestmark = pytest.mark.slow  # compiles, several processes or subprocesses
 
 TINY = {
     "sd3": ["--preset", "sd3.5-medium", "--num-layers", "2", "--set", "pos_embed_max_size=16",
-            "--set", "dual_attention_layers=(0,)"],
-    "flux": ["--preset", "flux.1-dev", "--num-layers", "3", "--set", "axes_dim=(4,6,6)"],
+            "--set", "dual_attention_layers=(0,)", "--set", "pooled_dim=20"],
+    "flux": ["--preset", "flux.1-dev", "--num-layers", "3", "--set", "axes_dim=(4,6,6)", "--set", "pooled_dim=20"],
+    "flux2": ["--preset", "flux.2-dev", "--num-layers", "3"],  # head_dim 16: axes (4, 4, 4, 4); no pooled input
 }
-SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--set", "pooled_dim=20",
+SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24",
          "--device", "cpu", "--dtype", "fp32"]
 CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all_ms", "flops_ours",
                "flops_diffusers", "tflops_ours", "tflops_diffusers", "max_rel_err", "rows_ours", "rows_diffusers",
                "s_per_image_ours", "s_per_image_diffusers", "matmul_fraction_ours"}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
 def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_path, capsys):
     path = tmp_path / "latency.json"
     cases = ["forward", "cfg", "cfg_dg"] + (["cfg_slg", "cfg_dg_slg"] if family == "sd3" else [])
@@ -43,7 +45,7 @@ def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_pat
     for key in ("device", "torch", "diffusers", "date", "config", "dtype", "resolution", "batch", "text_len",
                 "fork_block", "ma_channels", "modes", "peak_tflops", "matmul_tflops", "steps"):
         assert key in out, key
-    assert out["fork_block"] == 1  # total_blocks // 2; FLUX 1+2 blocks: single block 0
+    assert out["fork_block"] == 1  # total_blocks // 2; FLUX / FLUX.2 1+2 blocks: single block 0
     assert out["matmul_tflops"] > 0
     assert set(out["modes"]) == {"eager", "compiled"}
     for mode in out["modes"].values():
@@ -76,6 +78,25 @@ def test_forward_flops_match_hand_count():
     want = 2 * (head + block + final) + 4 * (N + T) ** 2 * D
     assert common.forward_flops(cfg, N, T, 1) == want
     assert common.forward_flops(cfg, N, T, 2) == 2 * want
+
+
+def test_flux2_flops_match_torch_flop_counter():
+    """Every matmul of a FLUX.2 forward as torch's FlopCounterMode counts it (CPU SDPA is not
+    counted there: its 4 (N + T)^2 D per block and row is added), plain and with a DG fork."""
+    import mmdit
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = mmdit.preset("flux.2-dev", num_double=2, num_single=3, num_heads=2, head_dim=16, context_dim=24)
+    model = mmdit.build_transformer(cfg).eval()
+    model.ma = mmdit.MASpec((1, 2), block=2)
+    N, T, D = 4 * 3, 5, cfg.hidden_size
+    x, ctx = torch.randn(2, 128, 4, 3), torch.randn(2, T, 24)
+    for fork, block_rows in ((None, 2 * 5), (slice(1, 2), 2 * 5 + 2)):  # the fork adds a row to blocks 3 and 4
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x, torch.rand(2), ctx, guidance=3.0, fork=fork)
+        sdpa = block_rows * 4 * (N + T) ** 2 * D
+        want = common.forward_flops(cfg, N, T, 2, None if fork is None else 2, 0 if fork is None else 1)
+        assert counter.get_total_flops() + sdpa == want
 
 
 def test_memory_script_loads_both_ways_in_fresh_processes(tmp_path, capsys):

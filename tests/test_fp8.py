@@ -246,7 +246,7 @@ def test_row_wise_scales_are_named(tmp_path):
     sd, _ = scaled_fp8(peers.original_state(peer, ""), "old", "")
     key = next(k for k in sd if k.endswith(".scale_weight"))
     sd[key] = torch.ones(sd[key[:-len("scale_weight")] + "weight"].shape[0], 1)
-    pattern = rf"{key} has shape \({sd[key].shape[0]}, 1\) .*only per-tensor \(scalar\) fp8 scales"
+    pattern = rf"{key} has shape \({sd[key].shape[0]}, 1\) .*only per-tensor \(scalar\) and per-row \(out,\) fp8 scales"
     with pytest.raises(CheckpointError, match=pattern):
         load_transformer(peers.save(sd, tmp_path / "rows.safetensors"))
 

@@ -11,6 +11,9 @@ OFFICIAL_PARAMS = {
     "sd3.5-large": 8_056_627_520,
     "flux.1-dev": 11_901_408_320,
     "flux.1-schnell": 11_891_178_560,
+    "flux.2-dev": 32_223_281_152,
+    "flux.2-klein-4b": 3_875_544_576,
+    "flux.2-klein-9b": 9_078_581_248,
 }
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
 def test_preset_parameter_counts_match_official(name):

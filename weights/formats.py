@@ -11,6 +11,9 @@
   The scale and marker tensors are hidden from the key set; reading ``<layer>.weight``
   gives ``weight.float() * scale`` (in fp32), ``raw()`` gives the stored tensor and scale.
   Input scales only matter to fp8 activation kernels and are not used.
+* BFL **fp8r** (FLUX.2): ``<layer>.weight`` float8 + ``<layer>.weight_scale`` fp32 of shape
+  ``(out,)``, one scale per row: read as ``weight.float() * scale[:, None]``, before any key-map
+  op (qkv split, adaLN swap) sees the tensor.
 * FLUX RMSNorm weights saved as ``*_norm.weight`` (current ComfyUI) read as ``*_norm.scale``.
 * Formats this project does not load (GGUF, bitsandbytes NF4/FP4/int8, optimum-quanto,
   int4 SVDQuant/GPTQ, Chroma, a LoRA adapter instead of a model) are one error that names
@@ -27,6 +30,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError
 
 FORMAT = "scaled fp8 (ComfyUI)"
+FORMAT_ROWS = "fp8 with per-row scales (BFL fp8r)"
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # the comfy_quant formats read here
 # leaf suffix -> the weight it scales (None: only marks the layer or scales its input)
 _OLD = {".scale_weight": ".weight", ".scale_input": None}
@@ -113,10 +117,12 @@ class Canonical(Mapping):
         orphans = sorted(s for w, s in self.scales.items() if w not in present)
         if orphans:
             raise CheckpointError(f"{where} has fp8 scales for weights it does not hold: {orphans[:6]}")
-        wide = [(s, self.ckpt.shape(s)) for s in self.scales.values() if math.prod(self.ckpt.shape(s)) != 1]
+        self.row_scaled = {w for w, s in self.scales.items() if self._per_row(w, s)}  # weights with (out,) scales
+        wide = [(s, self.ckpt.shape(s)) for w, s in self.scales.items()
+                if math.prod(self.ckpt.shape(s)) != 1 and w not in self.row_scaled]
         if wide:
             raise CheckpointError(f"{where}: {wide[0][0]} has shape {wide[0][1]} ({len(wide)} such scales): only "
-                                  f"per-tensor (scalar) fp8 scales are supported; {_USE_INSTEAD}")
+                                  f"per-tensor (scalar) and per-row (out,) fp8 scales are supported; {_USE_INSTEAD}")
         self.marker = next((k for k in keys if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
         self._check_comfy_quant([k for k in keys if k.endswith(".comfy_quant")])
         self.hidden = sorted(hidden)
@@ -129,6 +135,11 @@ class Canonical(Mapping):
                     self.alias[k[:-len(old)] + new] = k
         stored = {v for v in self.alias.values()}
         self._keys = [k for k in keys if k not in hidden and k not in stored] + list(self.alias)
+
+    def _per_row(self, weight: str, scale: str) -> bool:
+        """A (out,) scale of a 2-D (out, in) weight with more than one row."""
+        w, sc = self.ckpt.shape(weight), self.ckpt.shape(scale)
+        return len(w) == 2 and w[0] > 1 and tuple(sc) == (w[0],)
 
     def _check_comfy_quant(self, markers: list[str]) -> None:
         bad = {}
@@ -145,8 +156,14 @@ class Canonical(Mapping):
 
     @property
     def format(self) -> str | None:
-        """"scaled fp8 (ComfyUI)" or None."""
+        """"scaled fp8 (ComfyUI)", "fp8 with per-row scales (BFL fp8r)" or None."""
+        if self.row_scaled:
+            return FORMAT_ROWS
         return FORMAT if self.scales or self.marker else None
+
+    def per_row(self, name: str) -> bool:
+        """Whether ``name`` is stored with one scale per row."""
+        return self._stored(name) in self.row_scaled
 
     @property
     def quantized(self) -> int:
@@ -180,12 +197,17 @@ class Canonical(Mapping):
         return self.ckpt.nbytes()
 
     def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stored tensor and its fp32 scale (None if it has none)."""
+        """The stored tensor and its fp32 scale: None if it has none, 0-d per tensor, (out,) per row."""
         stored = self._stored(name)
         scale = self.scales.get(stored)
-        return self.ckpt[stored], (None if scale is None else self.ckpt[scale].float().reshape(()))
+        if scale is None:
+            return self.ckpt[stored], None
+        return self.ckpt[stored], self.ckpt[scale].float().reshape(-1 if stored in self.row_scaled else ())
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        """The tensor as the model wants it: scaled fp8 dequantized as ``fp8.float() * scale``."""
+        """The tensor as the model wants it: scaled fp8 dequantized as ``fp8.float() * scale``
+        (per row: ``scale[:, None]``)."""
         t, scale = self.raw(name)
-        return t if scale is None else t.float() * scale
+        if scale is None:
+            return t
+        return t.float() * (scale[:, None] if scale.dim() else scale)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import CheckpointError, foreign_file, open_checkpoint, read_json, shard_set
+from .families import FAMILIES
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 TRANSFORMER_FILES = ["transformer/*.json", "transformer/*.safetensors"]  # of a diffusers repo
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+TRANSFORMER_CLASSES = tuple(c for family in FAMILIES.values() for c in family.DIFFUSERS_CLASSES)
 # top-level files of single-file repos that are not the transformer (VAE, text encoders, LoRAs)
 NOT_TRANSFORMER = re.compile(r"(^|[/_.-])(ae|vae|clip|clips|t5|t5xxl|text_encoders?|lora)([/_.-]|$)", re.I)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")

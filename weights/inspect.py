@@ -51,7 +51,7 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
         ("family", FAMILIES[det.family].NAME),
         ("preset", det.preset or "none (custom config)"),
         ("config", f"from {det.config_source}: hidden={cfg.hidden_size} {fields}"),
-        ("format", f"{ckpt.format}: {ckpt.quantized} weights stored as fp8 with a per-tensor scale"
+        ("format", f"{ckpt.format}: {ckpt.quantized} weights stored as fp8 with a {_scaling(ckpt)} scale"
          if ckpt.format else "plain tensors"),
         ("dtype", ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())),
         ("parameters", f"{n_params:,}" + (f" (+ {n_buffers:,} in the stored pos_embed table)" if n_buffers else "")),
@@ -60,6 +60,11 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
     if det.ignored:
         rows.append(("also in file", ", ".join(f"{p.rstrip('.')} ({n} tensors)" for p, n in det.ignored.items())))
     return "\n".join(f"{name + ':':<13} {value}" for name, value in rows)
+
+
+def _scaling(ckpt: Canonical) -> str:
+    rows = len(ckpt.row_scaled)
+    return "per-tensor" if not rows else "per-row" if rows == ckpt.quantized else "per-tensor or per-row"
 
 
 def _short(v):

@@ -85,22 +85,30 @@ def _read(ckpt: Canonical, recipe: keymaps.Recipe, dtype: torch.dtype, hidden: i
 
 def _keep_fp8(model, ckpt: Canonical, recipes, thunks, shapes, dtype, weight_dtype, hidden, device):
     """Swap the Linears (on meta, all but final_layer) for FP8Linear and make their ``weight`` /
-    ``weight_scale`` thunks give fp8 + scale: the file's own when it stores that fp8 tensor as is, else
-    quantized per tensor from the full-precision read. In an fp8 file, only the layers it
-    stores in fp8 are kept in fp8. Returns the per-name cast for load_into."""
+    ``weight_scale`` thunks give fp8 + scale: the file's own when it stores that fp8 tensor as is
+    (per-row scales too: BFL fp8r keeps its bytes and its (out,) scales), else quantized per tensor
+    from the full-precision read. In an fp8 file, only the layers it stores in fp8 are kept in fp8.
+    Returns the per-name cast for load_into."""
     names = _fp8.linear_names(model)
     stored_fp8 = [n for n in names if all(ckpt.dtype(k).startswith("F8") for k in recipes[f"{n}.weight"].keys)]
     if stored_fp8:  # an fp8 file: its author chose which layers are fp8; the rest stay in dtype
         names = stored_fp8
     for name in names:
         lin = model.get_submodule(name)
-        _fp8.set_module(model, name, _fp8.FP8Linear(lin.in_features, lin.out_features, lin.bias is not None,
-                                                    device="meta", dtype=weight_dtype, bias_dtype=dtype))
         key, made = f"{name}.weight", {}
+        same = all(ckpt.dtype(k) == _SAFETENSORS_FP8[weight_dtype] for k in recipes[key].keys)  # header only
+        rows = same and all(ckpt.per_row(k) for k in recipes[key].keys)
+        _fp8.set_module(model, name, _fp8.FP8Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                    device="meta", dtype=weight_dtype, bias_dtype=dtype,
+                                                    per_row=rows))
 
-        def weight(key=key, made=made):
+        def weight(key=key, made=made, same=same, rows=rows):
             r = recipes[key]
-            if all(ckpt.dtype(k) == _SAFETENSORS_FP8[weight_dtype] for k in r.keys):  # header only
+            if rows:  # the file's bytes and its per-row scales, both through the key map's op (q/k/v: cat)
+                raws = [ckpt.raw(k) for k in r.keys]
+                made["scale"] = keymaps.combine(r.op, [sc for _, sc in raws], hidden)
+                return keymaps.combine(r.op, [t.view(torch.uint8) for t, _ in raws], hidden).view(weight_dtype)
+            if same:
                 raws = [ckpt.raw(k) for k in r.keys]
                 scales = [torch.ones(()) if s is None else s for _, s in raws]
                 if all(torch.equal(s, scales[0]) for s in scales):
@@ -112,7 +120,7 @@ def _keep_fp8(model, ckpt: Canonical, recipes, thunks, shapes, dtype, weight_dty
 
         thunks[key] = weight  # before its scale in the dict: load_into reads in order
         thunks[f"{name}.weight_scale"] = lambda made=made: made.pop("scale")
-        shapes[f"{name}.weight_scale"] = ()
+        shapes[f"{name}.weight_scale"] = (lin.out_features,) if rows else ()
     fp8_names = {f"{n}.weight" for n in names}
     scale_names = {f"{n}.weight_scale" for n in names}
     return lambda k: weight_dtype if k in fp8_names else torch.float32 if k in scale_names else dtype

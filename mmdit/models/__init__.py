@@ -7,6 +7,7 @@
     base.py       what every family shares: ``model.ma`` and ``forward`` -> the family's ``velocity``
     sd3.py        SD3 / SD3.5 (MMDiT, MMDiT-X): its config, presets and model
     flux.py       FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext): the same
+    flux2.py      FLUX.2 ([dev], [klein] 4B / 9B): the same
 
 A new family is a new file here (config dataclass, PRESETS, model) and one line in ``MODELS``
 and in ``config.PRESETS``; its checkpoints are a new file in ``weights/families/``.
@@ -18,9 +19,10 @@ from torch import nn
 
 from .config import preset
 from .flux import FluxConfig, FluxTransformer
+from .flux2 import Flux2Config, Flux2Transformer
 from .sd3 import SD3Config, SD3Transformer
 
-MODELS = {SD3Config: SD3Transformer, FluxConfig: FluxTransformer}  # config class -> model class
+MODELS = {SD3Config: SD3Transformer, FluxConfig: FluxTransformer, Flux2Config: Flux2Transformer}  # config class -> model class
 
 
 def transformer_for(config) -> nn.Module:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import flux, sd3
+from . import flux, flux2, sd3
 from .flux import FluxConfig
+from .flux2 import Flux2Config
 from .sd3 import SD3Config
 
-PRESETS = {**sd3.PRESETS, **flux.PRESETS}
+PRESETS = {**sd3.PRESETS, **flux.PRESETS, **flux2.PRESETS}
 
 
 def preset(name: str, **overrides):
@@ -29,4 +30,4 @@ def preset(name: str, **overrides):
     return dataclasses.replace(base, **overrides)
 
 
-__all__ = ["PRESETS", "preset", "SD3Config", "FluxConfig"]
+__all__ = ["PRESETS", "preset", "SD3Config", "FluxConfig", "Flux2Config"]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import mmdit
+from helpers import TOL, inputs, tiny
 
 # Learned parameter counts of the official checkpoints (docs/architecture.md), pos_embed excluded.
 OFFICIAL_PARAMS = {

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import flux, sd3
+from . import flux, qwen_image, qwen_image21, sd3
 from .flux import FluxConfig
+from .qwen_image import QwenImageConfig
+from .qwen_image21 import QwenImage21Config
 from .sd3 import SD3Config
 
-PRESETS = {**sd3.PRESETS, **flux.PRESETS}
+PRESETS = {**sd3.PRESETS, **flux.PRESETS, **qwen_image.PRESETS, **qwen_image21.PRESETS}
 
 
 def preset(name: str, **overrides):
@@ -29,4 +31,4 @@ def preset(name: str, **overrides):
     return dataclasses.replace(base, **overrides)
 
 
-__all__ = ["PRESETS", "preset", "SD3Config", "FluxConfig"]
+__all__ = ["PRESETS", "preset", "SD3Config", "FluxConfig", "QwenImageConfig", "QwenImage21Config"]

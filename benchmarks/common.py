@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 import mmdit  # noqa: E402
 from mmdit.models import flux  # noqa: E402
-from mmdit.models.config import FluxConfig, SD3Config  # noqa: E402
+from mmdit.models.config import FluxConfig, QwenImageConfig, SD3Config  # noqa: E402
 from mmdit.samplers import default_layers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -50,7 +50,8 @@ def add_model_args(p: argparse.ArgumentParser, preset: str = "sd3.5-medium") -> 
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-len", type=int, default=None,
-                   help="text tokens (default: 333 for SD3 = 77 CLIP + 256 T5, 512 for FLUX-dev)")
+                   help="text tokens (default: 333 for SD3 = 77 CLIP + 256 T5, 512 for FLUX-dev, 128 for "
+                        "Qwen-Image: its prompts are padded to the longest of the batch only)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
 
 
@@ -63,10 +64,10 @@ def slg_layers(total: int, text: str | None = None) -> tuple[int, ...]:
 
 def text_len(args, config) -> int:
     """--text-len, or the family's usual length."""
-    return args.text_len or (333 if config.family == "sd3" else 512)
+    return args.text_len or {"sd3": 333, "qwen-image": 128}.get(config.family, 512)
 
 
-def config_from_args(args) -> SD3Config | FluxConfig:
+def config_from_args(args) -> SD3Config | FluxConfig | QwenImageConfig:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -95,6 +96,11 @@ def peer_kwargs(config) -> dict:
                     pooled_projection_dim=config.pooled_dim, pos_embed_max_size=config.pos_embed_max_size,
                     dual_attention_layers=config.dual_attention_layers,
                     qk_norm="rms_norm" if config.qk_norm else None)
+    if isinstance(config, QwenImageConfig):
+        return dict(patch_size=2, in_channels=config.in_channels, out_channels=config.out_channels,
+                    num_layers=config.num_layers, attention_head_dim=config.head_dim,
+                    num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
+                    guidance_embeds=False, axes_dims_rope=config.axes_dim)
     return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
                 num_single_layers=config.num_single, attention_head_dim=config.head_dim,
                 num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
@@ -104,11 +110,12 @@ def peer_kwargs(config) -> dict:
 
 def build_peer(config, device, dtype, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised diffusers transformer for ``config``, built on ``device``."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # its note on casting with .to() is about fp16 checkpoints
-    cls = SD3Transformer2DModel if isinstance(config, SD3Config) else FluxTransformer2DModel
+    cls = {SD3Config: SD3Transformer2DModel, QwenImageConfig: QwenImageTransformer2DModel}.get(
+        type(config), FluxTransformer2DModel)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: full-size FLUX is 48 GB in fp32
@@ -142,7 +149,7 @@ class Inputs:
     x: torch.Tensor  # (B, 16, h, w) latents
     sigma: torch.Tensor  # (B,)
     context: torch.Tensor  # (B, L, context_dim)
-    pooled: torch.Tensor  # (B, pooled_dim)
+    pooled: torch.Tensor | None  # (B, pooled_dim); None for Qwen-Image
     guidance: torch.Tensor | None  # (B,) for FLUX-dev
 
     def repeat(self, n: int) -> "Inputs":
@@ -164,24 +171,30 @@ def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, d
     if isinstance(config, FluxConfig) and config.guidance_embed:
         guidance = torch.full((batch,), 3.5, device=device, dtype=dtype)
     sigma = torch.rand(batch, generator=g).to(device)
-    return Inputs(randn(batch, C, h, w), sigma, randn(batch, text_len, config.context_dim),
-                  randn(batch, config.pooled_dim), guidance)
+    pooled = randn(batch, config.pooled_dim) if hasattr(config, "pooled_dim") else None
+    return Inputs(randn(batch, C, h, w), sigma, randn(batch, text_len, config.context_dim), pooled, guidance)
 
 
 class PeerRunner:
     """Calls the diffusers model the way its pipelines do, in our convention (B, C, H, W) -> same.
 
     FLUX: packing and the position ids are prepared once per input shape (as a pipeline does
-    once per generation) and are not part of a timed call; unpacking the output is.
+    once per generation) and are not part of a timed call; unpacking the output is. Qwen-Image
+    the same (its ``img_shapes``; no text mask: one prompt has no padding).
     """
 
     def __init__(self, peer, config):
         self.peer, self.config = peer, config
         self.flux = isinstance(config, FluxConfig)
+        self.qwen = isinstance(config, QwenImageConfig)
         self._ids = {}
         self.hook = None  # the DG hook's handle (see build_cases)
 
     def prepare(self, inp: Inputs) -> dict:
+        if self.qwen:
+            B, C, H, W = inp.x.shape
+            return dict(hidden_states=flux.pack(inp.x), encoder_hidden_states=inp.context,
+                        timestep=inp.sigma.to(inp.x.dtype), img_shapes=[[(1, H // 2, W // 2)]] * B)
         if not self.flux:
             # SD3 pipelines pass the scheduler's fp32 timesteps; FLUX ones cast sigma to the latents' dtype
             return dict(hidden_states=inp.x, encoder_hidden_states=inp.context,
@@ -200,7 +213,7 @@ class PeerRunner:
 
     def __call__(self, prepared: dict, shape, **extra) -> torch.Tensor:
         out = self.peer(**prepared, **extra, return_dict=False)[0]
-        if not self.flux:
+        if not (self.flux or self.qwen):
             return out
         B, C, H, W = shape
         B = out.shape[0]
@@ -219,7 +232,7 @@ def zero_ma_hook(batch: int, channels: torch.Tensor):
 
     It stays registered: the batch size, not Python state, switches it on, so a compiled peer
     sees the same hook in every call (dynamo does not notice submodule hooks added later).
-    Every diffusers SD3 / FLUX block (joint, double, single) returns (context, image).
+    Every diffusers SD3 / FLUX / Qwen-Image block (joint, double, single) returns (context, image).
     """
     def hook(module, args, output):
         image = output[1]
@@ -254,6 +267,13 @@ def forward_flops(config, n_img: int, n_txt: int, batch: int, fork_block: int | 
         return 4 * q_len * k_len * D  # QK^T and PV over all heads
 
     total = 0
+    if isinstance(config, QwenImageConfig):  # double-stream blocks only, 2x2-packed input and output
+        total += 2 * batch * (N * config.in_channels * D + T * config.context_dim * D + 256 * D + D * D)
+        for i in range(config.num_layers):
+            per = 2 * 6 * D * D + (N + T) * (3 * D * D + D * D + 2 * D * F)  # both streams' mods, qkv, out, MLP
+            total += rows(i) * (2 * per + attn(N + T, N + T))
+        total += 2 * rows(config.num_layers) * (2 * D * D + N * D * 4 * config.out_channels)
+        return total
     if isinstance(config, SD3Config):
         p = config.patch_size
         head = N * config.in_channels * p * p * D + T * config.context_dim * D
@@ -405,6 +425,12 @@ def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int) -> 
         zero_ma_hook(batch, torch.tensor(channels, device=device)))
 
 
+def model_args(i: Inputs) -> tuple:
+    """Our model's positional inputs: x, sigma, context, then pooled and guidance where the family has them."""
+    args = (i.x, i.sigma, i.context) + (() if i.pooled is None else (i.pooled,))
+    return args if i.guidance is None else (*args, i.guidance)
+
+
 def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
                 dg: float = 2.0, names=("forward", "cfg", "cfg_dg"), slg: float = 2.8,
                 slg_layers: tuple[int, ...] = ()) -> list[Case]:
@@ -420,7 +446,7 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
     out = []
 
     def call(model, i: Inputs, **kw):
-        return model(i.x, i.sigma, i.context, i.pooled, guidance=i.guidance, **kw)
+        return model(*model_args(i), **kw)
 
     if "forward" in names:
         prep = runner.prepare(inp)
@@ -479,7 +505,7 @@ def slg_cases(ours, runner, config, inp: Inputs, fork_block: int, cfg: float, dg
     out = []
 
     def call(**kw):
-        return ours(two.x, two.sigma, two.context, two.pooled, guidance=two.guidance, **kw)
+        return ours(*model_args(two), **kw)
 
     def ours_slg():
         vu, vc, vs = call(branches=skip).chunk(3)
@@ -520,5 +546,5 @@ def write_json(path, out: dict) -> None:
 def describe_model(out: dict) -> str:
     """'sd3.5-medium (hidden 1536, 4 blocks), float32' from a result dict's preset and config."""
     c = out["config"]
-    depth = c["num_layers"] if c["family"] == "sd3" else f"{c['num_double']}+{c['num_single']}"
+    depth = c["num_layers"] if "num_layers" in c else f"{c['num_double']}+{c['num_single']}"
     return f"{out['preset']} (hidden {c['num_heads'] * c['head_dim']}, {depth} blocks), {out['dtype']}"

@@ -22,26 +22,28 @@ TINY = {
     "sd3": ["--preset", "sd3.5-medium", "--num-layers", "2", "--set", "pos_embed_max_size=16",
             "--set", "dual_attention_layers=(0,)"],
     "flux": ["--preset", "flux.1-dev", "--num-layers", "3", "--set", "axes_dim=(4,6,6)"],
+    "qwen": ["--preset", "qwen-image", "--num-layers", "2", "--set", "axes_dim=(8,4,4)"],
 }
 SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--set", "pooled_dim=20",
          "--device", "cpu", "--dtype", "fp32"]
+QWEN_SMALL = SMALL[:6] + SMALL[8:]  # without pooled_dim: Qwen-Image has no pooled input
 CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all_ms", "flops_ours",
                "flops_diffusers", "tflops_ours", "tflops_diffusers", "max_rel_err", "rows_ours", "rows_diffusers",
                "s_per_image_ours", "s_per_image_diffusers", "matmul_fraction_ours"}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen"])
 def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_path, capsys):
     path = tmp_path / "latency.json"
     cases = ["forward", "cfg", "cfg_dg"] + (["cfg_slg", "cfg_dg_slg"] if family == "sd3" else [])
-    latency.main(TINY[family] + SMALL + ["--resolution", "128x96", "--text-len", "5", "--warmup", "0",
+    latency.main(TINY[family] + (QWEN_SMALL if family == "qwen" else SMALL) + ["--resolution", "128x96", "--text-len", "5", "--warmup", "0",
                                          "--iters", "2", "--modes", "eager,compiled", "--backend", "aot_eager",
                                          "--cases", ",".join(cases), "--json", str(path)])
     out = json.loads(path.read_text())
     for key in ("device", "torch", "diffusers", "date", "config", "dtype", "resolution", "batch", "text_len",
                 "fork_block", "ma_channels", "modes", "peak_tflops", "matmul_tflops", "steps"):
         assert key in out, key
-    assert out["fork_block"] == 1  # total_blocks // 2; FLUX 1+2 blocks: single block 0
+    assert out["fork_block"] == 1  # total_blocks // 2; FLUX 1+2 blocks: single block 0; Qwen-Image 2 blocks
     assert out["matmul_tflops"] > 0
     assert set(out["modes"]) == {"eager", "compiled"}
     for mode in out["modes"].values():

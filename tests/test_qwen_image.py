@@ -288,6 +288,24 @@ def test_forward_is_one_graph(name, rows):
     assert explained.graph_count == 1
 
 
+SMALL_INPUTS = {"qwen-image": dict(B=2, H=4, W=4, L=3, lengths=(3, 2)),
+                "qwen-image-2.1": dict(B=2, H=2, W=2, L=5, lengths=(5, 4), images=((2, 2),), slots=(1,))}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_triton_kernels_give_the_torch_path(name, monkeypatch):
+    """The fused kernels (interpreted on the CPU) with Qwen's inputs: 2.1's shift-less modulation
+    (a stride-0 zero shift), tanh gates, the fork at the first block."""
+    model = tiny(name, num_layers=2)
+    model.ma = mmdit.MASpec(channels=(3, 17), block=0, rho=0.5, streams=("image", "text"))
+    args, kw = inputs(model, **SMALL_INPUTS[name])
+    with torch.no_grad():
+        want = model(*args, **kw, fork=slice(1, 2))
+        monkeypatch.setenv("MMDIT_KERNELS", "triton")
+        got = model(*args, **kw, fork=slice(1, 2))
+    assert rel(got, want) <= SAME
+
+
 # ---- key maps, detection, inspect -----------------------------------------------------------
 
 COUNTS = {"qwen-image": (1933, 1933), "qwen-image-2.1": (265, 297)}  # tensors: ours (= original), diffusers

@@ -46,7 +46,8 @@ class MASpec:
 
 def default_block(config) -> int:
     """The fork block m when none is given: FLUX block 28 of 57 (single block 9), SD3 the
-    middle joint block (12 of 24); scaled to the model's depth (our choice: docs/architecture.md)."""
+    middle joint block (12 of 24), Qwen-Image the middle block too (1.0: 30 of 60, 2.1: 16 of 32);
+    scaled to the model's depth (our choice: docs/architecture.md)."""
     total = config.total_blocks
     m = (28 * total) // 57 if config.family == "flux" else total // 2
     return min(max(m, 0), total - 1)

@@ -9,6 +9,8 @@ writers for their checkpoint layouts. Test-only (imports diffusers).
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from diffusers import QwenImage21Transformer2DModel, QwenImageTransformer2DModel
 
@@ -106,6 +108,27 @@ def rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def inputs(model_or_peer, **kw):
+    """Our call's positional args and keywords for a 1.0 or 2.1 model of ours or its peer."""
+    c = model_or_peer.config
+    if hasattr(c, "family"):  # ours
+        fam, C, Dc = c.family, c.latent_channels, c.context_dim
+    else:
+        fam = family(model_or_peer)
+        C, Dc = (c.out_channels, c.joint_attention_dim) if fam == "qwen-image" else (c.in_channels, c.context_in_dim)
+    if fam == "qwen-image":
+        x, sigma, ctx, mask = qwen_inputs(C, Dc, **kw)
+        return (x, sigma, ctx), dict(context_mask=mask)
+    x, sigma, ctx, mask, imgs, slots = qwen21_inputs(C, Dc, **kw)
+    return (x, sigma, ctx), dict(context_mask=mask, images=imgs, image_slots=slots)
+
+
+def run_peer(peer, args, kw):
+    if family(peer) == "qwen-image":
+        return run_qwen(peer, *args, kw["context_mask"])
+    return run_qwen21(peer, *args, kw["context_mask"], kw["images"], kw["image_slots"])
+
+
 # ---- state dicts in each layout -----------------------------------------------------------
 
 def hidden(peer) -> int:
@@ -136,8 +159,6 @@ def fp8_blocks(sd: dict[str, torch.Tensor], form: str | None, prefix: str = ""):
     """(the file's state dict, the dequantized tensors by our name) with every 2-D block weight in
     float8_e4m3fn, as ComfyUI's fp8 files hold them. form: None (plain fp8, scale 1), "old"
     (``scale_weight`` + a ``scaled_fp8`` marker) or "new" (``weight_scale`` + ``comfy_quant``)."""
-    import json
-
     from mmdit import fp8
 
     out, dequant = {}, {}
@@ -177,3 +198,44 @@ def full_size(name: str):
     with torch.device("meta"):
         peer = cls()
     return dict(peer.state_dict()), dict(peer.config)
+
+
+# ---- the test checkpoints: head_dim 128, so the RoPE split is read from the shapes as for the released files
+
+LOAD10 = dict(num_layers=2, heads=1, head_dim=128, context_dim=24, latent=4, axes=(16, 56, 56))
+LOAD21 = dict(num_layers=2, heads=1, head_dim=128, context_dim=32, latent=8, axes=(16, 56, 56))
+
+
+def load_peer(fam, seed=0):
+    return qwen_peer(**LOAD10, seed=seed) if fam == "qwen-image" else qwen21_peer(**LOAD21, seed=seed)
+
+
+def write(peer, tmp, how):
+    """Write ``peer`` as ``how``; -> (source, our tensors the file holds, after its rounding)."""
+    fam = family(peer)
+    ours = ours_state(peer)
+    if how == "official":  # the released names, one file, nothing else
+        return peers.save(original_state(peer), tmp / "model.safetensors"), ours
+    if how == "comfy":  # ComfyUI all-in-one: prefix, VAE and text encoder beside
+        sd = {**original_state(peer, "model.diffusion_model."), **extras()}
+        return peers.save(sd, tmp / "comfy.safetensors"), ours
+    if how == "comfy-bf16":
+        path = peers.save(original_state(peer, "model.diffusion_model."), tmp / "bf16.safetensors", torch.bfloat16)
+        return path, {k: v.to(torch.bfloat16).float() for k, v in ours.items()}
+    if how in ("comfy-fp8", "comfy-scaled-old", "comfy-scaled-new"):
+        form = {"comfy-fp8": None, "comfy-scaled-old": "old", "comfy-scaled-new": "new"}[how]
+        prefix = "" if how == "comfy-scaled-old" else "model.diffusion_model."
+        sd, dequant = fp8_blocks(original_state(peer, prefix), form, prefix)
+        return peers.save(sd, tmp / f"{how}.safetensors"), dequant
+    if how == "comfy-split":  # 2.1 with diffusers' split SwiGLU names under the prefix
+        sd = {"model.diffusion_model." + k: v for k, v in peers.diffusers_state(peer).items()}
+        return peers.save(sd, tmp / "split.safetensors"), ours
+    if how == "diffusers-sharded":
+        folder = tmp / "pipe"
+        peer.save_pretrained(str(folder / "transformer"), safe_serialization=True, max_shard_size="300KB")
+        assert len(list((folder / "transformer").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+        (folder / "model_index.json").write_text(json.dumps(
+            {"_class_name": "QwenImagePipeline" if fam == "qwen-image" else "QwenImage21Pipeline",
+             "transformer": ["diffusers", type(peer).__name__]}))
+        return folder, ours
+    raise ValueError(how)

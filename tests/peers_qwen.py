@@ -6,6 +6,9 @@ writers for their checkpoint layouts. Test-only (imports diffusers).
     v = run_qwen(peer, x, sigma, context, mask)      # (B, C, H, W), as our model returns it
     peer21 = qwen21_peer()                           # QwenImage21Transformer2DModel, tiny
     v = run_qwen21(peer21, x, sigma, context, mask, images, slots)
+
+    args, kw = inputs(model_or_peer)                 # our call: model(*args, **kw); run_peer(peer, args, kw)
+    source, held = write(load_peer("qwen-image"), tmp, "comfy")   # a checkpoint layout on disk
 """
 from __future__ import annotations
 
@@ -105,6 +108,7 @@ def run_qwen21(peer, x, sigma, context, mask=None, images=(), slots=()) -> torch
 
 
 def rel(a, b) -> float:
+    """max|a - b| / max|b|."""
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
@@ -124,6 +128,7 @@ def inputs(model_or_peer, **kw):
 
 
 def run_peer(peer, args, kw):
+    """The peer's velocity for our call's ``inputs``."""
     if family(peer) == "qwen-image":
         return run_qwen(peer, *args, kw["context_mask"])
     return run_qwen21(peer, *args, kw["context_mask"], kw["images"], kw["image_slots"])

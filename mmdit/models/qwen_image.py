@@ -61,9 +61,11 @@ class QwenImageConfig:
         return self.out_channels
 
     def adjust(self, overrides: dict) -> dict:
-        """Overrides of a preset, completed: narrower packed inputs narrow the output too."""
+        """Overrides of a preset, completed: in_channels is always the packed out_channels (x 4)."""
         if "in_channels" in overrides and "out_channels" not in overrides:
             overrides["out_channels"] = overrides["in_channels"] // 4
+        if "out_channels" in overrides and "in_channels" not in overrides:
+            overrides["in_channels"] = 4 * overrides["out_channels"]
         return overrides
 
 

@@ -214,40 +214,48 @@ class QwenImage21Transformer(Transformer):
                                  f"they must follow the previous image's (from {end}) and end by {L}")
             end = start + slots
 
+    def _prefix(self, txt, valid, images, image_slots):
+        """The text states with each condition image's slots replaced by its tokens.
+
+        txt (B, L, D), valid (B, L) bool or None -> prefix (B, P, D), positions (P, 3), the
+        block-causal mask (P, P) (text causal, an image block all of itself), key mask (B, P) or
+        None, and the RoPE position after the prefix (the target's frame)."""
+        B, dev = txt.shape[0], txt.device
+        pieces, pos, keys, spans = [], [], [], []
+        at = cursor = tokens = 0  # the running RoPE position, the next context index, prefix tokens so far
+        for img, start in zip(images, image_slots):
+            h, w = img.shape[2:]
+            n = start - cursor  # text tokens before the image
+            pieces += [txt[:, cursor:start], self.img_in(img.flatten(2).transpose(1, 2))]
+            pos += [text_positions(at, n, dev), grid_positions(h, w, at + n, dev)]
+            if valid is not None:  # image tokens are always keys
+                keys += [valid[:, cursor:start], valid.new_ones(B, h * w)]
+            spans.append((tokens + n, tokens + n + h * w))
+            at, tokens, cursor = at + n + max(h, w), tokens + n + h * w, start + h * w // TOKENS_PER_SLOT
+        n = txt.shape[1] - cursor
+        pieces.append(txt[:, cursor:])
+        pos.append(text_positions(at, n, dev))
+        prefix = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+        causal = torch.ones(tokens + n, tokens + n, dtype=torch.bool, device=dev).tril_()
+        for a, b in spans:
+            causal[a:b, a:b] = True
+        key_mask = None if valid is None else torch.cat([*keys, valid[:, cursor:]], 1)
+        return prefix, torch.cat(pos), causal, key_mask, at + n
+
     def velocity(self, x, sigma, context, context_mask=None, images=(), image_slots=(), *, rows: RowPlan):
         """See the class docstring; ``rows`` says what each block does to which rows."""
         images, image_slots = tuple(images or ()), tuple(int(s) for s in (image_slots or ()))
         self._check(x, context, context_mask, images, image_slots)
         B, C, H, W = x.shape
-        cfg, dev = self.config, x.device
-        txt = self.txt_in(context)  # (B, L, D)
-        pieces, pos, keys, blocks = [], [], [], []  # prefix tokens, their positions, key masks, image spans
-        at = cursor = 0  # the running RoPE position; the next context index
+        cfg = self.config
         valid = None if context_mask is None else context_mask.bool()
-        for img, start in zip(images, image_slots):
-            h, w = img.shape[2:]
-            pieces += [txt[:, cursor:start], self.img_in(img.flatten(2).transpose(1, 2))]
-            pos += [text_positions(at, start - cursor, dev), grid_positions(h, w, at + start - cursor, dev)]
-            if valid is not None:
-                keys += [valid[:, cursor:start], valid.new_ones(B, h * w)]
-            begin = sum(p.shape[1] for p in pieces[:-1])
-            blocks.append((begin, begin + h * w))
-            at += start - cursor + max(h, w)
-            cursor = start + h * w // TOKENS_PER_SLOT
-        pieces.append(txt[:, cursor:])
-        pos += [text_positions(at, txt.shape[1] - cursor, dev), grid_positions(H, W, at + txt.shape[1] - cursor, dev)]
-        prefix = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]  # (B, P, D)
+        prefix, pos, causal, keys_p, frame = self._prefix(self.txt_in(context), valid, images, image_slots)
         target = self.img_in(x.flatten(2).transpose(1, 2))  # (B, H*W, D), row-major
-        P = prefix.shape[1]
-        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril_()
-        for a, b in blocks:  # an image block sees all of itself
-            causal[a:b, a:b] = True
-        keys_p = keys_all = None
-        if valid is not None:
-            keys_p = torch.cat([*keys, valid[:, cursor:]], 1) if keys else valid[:, cursor:]
-            keys_all = torch.cat([keys_p, keys_p.new_ones(B, H * W)], 1)[:, None, None]  # (B, 1, 1, P + N)
-            keys_p = keys_p[:, None, None]  # (B, 1, 1, P)
-        cos, sin = rope_angles(torch.cat(pos), cfg.axes_dim, cfg.theta)
+        cos, sin = rope_angles(torch.cat([pos, grid_positions(H, W, frame, x.device)]), cfg.axes_dim, cfg.theta)
+        keys_all = None
+        if keys_p is not None:  # (B, 1, 1, keys): padded text is never attended
+            keys_all = torch.cat([keys_p, keys_p.new_ones(B, H * W)], 1)[:, None, None]
+            keys_p = keys_p[:, None, None]
 
         t = sigma.to(x.dtype)
         if cfg.causal_condition:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 import mmdit  # noqa: E402
 from mmdit.models import flux, flux2  # noqa: E402
-from mmdit.models.config import Flux2Config, FluxConfig, SD3Config  # noqa: E402
+from mmdit.models.config import Flux2Config, FluxConfig, QwenImageConfig, SD3Config  # noqa: E402
 from mmdit.samplers import default_layers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -50,7 +50,8 @@ def add_model_args(p: argparse.ArgumentParser, preset: str = "sd3.5-medium") -> 
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-len", type=int, default=None,
-                   help="text tokens (default: 333 for SD3 = 77 CLIP + 256 T5, 512 for FLUX-dev)")
+                   help="text tokens (default: 333 for SD3 = 77 CLIP + 256 T5, 512 for FLUX-dev, 128 for "
+                        "Qwen-Image: its prompts are padded to the longest of the batch only)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
 
 
@@ -63,10 +64,10 @@ def slg_layers(total: int, text: str | None = None) -> tuple[int, ...]:
 
 def text_len(args, config) -> int:
     """--text-len, or the family's usual length."""
-    return args.text_len or (333 if config.family == "sd3" else 512)
+    return args.text_len or {"sd3": 333, "qwen-image": 128}.get(config.family, 512)
 
 
-def config_from_args(args) -> SD3Config | FluxConfig | Flux2Config:
+def config_from_args(args) -> SD3Config | FluxConfig | Flux2Config | QwenImageConfig:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -101,6 +102,11 @@ def peer_kwargs(config) -> dict:
                     num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
                     mlp_ratio=config.mlp_ratio, axes_dims_rope=config.axes_dim, rope_theta=config.theta,
                     guidance_embeds=config.guidance_embed)
+    if isinstance(config, QwenImageConfig):
+        return dict(patch_size=2, in_channels=config.in_channels, out_channels=config.out_channels,
+                    num_layers=config.num_layers, attention_head_dim=config.head_dim,
+                    num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
+                    guidance_embeds=False, axes_dims_rope=config.axes_dim)
     return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
                 num_single_layers=config.num_single, attention_head_dim=config.head_dim,
                 num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
@@ -110,12 +116,13 @@ def peer_kwargs(config) -> dict:
 
 def build_peer(config, device, dtype, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised diffusers transformer for ``config``, built on ``device``."""
-    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import (Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel,
+                           SD3Transformer2DModel)
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # its note on casting with .to() is about fp16 checkpoints
-    cls = {SD3Config: SD3Transformer2DModel, FluxConfig: FluxTransformer2DModel,
-           Flux2Config: Flux2Transformer2DModel}[type(config)]
+    cls = {SD3Config: SD3Transformer2DModel, FluxConfig: FluxTransformer2DModel, Flux2Config: Flux2Transformer2DModel,
+           QwenImageConfig: QwenImageTransformer2DModel}[type(config)]
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: full-size FLUX is 48 GB in fp32
@@ -149,12 +156,8 @@ class Inputs:
     x: torch.Tensor  # (B, 16, h, w) latents; FLUX.2: (B, 128, h/2, w/2), the patchified grid
     sigma: torch.Tensor  # (B,)
     context: torch.Tensor  # (B, L, context_dim)
-    pooled: torch.Tensor | None  # (B, pooled_dim); FLUX.2 has none
+    pooled: torch.Tensor | None  # (B, pooled_dim); None for FLUX.2 and Qwen-Image
     guidance: torch.Tensor | None  # (B,) for FLUX-dev and FLUX.2 [dev]
-
-    def args(self) -> tuple:
-        """The model's positional inputs."""
-        return (self.x, self.sigma, self.context) + (() if self.pooled is None else (self.pooled,))
 
     def repeat(self, n: int) -> "Inputs":
         """n copies of the rows, e.g. [uncond | cond] (the prompts' content doesn't matter here)."""
@@ -178,7 +181,7 @@ def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, d
     if not isinstance(config, SD3Config) and config.guidance_embed:
         guidance = torch.full((batch,), 3.5, device=device, dtype=dtype)
     sigma = torch.rand(batch, generator=g).to(device)
-    pooled = None if isinstance(config, Flux2Config) else randn(batch, config.pooled_dim)
+    pooled = randn(batch, config.pooled_dim) if hasattr(config, "pooled_dim") else None
     return Inputs(randn(batch, C, h, w), sigma, randn(batch, text_len, config.context_dim), pooled, guidance)
 
 
@@ -186,17 +189,23 @@ class PeerRunner:
     """Calls the diffusers model the way its pipelines do, in our convention (B, C, H, W) -> same.
 
     FLUX: packing and the position ids are prepared once per input shape (as a pipeline does
-    once per generation) and are not part of a timed call; unpacking the output is.
+    once per generation) and are not part of a timed call; unpacking the output is. Qwen-Image
+    the same (its ``img_shapes``; no text mask: one prompt has no padding).
     """
 
     def __init__(self, peer, config):
         self.peer, self.config = peer, config
-        self.flux = not isinstance(config, SD3Config)  # FLUX.1 or FLUX.2: position ids, no skip_layers
+        self.flux = isinstance(config, (FluxConfig, Flux2Config))  # position ids, no skip_layers
         self.flux2 = isinstance(config, Flux2Config)
+        self.qwen = isinstance(config, QwenImageConfig)
         self._ids = {}
         self.hook = None  # the DG hook's handle (see build_cases)
 
     def prepare(self, inp: Inputs) -> dict:
+        if self.qwen:
+            B, C, H, W = inp.x.shape
+            return dict(hidden_states=flux.pack(inp.x), encoder_hidden_states=inp.context,
+                        timestep=inp.sigma.to(inp.x.dtype), img_shapes=[[(1, H // 2, W // 2)]] * B)
         if not self.flux:
             # SD3 pipelines pass the scheduler's fp32 timesteps; FLUX ones cast sigma to the latents' dtype
             return dict(hidden_states=inp.x, encoder_hidden_states=inp.context,
@@ -222,7 +231,7 @@ class PeerRunner:
 
     def __call__(self, prepared: dict, shape, **extra) -> torch.Tensor:
         out = self.peer(**prepared, **extra, return_dict=False)[0]
-        if not self.flux:
+        if not (self.flux or self.qwen):
             return out
         B, C, H, W = shape
         B = out.shape[0]
@@ -243,8 +252,8 @@ def zero_ma_hook(batch: int, channels: torch.Tensor, text_len: int = 0):
 
     It stays registered: the batch size, not Python state, switches it on, so a compiled peer
     sees the same hook in every call (dynamo does not notice submodule hooks added later).
-    Every diffusers SD3 / FLUX block (joint, double, single) and FLUX.2 double block returns
-    (context, image); a FLUX.2 single block returns [text ; image] (``text_len`` text tokens).
+    Every diffusers SD3 / FLUX / Qwen-Image block (joint, double, single) and FLUX.2 double block
+    returns (context, image); a FLUX.2 single block returns [text ; image] (``text_len`` text tokens).
     """
     def hook(module, args, output):
         image, start = (output[1], 0) if isinstance(output, tuple) else (output, text_len)
@@ -288,6 +297,13 @@ def forward_flops(config, n_img: int, n_txt: int, batch: int, fork_block: int | 
         for j in range(config.num_single):
             total += rows(config.num_double + j) * (2 * L * (D * (3 * D + 2 * F) + (D + F) * D) + attn(L, L))
         return total + 2 * rows(config.total_blocks) * (2 * D * D + N * D * config.in_channels)
+    if isinstance(config, QwenImageConfig):  # double-stream blocks only, 2x2-packed input and output
+        total += 2 * batch * (N * config.in_channels * D + T * config.context_dim * D + 256 * D + D * D)
+        for i in range(config.num_layers):
+            per = 2 * 6 * D * D + (N + T) * (3 * D * D + D * D + 2 * D * F)  # both streams' mods, qkv, out, MLP
+            total += rows(i) * (2 * per + attn(N + T, N + T))
+        total += 2 * rows(config.num_layers) * (2 * D * D + N * D * 4 * config.out_channels)
+        return total
     if isinstance(config, SD3Config):
         p = config.patch_size
         head = N * config.in_channels * p * p * D + T * config.context_dim * D
@@ -440,6 +456,12 @@ def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int, tex
         zero_ma_hook(batch, torch.tensor(channels, device=device), text_len))
 
 
+def model_args(i: Inputs) -> tuple:
+    """Our model's positional inputs: x, sigma, context, then pooled and guidance where the family has them."""
+    args = (i.x, i.sigma, i.context) + (() if i.pooled is None else (i.pooled,))
+    return args if i.guidance is None else (*args, i.guidance)
+
+
 def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
                 dg: float = 2.0, names=("forward", "cfg", "cfg_dg"), slg: float = 2.8,
                 slg_layers: tuple[int, ...] = ()) -> list[Case]:
@@ -455,7 +477,7 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
     out = []
 
     def call(model, i: Inputs, **kw):
-        return model(*i.args(), guidance=i.guidance, **kw)
+        return model(*model_args(i), **kw)
 
     if "forward" in names:
         prep = runner.prepare(inp)
@@ -514,7 +536,7 @@ def slg_cases(ours, runner, config, inp: Inputs, fork_block: int, cfg: float, dg
     out = []
 
     def call(**kw):
-        return ours(two.x, two.sigma, two.context, two.pooled, guidance=two.guidance, **kw)
+        return ours(*model_args(two), **kw)
 
     def ours_slg():
         vu, vc, vs = call(branches=skip).chunk(3)
@@ -555,5 +577,5 @@ def write_json(path, out: dict) -> None:
 def describe_model(out: dict) -> str:
     """'sd3.5-medium (hidden 1536, 4 blocks), float32' from a result dict's preset and config."""
     c = out["config"]
-    depth = c["num_layers"] if c["family"] == "sd3" else f"{c['num_double']}+{c['num_single']}"
+    depth = c["num_layers"] if "num_layers" in c else f"{c['num_double']}+{c['num_single']}"
     return f"{out['preset']} (hidden {c['num_heads'] * c['head_dim']}, {depth} blocks), {out['dtype']}"

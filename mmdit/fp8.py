@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
-KEEP = ("final_layer.",)  # Linears left in full precision: the output projection and its adaLN
+# Linears left in full precision: the output projection and its adaLN (BFL / Stability: final_layer;
+# Qwen-Image: norm_out, proj_out)
+KEEP = ("final_layer.", "norm_out.", "proj_out")
 
 
 def quantize(w: torch.Tensor, dtype: torch.dtype = FP8, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

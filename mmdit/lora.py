@@ -9,6 +9,10 @@ path or a state dict, its format read from the keys:
                 (alpha from the ``lora_adapter_metadata`` header when there is one)
   ComfyUI       ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (+ ``.alpha``)
   XLabs FLUX    ``double_blocks.0.processor.qkv_lora1.down.weight`` / ``.up.weight``
+  Qwen-Image    the same, over its own names: kohya / musubi ``lora_unet_transformer_blocks_0_attn_to_q``
+                (diffusers' module names too: ``..._img_mlp_gate_layer``), ``lycoris_...``, Lightning's
+                unprefixed ``transformer_blocks.0.attn.to_q.lora_down.weight`` + ``.alpha``, DiffSynth /
+                PEFT ``...lora_A.default.weight``
 
 Every LoRA becomes, per Linear of ours, one pair ``down (r, in)``, ``up (out, r)`` with
 ``delta W = scale * up @ down`` (alpha / rank baked into ``up``). diffusers' separate q / k
@@ -43,7 +47,8 @@ from .weights import keymaps
 from .weights.checkpoint import CheckpointError
 
 # key suffix -> role, longest first
-_ROLES = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
+_ROLES = [(".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),  # PEFT's adapter name (DiffSynth)
+          (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
           (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
           (".down.weight", "down"), (".up.weight", "up"), (".alpha", "alpha")]
 _PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
@@ -176,9 +181,12 @@ def _resolve(module_key: str, ours: set[str], kohya: dict[str, str], family: str
         if key.startswith(p):
             key = key[len(p):]
             break
-    if key.startswith("lora_unet_"):
-        name = kohya.get(key[len("lora_unet_"):])
-        return None if name is None else (name, 0, None, False)
+    for p in ("lora_unet_", "lycoris_"):  # underscored names: ours, or diffusers' (mapped below)
+        if key.startswith(p):
+            key = kohya.get(key[len(p):])
+            if key is None:
+                return None
+            break
     m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.processor\.(\w+)", key)
     if m and m.group(3) in _XLABS:  # XLabs: single-block qkv_lora covers the q, k, v rows of linear1
         name = f"{m.group(1)}.{m.group(2)}.{_XLABS[m.group(3)]}"
@@ -194,6 +202,8 @@ def _resolve(module_key: str, ours: set[str], kohya: dict[str, str], family: str
         return None
     if op == "qkv":
         return name, j * out_of(name) // 3, out_of(name) // 3, False
+    if op == "gate_up":
+        return name, j * out_of(name) // 2, out_of(name) // 2, False
     if op == "qkv_mlp":
         sizes = [hidden, hidden, hidden, out_of(name) - 3 * hidden]
         return name, sum(sizes[:j]), sizes[j], False
@@ -210,7 +220,10 @@ def plan(model: nn.Module, source) -> tuple[dict[str, tuple[torch.Tensor, torch.
         raise CheckpointError(f"{where} is a {' / '.join(odd)} adapter: only plain LoRA (down/up or A/B pairs, "
                               "optional alpha) is supported")
     ours = _linear_names(model)
-    kohya = {n.replace(".", "_"): n for n in ours}
+    kohya = {n.replace(".", "_"): n for n in ours}  # kohya's underscored module names: ours, else diffusers'
+    for n in ours:
+        for theirs in (keymaps._match_ours(n + ".weight", family) or ((),))[0]:
+            kohya.setdefault(theirs[:-len(".weight")].replace(".", "_"), theirs[:-len(".weight")])
     convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unmatched, text = [], []

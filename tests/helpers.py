@@ -131,6 +131,7 @@ TINY = {
                 pooled_dim=20, pos_embed_max_size=16, dual_attention_layers=(0,)),
     "flux": dict(name="flux.1-dev", num_double=2, num_single=2, num_heads=2, head_dim=16,
                  axes_dim=(4, 6, 6), context_dim=24, pooled_dim=20),
+    "qwen-image": dict(name="qwen-image", num_layers=3, num_heads=2, head_dim=16, axes_dim=(8, 4, 4), context_dim=24),
 }
 TOL = 1e-5  # fp32, same computation path
 

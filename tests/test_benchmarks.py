@@ -26,6 +26,7 @@ TINY = {
             "--set", "dual_attention_layers=(0,)", "--set", "pooled_dim=20"],
     "flux": ["--preset", "flux.1-dev", "--num-layers", "3", "--set", "axes_dim=(4,6,6)", "--set", "pooled_dim=20"],
     "flux2": ["--preset", "flux.2-dev", "--num-layers", "3"],  # head_dim 16: axes (4, 4, 4, 4); no pooled input
+    "qwen": ["--preset", "qwen-image", "--num-layers", "2", "--set", "axes_dim=(8,4,4)"],
 }
 SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24",
          "--device", "cpu", "--dtype", "fp32"]
@@ -34,7 +35,7 @@ CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all
                "s_per_image_ours", "s_per_image_diffusers", "matmul_fraction_ours"}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2", "qwen"])
 def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_path, capsys):
     path = tmp_path / "latency.json"
     cases = ["forward", "cfg", "cfg_dg"] + (["cfg_slg", "cfg_dg_slg"] if family == "sd3" else [])
@@ -45,7 +46,7 @@ def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_pat
     for key in ("device", "torch", "diffusers", "date", "config", "dtype", "resolution", "batch", "text_len",
                 "fork_block", "ma_channels", "modes", "peak_tflops", "matmul_tflops", "steps"):
         assert key in out, key
-    assert out["fork_block"] == 1  # total_blocks // 2; FLUX / FLUX.2 1+2 blocks: single block 0
+    assert out["fork_block"] == 1  # total_blocks // 2; FLUX / FLUX.2 1+2 blocks: single block 0; Qwen-Image 2 blocks
     assert out["matmul_tflops"] > 0
     assert set(out["modes"]) == {"eager", "compiled"}
     for mode in out["modes"].values():

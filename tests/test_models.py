@@ -15,7 +15,11 @@ OFFICIAL_PARAMS = {
     "flux.2-dev": 32_223_281_152,
     "flux.2-klein-4b": 3_875_544_576,
     "flux.2-klein-9b": 9_078_581_248,
+    "qwen-image": 20_430_401_088,
+    "qwen-image-2.1": 7_115_124_736,
 }
+
+
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
 def test_preset_parameter_counts_match_official(name):
     model = mmdit.build_transformer(name, device="meta")

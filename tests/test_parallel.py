@@ -34,24 +34,33 @@ CASES = {
         ("sd3 branch dg", "sd3", "branch", dict(dg=2.0)),
         ("sd3 branch cfg+dg+slg", "sd3", "branch", dict(cfg=4.0, dg=2.0, slg=1.5, slg_layers=(2,))),
         ("sd3 sequence cfg+dg", "sd3", "sequence", dict(cfg=4.0, dg=2.0)),
-        ("flux sequence cfg+dg", "flux", "sequence", dict(cfg=4.0, dg=2.0))],
+        ("flux sequence cfg+dg", "flux", "sequence", dict(cfg=4.0, dg=2.0)),
+        ("qwen branch cfg+dg", "qwen-image", "branch", dict(cfg=4.0, dg=2.0)),
+        ("qwen sequence cfg+dg", "qwen-image", "sequence", dict(cfg=4.0, dg=2.0))],
     3: [("sd3 branch cfg+dg", "sd3", "branch", dict(cfg=4.0, dg=2.0)),
         ("flux branch cfg+dg", "flux", "branch", dict(cfg=4.0, dg=2.0))],
     4: [("sd3 branch+sequence cfg+dg", "sd3", "branch+sequence", dict(cfg=4.0, dg=2.0)),
         ("flux branch+sequence cfg+dg", "flux", "branch+sequence", dict(cfg=4.0, dg=2.0))],
 }
+PADDED = {"qwen branch cfg+dg"}  # prompts of 5 and 3 tokens padded to 7, with their mask
 # 4 processes take ~30 s on 2 shared cores: run with MMDIT_TEST_4_RANKS=1 (measured: <= 5.5e-7)
 SIZES = [2, 3] + ([4] if os.environ.get("MMDIT_TEST_4_RANKS") == "1" else [])
 
 
-def run_case(family: str, mode: str | None, terms: dict) -> torch.Tensor:
-    """A few CFG / DG steps of one image (12x10 latents, 7 text tokens) with the model in ``mode``."""
+def run_case(family: str, mode: str | None, terms: dict, padded: bool = False) -> torch.Tensor:
+    """A few CFG / DG steps of one image (12x10 latents, 7 text tokens) with the model in ``mode``;
+    ``padded``: Qwen-Image's cond / uncond prompts are 5 / 3 tokens and a context_mask."""
     model = tiny(family)
     model.ma = mmdit.MASpec(channels=(3, 17, 30), block=1)
     g = torch.Generator().manual_seed(5)
     cfg = model.config
     cond, uncond = ({"context": torch.randn(1, 7, cfg.context_dim, generator=g),
-                     "pooled": torch.randn(1, cfg.pooled_dim, generator=g)} for _ in range(2))
+                     "pooled": torch.randn(1, getattr(cfg, "pooled_dim", 0), generator=g)} for _ in range(2))
+    if family == "qwen-image":  # no pooled input
+        for c, n in ((cond, 5), (uncond, 3)):
+            del c["pooled"]
+            if padded:
+                c["context_mask"] = (torch.arange(7) < n).float()[None]
     noise = torch.randn(1, 16, 12, 10, generator=g)
     flux = dict(guidance=3.5) if family == "flux" else {}
     denoiser = parallel.wrap(model, mode)
@@ -63,7 +72,7 @@ def worker(rank: int, size: int, folder: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=size)
     try:
-        out = {name: run_case(family, mode, terms) for name, family, mode, terms in CASES[size]}
+        out = {name: run_case(family, mode, terms, name in PADDED) for name, family, mode, terms in CASES[size]}
         torch.save(out, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -74,7 +83,7 @@ def test_branch_and_sequence_parallel_equal_one_process(tmp_path, size):
     mp.spawn(worker, args=(size, str(tmp_path)), nprocs=size, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(size)]
     for name, family, _, terms in CASES[size]:
-        expected = run_case(family, None, terms)
+        expected = run_case(family, None, terms, name in PADDED)
         scale = expected.abs().max().item()
         for r in range(size):
             err = (ranks[r][name] - expected).abs().max().item() / scale

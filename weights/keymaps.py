@@ -8,6 +8,7 @@ ops (our tensor <- diffusers tensors; every op is exactly invertible):
   copy     same tensor
   qkv      cat(q, k, v): three equal row blocks
   qkv_mlp  cat(q, k, v, mlp): FLUX single-block ``linear1``; q, k, v have ``hidden`` rows each
+  gate_up  cat(gate, up): two equal row blocks (Qwen-Image 2.1's fused SwiGLU input)
   adaln    a 2-chunk adaLN (``hidden`` * 2 rows) is (shift, scale) in the original and
            (scale, shift) in diffusers: swap the halves. The 6- and 9-chunk ones are copied.
            (docs/architecture.md, key maps: only SD3 ``final_layer``, SD3 last-block ``context_block`` and
@@ -94,7 +95,7 @@ def combine(op: str, parts: list[torch.Tensor], hidden: int) -> torch.Tensor:
     """Our tensor from its diffusers parts."""
     if op == "copy":
         return parts[0]
-    if op in ("qkv", "qkv_mlp"):
+    if op in ("qkv", "qkv_mlp", "gate_up"):
         return torch.cat(parts, dim=0)
     if op == "adaln":
         return _swap_halves(parts[0]) if parts[0].shape[0] == 2 * hidden else parts[0]
@@ -107,6 +108,8 @@ def split(op: str, t: torch.Tensor, hidden: int) -> list[torch.Tensor]:
         return [t]
     if op == "qkv":
         return list(t.chunk(3, dim=0))
+    if op == "gate_up":
+        return list(t.chunk(2, dim=0))
     if op == "qkv_mlp":
         return list(t.split([hidden, hidden, hidden, t.shape[0] - 3 * hidden], dim=0))
     if op == "adaln":
@@ -116,7 +119,7 @@ def split(op: str, t: torch.Tensor, hidden: int) -> list[torch.Tensor]:
 
 def combined_shape(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     """The shape ``combine`` would give, without reading anything."""
-    if op in ("qkv", "qkv_mlp"):
+    if op in ("qkv", "qkv_mlp", "gate_up"):
         return (sum(s[0] for s in shapes), *shapes[0][1:])
     return tuple(shapes[0])
 

@@ -47,8 +47,8 @@ class MASpec:
 def default_block(config) -> int:
     """The fork block m when none is given: FLUX block 28 of 57 (single block 9), SD3 the
     middle joint block (12 of 24), FLUX.2 the middle block (a single block: [dev] 28 of 56, single
-    block 20; [klein] 4B 12 of 25, 9B 16 of 32); scaled to the model's depth (our choice:
-    docs/architecture.md)."""
+    block 20; [klein] 4B 12 of 25, 9B 16 of 32), Qwen-Image the middle block too (1.0: 30 of 60,
+    2.1: 16 of 32); scaled to the model's depth (our choice: docs/architecture.md)."""
     total = config.total_blocks
     m = (28 * total) // 57 if config.family == "flux" else total // 2
     return min(max(m, 0), total - 1)

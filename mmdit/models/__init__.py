@@ -8,6 +8,8 @@
     sd3.py        SD3 / SD3.5 (MMDiT, MMDiT-X): its config, presets and model
     flux.py       FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext): the same
     flux2.py      FLUX.2 ([dev], [klein] 4B / 9B): the same
+    qwen_image.py    Qwen-Image 1.0 (double stream, text padding mask, 3-axis RoPE)
+    qwen_image21.py  Qwen-Image 2.1 (single stream, block-causal, condition images)
 
 A new family is a new file here (config dataclass, PRESETS, model) and one line in ``MODELS``
 and in ``config.PRESETS``; its checkpoints are a new file in ``weights/families/``.
@@ -20,9 +22,12 @@ from torch import nn
 from .config import preset
 from .flux import FluxConfig, FluxTransformer
 from .flux2 import Flux2Config, Flux2Transformer
+from .qwen_image import QwenImageConfig, QwenImageTransformer
+from .qwen_image21 import QwenImage21Config, QwenImage21Transformer
 from .sd3 import SD3Config, SD3Transformer
 
-MODELS = {SD3Config: SD3Transformer, FluxConfig: FluxTransformer, Flux2Config: Flux2Transformer}  # config class -> model class
+MODELS = {SD3Config: SD3Transformer, FluxConfig: FluxTransformer, Flux2Config: Flux2Transformer,  # config -> model
+          QwenImageConfig: QwenImageTransformer, QwenImage21Config: QwenImage21Transformer}
 
 
 def transformer_for(config) -> nn.Module:

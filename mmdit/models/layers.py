@@ -11,11 +11,17 @@ from torch import nn
 from ..kernels import norm_modulate
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding, cos first: t (B,) -> (B, dim), fp32 (same as SD3, BFL, diffusers)."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
+                       scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos first: t (B,) -> (B, dim), fp32 (same as SD3, BFL, diffusers).
+
+    ``scale`` multiplies the angles ``t * freq`` after the product (Qwen-Image 1.0 takes t in
+    [0, 1] and scales by 1000 there: the same angles as ``1000 t``, rounded the way it rounds)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
+    if scale != 1.0:
+        args = args * scale
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 

@@ -178,7 +178,7 @@ def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, d
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     guidance = None
-    if not isinstance(config, SD3Config) and config.guidance_embed:
+    if getattr(config, "guidance_embed", False):
         guidance = torch.full((batch,), 3.5, device=device, dtype=dtype)
     sigma = torch.rand(batch, generator=g).to(device)
     pooled = randn(batch, config.pooled_dim) if hasattr(config, "pooled_dim") else None

@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError, foreign_file, open_checkpoint, read_jso
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 TRANSFORMER_FILES = ["transformer/*.json", "transformer/*.safetensors"]  # of a diffusers repo
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel", "ChromaTransformer2DModel")
 # top-level files of single-file repos that are not the transformer (VAE, text encoders, LoRAs)
 NOT_TRANSFORMER = re.compile(r"(^|[/_.-])(ae|vae|clip|clips|t5|t5xxl|text_encoders?|lora)([/_.-]|$)", re.I)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")

@@ -7,6 +7,7 @@
     base.py       what every family shares: ``model.ma`` and ``forward`` -> the family's ``velocity``
     sd3.py        SD3 / SD3.5 (MMDiT, MMDiT-X): its config, presets and model
     flux.py       FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext): the same
+    chroma.py     Chroma: FLUX.1's blocks, modulated by one small MLP (the approximator)
 
 A new family is a new file here (config dataclass, PRESETS, model) and one line in ``MODELS``
 and in ``config.PRESETS``; its checkpoints are a new file in ``weights/families/``.
@@ -16,11 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .chroma import ChromaConfig, ChromaTransformer
 from .config import preset
 from .flux import FluxConfig, FluxTransformer
 from .sd3 import SD3Config, SD3Transformer
 
-MODELS = {SD3Config: SD3Transformer, FluxConfig: FluxTransformer}  # config class -> model class
+MODELS = {SD3Config: SD3Transformer, FluxConfig: FluxTransformer,  # config class -> model class
+          ChromaConfig: ChromaTransformer}
 
 
 def transformer_for(config) -> nn.Module:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import flux, sd3
+from . import chroma, flux, sd3
+from .chroma import ChromaConfig
 from .flux import FluxConfig
 from .sd3 import SD3Config
 
-PRESETS = {**sd3.PRESETS, **flux.PRESETS}
+PRESETS = {**sd3.PRESETS, **flux.PRESETS, **chroma.PRESETS}
 
 
 def preset(name: str, **overrides):
@@ -29,4 +30,4 @@ def preset(name: str, **overrides):
     return dataclasses.replace(base, **overrides)
 
 
-__all__ = ["PRESETS", "preset", "SD3Config", "FluxConfig"]
+__all__ = ["PRESETS", "preset", "SD3Config", "FluxConfig", "ChromaConfig"]

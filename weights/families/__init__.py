@@ -14,6 +14,6 @@ Each module holds:
 
 A new family is a new module here and one entry in ``FAMILIES``.
 """
-from . import flux, sd3
+from . import chroma, flux, sd3
 
-FAMILIES = {m.FAMILY: m for m in (sd3, flux)}
+FAMILIES = {m.FAMILY: m for m in (sd3, flux, chroma)}

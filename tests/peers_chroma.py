@@ -22,14 +22,16 @@ from mmdit.weights import keymaps
 import peers
 
 FAMILY = "chroma"
+EXTRAS = {"text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": (8,),  # stand-ins, never loaded
+          "text_encoders.t5xxl.transformer.shared.weight": (6, 4), "vae.decoder.conv_in.weight": (8, 16, 3, 3)}
 TINY = dict(num_double=1, num_single=2, heads=2, head_dim=16, context_dim=32, axes=(4, 6, 6), approx_in=8,
             approx_hidden=32, approx_layers=2)
 
 
 def chroma_peer(num_double=1, num_single=2, heads=2, head_dim=16, context_dim=32, axes=(4, 6, 6), approx_in=8,
-                approx_hidden=32, approx_layers=2, official_eps=True, seed=0) -> ChromaTransformer2DModel:
+                approx_hidden=32, approx_layers=2, official_eps=False, seed=0) -> ChromaTransformer2DModel:
     """A random diffusers Chroma transformer. ``official_eps``: its approximator RMSNorms use eps 1e-6 as
-    the official model (and ours) do; diffusers' own ``nn.RMSNorm`` default is the dtype's epsilon."""
+    the official model (and ours) do, instead of diffusers' ``nn.RMSNorm`` default (the dtype's epsilon)."""
     torch.manual_seed(seed)
     peer = ChromaTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=num_double, num_single_layers=num_single,
@@ -105,7 +107,8 @@ def original_state(peer, prefix: str = "") -> dict[str, torch.Tensor]:
 def save_original(peer, path: Path, prefix: str = "", with_extras: bool = False, dtype=None) -> Path:
     sd = original_state(peer, prefix)
     if with_extras:  # a ComfyUI all-in-one file: the T5 and the VAE beside the transformer
-        sd.update(peers.extras("flux"))
+        g = torch.Generator().manual_seed(7)
+        sd.update({k: torch.randn(s, generator=g) for k, s in EXTRAS.items()})
     return peers.save(sd, path, dtype)
 
 

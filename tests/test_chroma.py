@@ -36,7 +36,7 @@ def ours_from(peer):
 
 @pytest.fixture(scope="module")
 def pair():
-    peer = pc.chroma_peer(**SMALL, official_eps=False)
+    peer = pc.chroma_peer(**SMALL)  # diffusers as it is
     return ours_from(peer), peer
 
 

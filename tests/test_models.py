@@ -11,6 +11,7 @@ OFFICIAL_PARAMS = {
     "sd3.5-large": 8_056_627_520,
     "flux.1-dev": 11_901_408_320,
     "flux.1-schnell": 11_891_178_560,
+    "chroma": 8_899_983_424,  # Chroma1-HD
 }
 TINY = {
     "sd3": dict(name="sd3.5-medium", num_layers=3, num_heads=2, head_dim=16, context_dim=24,

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 import mmdit  # noqa: E402
 from mmdit.models import flux  # noqa: E402
-from mmdit.models.config import FluxConfig, SD3Config  # noqa: E402
+from mmdit.models.config import ChromaConfig, FluxConfig, SD3Config  # noqa: E402
 from mmdit.samplers import default_layers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -95,6 +95,12 @@ def peer_kwargs(config) -> dict:
                     pooled_projection_dim=config.pooled_dim, pos_embed_max_size=config.pos_embed_max_size,
                     dual_attention_layers=config.dual_attention_layers,
                     qk_norm="rms_norm" if config.qk_norm else None)
+    if isinstance(config, ChromaConfig):
+        return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
+                    num_single_layers=config.num_single, attention_head_dim=config.head_dim,
+                    num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
+                    axes_dims_rope=config.axes_dim, approximator_num_channels=config.approximator_in,
+                    approximator_hidden_dim=config.approximator_hidden, approximator_layers=config.approximator_layers)
     return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
                 num_single_layers=config.num_single, attention_head_dim=config.head_dim,
                 num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
@@ -104,11 +110,12 @@ def peer_kwargs(config) -> dict:
 
 def build_peer(config, device, dtype, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised diffusers transformer for ``config``, built on ``device``."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # its note on casting with .to() is about fp16 checkpoints
-    cls = SD3Transformer2DModel if isinstance(config, SD3Config) else FluxTransformer2DModel
+    cls = {SD3Config: SD3Transformer2DModel, FluxConfig: FluxTransformer2DModel,
+           ChromaConfig: ChromaTransformer2DModel}[type(config)]
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: full-size FLUX is 48 GB in fp32
@@ -142,14 +149,15 @@ class Inputs:
     x: torch.Tensor  # (B, 16, h, w) latents
     sigma: torch.Tensor  # (B,)
     context: torch.Tensor  # (B, L, context_dim)
-    pooled: torch.Tensor  # (B, pooled_dim)
+    pooled: torch.Tensor | None  # (B, pooled_dim); None for Chroma
     guidance: torch.Tensor | None  # (B,) for FLUX-dev
+    mask: torch.Tensor | None = None  # (B, L) bool, Chroma's text mask
 
     def repeat(self, n: int) -> "Inputs":
         """n copies of the rows, e.g. [uncond | cond] (the prompts' content doesn't matter here)."""
         def r(t):
             return None if t is None else torch.cat([t] * n)
-        return Inputs(r(self.x), r(self.sigma), r(self.context), r(self.pooled), r(self.guidance))
+        return Inputs(r(self.x), r(self.sigma), r(self.context), r(self.pooled), r(self.guidance), r(self.mask))
 
 
 def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, device, dtype,
@@ -164,8 +172,18 @@ def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, d
     if isinstance(config, FluxConfig) and config.guidance_embed:
         guidance = torch.full((batch,), 3.5, device=device, dtype=dtype)
     sigma = torch.rand(batch, generator=g).to(device)
-    return Inputs(randn(batch, C, h, w), sigma, randn(batch, text_len, config.context_dim),
-                  randn(batch, config.pooled_dim), guidance)
+    x, context = randn(batch, C, h, w), randn(batch, text_len, config.context_dim)
+    if isinstance(config, ChromaConfig):  # T5 only; the mask keeps a quarter of the window (a ~125-token prompt)
+        mask = (torch.arange(text_len, device=device) < max(1, text_len // 4)).expand(batch, -1)
+        return Inputs(x, sigma, context, None, None, mask)
+    return Inputs(x, sigma, context, randn(batch, config.pooled_dim), guidance)
+
+
+def call_ours(model, inp: Inputs, **kw) -> torch.Tensor:
+    """Our model on ``inp`` (Chroma: context and its mask; the others: context, pooled, guidance)."""
+    if inp.pooled is None:
+        return model(inp.x, inp.sigma, inp.context, context_mask=inp.mask, **kw)
+    return model(inp.x, inp.sigma, inp.context, inp.pooled, guidance=inp.guidance, **kw)
 
 
 class PeerRunner:
@@ -177,7 +195,7 @@ class PeerRunner:
 
     def __init__(self, peer, config):
         self.peer, self.config = peer, config
-        self.flux = isinstance(config, FluxConfig)
+        self.flux = isinstance(config, (FluxConfig, ChromaConfig))  # packed 2x2, RoPE ids
         self._ids = {}
         self.hook = None  # the DG hook's handle (see build_cases)
 
@@ -194,6 +212,10 @@ class PeerRunner:
             dev = inp.x.device
             self._ids[key] = (flux.image_ids(h, w, dev), torch.zeros(inp.context.shape[1], 3, device=dev))
         img_ids, txt_ids = self._ids[key]
+        if inp.pooled is None:  # Chroma: the text mask as its transformer takes it, (B, L + N) bool
+            mask = torch.cat([inp.mask, inp.mask.new_ones(B, h * w)], dim=1)
+            return dict(hidden_states=packed, encoder_hidden_states=inp.context, timestep=inp.sigma.to(inp.x.dtype),
+                        img_ids=img_ids, txt_ids=txt_ids, attention_mask=mask)
         return dict(hidden_states=packed, encoder_hidden_states=inp.context, pooled_projections=inp.pooled,
                     timestep=inp.sigma.to(inp.x.dtype), img_ids=img_ids, txt_ids=txt_ids,
                     guidance=inp.guidance)
@@ -213,16 +235,17 @@ class PeerRunner:
         return self.peer.transformer_blocks[m]
 
 
-def zero_ma_hook(batch: int, channels: torch.Tensor):
+def zero_ma_hook(batch: int, channels: torch.Tensor, text_len: int = 0):
     """A forward hook zeroing ``channels`` of the image tokens of the last ``batch`` rows at a
     block's output, in calls of 3 * batch rows ([uncond | cond | cond to disrupt]) only.
 
     It stays registered: the batch size, not Python state, switches it on, so a compiled peer
     sees the same hook in every call (dynamo does not notice submodule hooks added later).
-    Every diffusers SD3 / FLUX block (joint, double, single) returns (context, image).
+    Every diffusers SD3 / FLUX block (joint, double, single) returns (context, image); a Chroma
+    single block returns [text ; image] as one tensor, its first ``text_len`` tokens text.
     """
     def hook(module, args, output):
-        image = output[1]
+        image = output[1] if isinstance(output, tuple) else output[:, text_len:]
         if image.shape[0] == 3 * batch:
             image[2 * batch:, :, channels] = 0
         return output
@@ -271,17 +294,22 @@ def forward_flops(config, n_img: int, n_txt: int, batch: int, fork_block: int | 
         total += 2 * rows(config.num_layers) * final
         return total
     head = N * config.in_channels * D + T * config.context_dim * D
-    head += (256 * D + D * D) * (2 if config.guidance_embed else 1) + config.pooled_dim * D + D * D
+    mod = 1  # Chroma: no adaLN Linears in the blocks; its approximator makes every vector, once per input row
+    if isinstance(config, ChromaConfig):
+        a, mod = config.approximator_hidden, 0
+        head += config.modulation_rows * (config.approximator_in * a + 2 * config.approximator_layers * a * a + a * D)
+    else:
+        head += (256 * D + D * D) * (2 if config.guidance_embed else 1) + config.pooled_dim * D + D * D
     total += 2 * batch * head
     L = N + T
     for i in range(config.num_double):
-        per = 2 * 6 * D * D + L * (3 * D * D + D * D + 2 * D * F)  # both streams
+        per = 2 * 6 * D * D * mod + L * (3 * D * D + D * D + 2 * D * F)  # both streams
         total += rows(i) * (2 * per + attn(L, L))
     for j in range(config.num_single):
         i = config.num_double + j
-        per = 3 * D * D + L * (D * (3 * D + F) + (D + F) * D)
+        per = 3 * D * D * mod + L * (D * (3 * D + F) + (D + F) * D)
         total += rows(i) * (2 * per + attn(L, L))
-    final = 2 * D * D + N * D * config.in_channels
+    final = 2 * D * D * mod + N * D * config.in_channels
     total += 2 * rows(config.total_blocks) * final
     return total
 
@@ -394,15 +422,16 @@ class Case:
     peer: object
 
 
-def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int) -> None:
-    """Our MA spec and the peer's DG hook on block m (the last ``batch`` of 3 * batch rows)."""
+def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int, text_len: int = 0) -> None:
+    """Our MA spec and the peer's DG hook on block m (the last ``batch`` of 3 * batch rows; ``text_len``:
+    the text tokens before the image's in a Chroma single block's output)."""
     channels = ma_channels(config)
     ours.ma = mmdit.MASpec(channels, block=fork_block)
     if runner.hook is not None:
         runner.hook.remove()
     device = next(runner.peer.parameters()).device
     runner.hook = runner.block(fork_block).register_forward_hook(
-        zero_ma_hook(batch, torch.tensor(channels, device=device)))
+        zero_ma_hook(batch, torch.tensor(channels, device=device), text_len))
 
 
 def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
@@ -416,11 +445,9 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
     shape = tuple(inp.x.shape)
     n_img, n_txt = tokens(config, shape[2:]), inp.context.shape[1]
     if runner.hook is None:
-        attach_dg(ours, runner, config, fork_block, B)
+        attach_dg(ours, runner, config, fork_block, B, n_txt)
     out = []
-
-    def call(model, i: Inputs, **kw):
-        return model(i.x, i.sigma, i.context, i.pooled, guidance=i.guidance, **kw)
+    call = call_ours
 
     if "forward" in names:
         prep = runner.prepare(inp)

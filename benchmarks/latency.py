@@ -5,6 +5,8 @@
     python benchmarks/latency.py --preset flux.1-dev --resolution 1024 --dtype bf16     # GPU
 
     python benchmarks/latency.py --preset flux.1-dev --dtype bf16 --modes eager,compiled,cudagraphs  # GPU
+    python benchmarks/latency.py --preset chroma --num-layers 4 --resolution 384 --dtype fp32 --iters 5
+        # Chroma (CPU): T5 only, a text mask; diffusers' ChromaTransformer2DModel with the same mask (bool)
 
     torchrun --nproc-per-node 2 benchmarks/latency.py --parallel branch --preset flux.1-dev --dtype bf16
         # several ranks: the step vs one rank, and the communication share (parallel_latency.py)
@@ -89,7 +91,7 @@ def run(args, on_mode=None) -> dict:
     ours = common.ours_from_peer(peer, config)
     runner = common.PeerRunner(peer, config)
     inp = common.make_inputs(config, args.batch, (H // 8, W // 8), text_len, device, dtype)
-    common.attach_dg(ours, runner, config, m, args.batch)  # before compiling: dynamo sees the hook
+    common.attach_dg(ours, runner, config, m, args.batch, text_len)  # before compiling: dynamo sees the hook
     n_img = common.tokens(config, (H // 8, W // 8))
     matmul = common.matmul_tflops(device, dtype, args.batch * (n_img + text_len), config.hidden_size,
                                   int(config.hidden_size * config.mlp_ratio))

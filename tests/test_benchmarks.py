@@ -22,19 +22,21 @@ TINY = {
     "sd3": ["--preset", "sd3.5-medium", "--num-layers", "2", "--set", "pos_embed_max_size=16",
             "--set", "dual_attention_layers=(0,)"],
     "flux": ["--preset", "flux.1-dev", "--num-layers", "3", "--set", "axes_dim=(4,6,6)"],
+    "chroma": ["--preset", "chroma", "--num-layers", "3", "--set", "axes_dim=(4,6,6)", "--set", "approximator_in=16",
+               "--set", "approximator_hidden=32", "--set", "approximator_layers=2"],
 }
-SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--set", "pooled_dim=20",
-         "--device", "cpu", "--dtype", "fp32"]
+SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--device", "cpu", "--dtype", "fp32"]
+POOLED = {"sd3": ["--set", "pooled_dim=20"], "flux": ["--set", "pooled_dim=20"], "chroma": []}
 CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all_ms", "flops_ours",
                "flops_diffusers", "tflops_ours", "tflops_diffusers", "max_rel_err", "rows_ours", "rows_diffusers",
                "s_per_image_ours", "s_per_image_diffusers", "matmul_fraction_ours"}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
 def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_path, capsys):
     path = tmp_path / "latency.json"
     cases = ["forward", "cfg", "cfg_dg"] + (["cfg_slg", "cfg_dg_slg"] if family == "sd3" else [])
-    latency.main(TINY[family] + SMALL + ["--resolution", "128x96", "--text-len", "5", "--warmup", "0",
+    latency.main(TINY[family] + SMALL + POOLED[family] + ["--resolution", "128x96", "--text-len", "5", "--warmup", "0",
                                          "--iters", "2", "--modes", "eager,compiled", "--backend", "aot_eager",
                                          "--cases", ",".join(cases), "--json", str(path)])
     out = json.loads(path.read_text())
@@ -78,7 +80,7 @@ def test_forward_flops_match_hand_count():
 
 def test_memory_script_loads_both_ways_in_fresh_processes(tmp_path, capsys):
     path = tmp_path / "memory.json"
-    memory.main(TINY["sd3"] + SMALL + ["--repeats", "1", "--dir", str(tmp_path), "--json", str(path)])
+    memory.main(TINY["sd3"] + SMALL + POOLED["sd3"] + ["--repeats", "1", "--dir", str(tmp_path), "--json", str(path)])
     out = json.loads(path.read_text())
     for key in ("device", "torch", "diffusers", "date", "config", "checkpoint_mb", "load", "ratio"):
         assert key in out, key

@@ -7,7 +7,7 @@ import torch
 
 import mmdit
 from mmdit.branches import Branch, IdentityAttention, MADisruption, SkipLayers
-from mmdit.models.chroma import modulation_rows
+from mmdit.models.chroma import modulation_starts
 from mmdit.models.rows import BlockRows
 from mmdit.samplers import Guidance, guided_velocity
 from mmdit.weights import keymaps
@@ -71,7 +71,7 @@ def test_diffusers_own_rmsnorm_eps_is_the_only_difference():
 
 def test_modulation_rows_are_the_official_order():
     """flow's distribute_modulations: single blocks (3 each), double image (6), double text (6), final (2)."""
-    rows = modulation_rows(mmdit.preset("chroma"))
+    rows = modulation_starts(mmdit.preset("chroma"))
     assert rows["single"][:2] == [0, 3] and rows["single"][-1] == 111
     assert rows["img"][:2] == [114, 120] and rows["txt"][:2] == [228, 234] and rows["final"] == [342]
     assert mmdit.preset("chroma").modulation_rows == 344

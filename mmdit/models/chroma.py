@@ -128,7 +128,7 @@ class GivenModulation(nn.Module):
         return mods[:, self.start:self.start + self.n].flatten(1)
 
 
-def modulation_rows(config: ChromaConfig) -> dict[str, list[int]]:
+def modulation_starts(config: ChromaConfig) -> dict[str, list[int]]:
     """The first approximator row of each consumer, in the official order (flow's
     ``distribute_modulations``): every single block (3 rows), then the double blocks' image
     streams (6), then their text streams (6), then the final layer (shift, scale)."""
@@ -148,7 +148,7 @@ class ChromaTransformer(Transformer):
         super().__init__()
         self.config = config
         dim = config.hidden_size
-        rows = modulation_rows(config)
+        rows = modulation_starts(config)
         self.img_in = nn.Linear(config.in_channels, dim)
         self.txt_in = nn.Linear(config.context_dim, dim)
         self.distilled_guidance_layer = Approximator(config)

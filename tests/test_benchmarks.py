@@ -25,7 +25,8 @@ TINY = {
     "chroma": ["--preset", "chroma", "--num-layers", "3", "--set", "axes_dim=(4,6,6)", "--set", "approximator_in=16",
                "--set", "approximator_hidden=32", "--set", "approximator_layers=2"],
 }
-SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--device", "cpu", "--dtype", "fp32"]
+SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--device", "cpu",
+         "--dtype", "fp32"]
 POOLED = {"sd3": ["--set", "pooled_dim=20"], "flux": ["--set", "pooled_dim=20"], "chroma": []}
 CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all_ms", "flops_ours",
                "flops_diffusers", "tflops_ours", "tflops_diffusers", "max_rel_err", "rows_ours", "rows_diffusers",

@@ -28,7 +28,8 @@ def ours_from(peer):
                                 num_heads=c.num_attention_heads, head_dim=c.attention_head_dim,
                                 context_dim=c.joint_attention_dim, axes_dim=tuple(c.axes_dims_rope),
                                 approximator_in=c.approximator_num_channels,
-                                approximator_hidden=c.approximator_hidden_dim, approximator_layers=c.approximator_layers)
+                                approximator_hidden=c.approximator_hidden_dim,
+                                approximator_layers=c.approximator_layers)
     model = mmdit.build_transformer(config)
     model.load_state_dict(keymaps.from_diffusers(pc.peers.diffusers_state(peer), "chroma", pc.hidden(peer)))
     return model.eval()
@@ -181,8 +182,8 @@ def test_forward_is_one_graph_with_and_without_the_fork(shallow):
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
-        assert pc.rel(compiled(x, sigma, ctx, context_mask=mask, **fork), model(x, sigma, ctx, context_mask=mask, **fork)) \
-            <= REL
+        got, want = compiled(x, sigma, ctx, context_mask=mask, **fork), model(x, sigma, ctx, context_mask=mask, **fork)
+    assert pc.rel(got, want) <= REL
 
 
 def test_cfg_dg_step_is_one_graph(shallow):

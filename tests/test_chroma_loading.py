@@ -1,6 +1,5 @@
 """Chroma checkpoints: every layout loads and equals diffusers' ChromaTransformer2DModel; the key table
 agrees with diffusers' converter; fp8 / ComfyUI scaled fp8; LoRAs (diffusers / PEFT, kohya, ComfyUI)."""
-import json
 
 import pytest
 import torch

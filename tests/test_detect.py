@@ -99,7 +99,7 @@ def test_any_prefix_most_frequent_wins():
     ({"first_stage_model.decoder.conv_in.weight": (512, 16, 3, 3)}, "no transformer"),
 ])
 def test_not_a_transformer_says_what_it_looks_like(keys, what):
-    with pytest.raises(CheckpointError, match=f"not an SD3 / SD3.5 / FLUX.1 transformer.*{what}"):
+    with pytest.raises(CheckpointError, match=f"not an SD3 / SD3.5 / FLUX.1( / [^:]+)? transformer.*{what}"):
         detect(keys, where="thing.safetensors")
 
 

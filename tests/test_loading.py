@@ -258,7 +258,8 @@ def test_diffusers_errors_use_diffusers_names(tmp_path):
     ("bad path", lambda d: d / "nope.safetensors", "does not exist"),
     ("not safetensors", lambda d: d / "model.ckpt", "not a .safetensors file"),
     ("corrupt file", lambda d: d / "bad.safetensors", "not a readable safetensors file"),
-    ("a VAE", lambda d: d / "vae.safetensors", "not an SD3 / SD3.5 / FLUX.1 transformer.*looks like a VAE"),
+    ("a VAE", lambda d: d / "vae.safetensors",
+     "not an SD3 / SD3.5 / FLUX.1( / [^:]+)? transformer.*looks like a VAE"),
     ("pipeline without transformer", lambda d: d / "pipe", "diffusers pipeline folder without a transformer/"),
 ])
 def test_user_errors_are_one_clear_message(what, make, pattern, tmp_path):

@@ -49,7 +49,8 @@ class PromptTokenizer:
     def __call__(self, prompts: str | Sequence[str], max_length: int | None = None) -> torch.Tensor:
         return self.with_mask(prompts, max_length)[0]
 
-    def with_mask(self, prompts: str | Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_mask(self, prompts: str | Sequence[str],
+                  max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask), both (B, max_length); mask is True on the tokens before the padding (EOS included),
         as transformers' ``attention_mask``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

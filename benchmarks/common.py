@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 import mmdit  # noqa: E402
 from mmdit.models import flux, flux2  # noqa: E402
-from mmdit.models.config import Flux2Config, FluxConfig, QwenImageConfig, SD3Config  # noqa: E402
+from mmdit.models.config import ChromaConfig, Flux2Config, FluxConfig, QwenImageConfig, SD3Config  # noqa: E402
 from mmdit.samplers import default_layers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -107,6 +107,12 @@ def peer_kwargs(config) -> dict:
                     num_layers=config.num_layers, attention_head_dim=config.head_dim,
                     num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
                     guidance_embeds=False, axes_dims_rope=config.axes_dim)
+    if isinstance(config, ChromaConfig):
+        return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
+                    num_single_layers=config.num_single, attention_head_dim=config.head_dim,
+                    num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
+                    axes_dims_rope=config.axes_dim, approximator_num_channels=config.approximator_in,
+                    approximator_hidden_dim=config.approximator_hidden, approximator_layers=config.approximator_layers)
     return dict(patch_size=1, in_channels=config.in_channels, num_layers=config.num_double,
                 num_single_layers=config.num_single, attention_head_dim=config.head_dim,
                 num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
@@ -116,13 +122,13 @@ def peer_kwargs(config) -> dict:
 
 def build_peer(config, device, dtype, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised diffusers transformer for ``config``, built on ``device``."""
-    from diffusers import (Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel,
-                           SD3Transformer2DModel)
+    from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
+                           QwenImageTransformer2DModel, SD3Transformer2DModel)
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # its note on casting with .to() is about fp16 checkpoints
     cls = {SD3Config: SD3Transformer2DModel, FluxConfig: FluxTransformer2DModel, Flux2Config: Flux2Transformer2DModel,
-           QwenImageConfig: QwenImageTransformer2DModel}[type(config)]
+           QwenImageConfig: QwenImageTransformer2DModel, ChromaConfig: ChromaTransformer2DModel}[type(config)]
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: full-size FLUX is 48 GB in fp32
@@ -156,14 +162,15 @@ class Inputs:
     x: torch.Tensor  # (B, 16, h, w) latents; FLUX.2: (B, 128, h/2, w/2), the patchified grid
     sigma: torch.Tensor  # (B,)
     context: torch.Tensor  # (B, L, context_dim)
-    pooled: torch.Tensor | None  # (B, pooled_dim); None for FLUX.2 and Qwen-Image
+    pooled: torch.Tensor | None  # (B, pooled_dim); None for FLUX.2, Qwen-Image and Chroma
     guidance: torch.Tensor | None  # (B,) for FLUX-dev and FLUX.2 [dev]
+    mask: torch.Tensor | None = None  # (B, L) bool, Chroma's text mask
 
     def repeat(self, n: int) -> "Inputs":
         """n copies of the rows, e.g. [uncond | cond] (the prompts' content doesn't matter here)."""
         def r(t):
             return None if t is None else torch.cat([t] * n)
-        return Inputs(r(self.x), r(self.sigma), r(self.context), r(self.pooled), r(self.guidance))
+        return Inputs(r(self.x), r(self.sigma), r(self.context), r(self.pooled), r(self.guidance), r(self.mask))
 
 
 def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, device, dtype,
@@ -181,8 +188,20 @@ def make_inputs(config, batch: int, latent_hw: tuple[int, int], text_len: int, d
     if getattr(config, "guidance_embed", False):
         guidance = torch.full((batch,), 3.5, device=device, dtype=dtype)
     sigma = torch.rand(batch, generator=g).to(device)
+    x, context = randn(batch, C, h, w), randn(batch, text_len, config.context_dim)
+    if isinstance(config, ChromaConfig):  # T5 only; the mask keeps a quarter of the window (a ~125-token prompt)
+        mask = (torch.arange(text_len, device=device) < max(1, text_len // 4)).expand(batch, -1)
+        return Inputs(x, sigma, context, None, None, mask)
     pooled = randn(batch, config.pooled_dim) if hasattr(config, "pooled_dim") else None
-    return Inputs(randn(batch, C, h, w), sigma, randn(batch, text_len, config.context_dim), pooled, guidance)
+    return Inputs(x, sigma, context, pooled, guidance)
+
+
+def call_ours(model, inp: Inputs, **kw) -> torch.Tensor:
+    """Our model on ``inp``: x, sigma, context, then pooled and guidance where the family has them
+    (Chroma: its text mask)."""
+    args = (inp.x, inp.sigma, inp.context) + (() if inp.pooled is None else (inp.pooled,))
+    args = args if inp.guidance is None else (*args, inp.guidance)
+    return model(*args, **({} if inp.mask is None else {"context_mask": inp.mask}), **kw)
 
 
 class PeerRunner:
@@ -195,7 +214,7 @@ class PeerRunner:
 
     def __init__(self, peer, config):
         self.peer, self.config = peer, config
-        self.flux = isinstance(config, (FluxConfig, Flux2Config))  # position ids, no skip_layers
+        self.flux = isinstance(config, (FluxConfig, Flux2Config, ChromaConfig))  # position ids, no skip_layers
         self.flux2 = isinstance(config, Flux2Config)
         self.qwen = isinstance(config, QwenImageConfig)
         self._ids = {}
@@ -225,6 +244,10 @@ class PeerRunner:
             dev = inp.x.device
             self._ids[key] = (flux.image_ids(h, w, dev), torch.zeros(inp.context.shape[1], 3, device=dev))
         img_ids, txt_ids = self._ids[key]
+        if inp.mask is not None:  # Chroma: the text mask as its transformer takes it, (B, L + N) bool
+            mask = torch.cat([inp.mask, inp.mask.new_ones(B, h * w)], dim=1)
+            return dict(hidden_states=packed, encoder_hidden_states=inp.context, timestep=inp.sigma.to(inp.x.dtype),
+                        img_ids=img_ids, txt_ids=txt_ids, attention_mask=mask)
         return dict(hidden_states=packed, encoder_hidden_states=inp.context, pooled_projections=inp.pooled,
                     timestep=inp.sigma.to(inp.x.dtype), img_ids=img_ids, txt_ids=txt_ids,
                     guidance=inp.guidance)
@@ -253,7 +276,8 @@ def zero_ma_hook(batch: int, channels: torch.Tensor, text_len: int = 0):
     It stays registered: the batch size, not Python state, switches it on, so a compiled peer
     sees the same hook in every call (dynamo does not notice submodule hooks added later).
     Every diffusers SD3 / FLUX / Qwen-Image block (joint, double, single) and FLUX.2 double block
-    returns (context, image); a FLUX.2 single block returns [text ; image] (``text_len`` text tokens).
+    returns (context, image); a FLUX.2 or Chroma single block returns [text ; image] as one tensor
+    (``text_len`` text tokens first).
     """
     def hook(module, args, output):
         image, start = (output[1], 0) if isinstance(output, tuple) else (output, text_len)
@@ -321,17 +345,22 @@ def forward_flops(config, n_img: int, n_txt: int, batch: int, fork_block: int | 
         total += 2 * rows(config.num_layers) * final
         return total
     head = N * config.in_channels * D + T * config.context_dim * D
-    head += (256 * D + D * D) * (2 if config.guidance_embed else 1) + config.pooled_dim * D + D * D
+    mod = 1  # Chroma: no adaLN Linears in the blocks; its approximator makes every vector, once per input row
+    if isinstance(config, ChromaConfig):
+        a, mod = config.approximator_hidden, 0
+        head += config.modulation_rows * (config.approximator_in * a + 2 * config.approximator_layers * a * a + a * D)
+    else:
+        head += (256 * D + D * D) * (2 if config.guidance_embed else 1) + config.pooled_dim * D + D * D
     total += 2 * batch * head
     L = N + T
     for i in range(config.num_double):
-        per = 2 * 6 * D * D + L * (3 * D * D + D * D + 2 * D * F)  # both streams
+        per = 2 * 6 * D * D * mod + L * (3 * D * D + D * D + 2 * D * F)  # both streams
         total += rows(i) * (2 * per + attn(L, L))
     for j in range(config.num_single):
         i = config.num_double + j
-        per = 3 * D * D + L * (D * (3 * D + F) + (D + F) * D)
+        per = 3 * D * D * mod + L * (D * (3 * D + F) + (D + F) * D)
         total += rows(i) * (2 * per + attn(L, L))
-    final = 2 * D * D + N * D * config.in_channels
+    final = 2 * D * D * mod + N * D * config.in_channels
     total += 2 * rows(config.total_blocks) * final
     return total
 
@@ -446,7 +475,7 @@ class Case:
 
 def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int, text_len: int = 0) -> None:
     """Our MA spec and the peer's DG hook on block m (the last ``batch`` of 3 * batch rows);
-    ``text_len``: the text tokens before the image's in a FLUX.2 single block's output."""
+    ``text_len``: the text tokens before the image's in a FLUX.2 or Chroma single block's output."""
     channels = ma_channels(config)
     ours.ma = mmdit.MASpec(channels, block=fork_block)
     if runner.hook is not None:
@@ -454,12 +483,6 @@ def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int, tex
     device = next(runner.peer.parameters()).device
     runner.hook = runner.block(fork_block).register_forward_hook(
         zero_ma_hook(batch, torch.tensor(channels, device=device), text_len))
-
-
-def model_args(i: Inputs) -> tuple:
-    """Our model's positional inputs: x, sigma, context, then pooled and guidance where the family has them."""
-    args = (i.x, i.sigma, i.context) + (() if i.pooled is None else (i.pooled,))
-    return args if i.guidance is None else (*args, i.guidance)
 
 
 def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
@@ -475,9 +498,7 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
     if runner.hook is None:
         attach_dg(ours, runner, config, fork_block, B, n_txt)
     out = []
-
-    def call(model, i: Inputs, **kw):
-        return model(*model_args(i), **kw)
+    call = call_ours
 
     if "forward" in names:
         prep = runner.prepare(inp)
@@ -536,7 +557,7 @@ def slg_cases(ours, runner, config, inp: Inputs, fork_block: int, cfg: float, dg
     out = []
 
     def call(**kw):
-        return ours(*model_args(two), **kw)
+        return call_ours(ours, two, **kw)
 
     def ours_slg():
         vu, vc, vs = call(branches=skip).chunk(3)

@@ -5,6 +5,8 @@
     python benchmarks/latency.py --preset flux.1-dev --resolution 1024 --dtype bf16     # GPU
 
     python benchmarks/latency.py --preset flux.1-dev --dtype bf16 --modes eager,compiled,cudagraphs  # GPU
+    python benchmarks/latency.py --preset chroma --num-layers 4 --resolution 384 --dtype fp32 --iters 5
+        # Chroma (CPU): T5 only, a text mask; diffusers' ChromaTransformer2DModel with the same mask (bool)
 
     torchrun --nproc-per-node 2 benchmarks/latency.py --parallel branch --preset flux.1-dev --dtype bf16
         # several ranks: the step vs one rank, and the communication share (parallel_latency.py)

@@ -28,7 +28,7 @@ if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")) and _root not
 _PUBLIC = {
     "PRESETS": ".models.config", "SD3Config": ".models.config", "FluxConfig": ".models.config",
     "QwenImageConfig": ".models.config", "QwenImage21Config": ".models.config",
-    "preset": ".models.config",
+    "ChromaConfig": ".models.config", "preset": ".models.config",
     "MASpec": ".ma",
     "apply_lora": ".lora",
     "build_transformer": ".models",

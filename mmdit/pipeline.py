@@ -23,13 +23,18 @@ from .weights.hub import REPO_ID
 from .weights.transformer import load_transformer
 
 # The diffusers pipelines' defaults (docs/architecture.md, "Text conditioning").
+# Chroma: ChromaPipeline's (35 steps, real CFG 5.0 with a negative prompt; diffusers' docs run Chroma1-HD
+# at 40 / 3.0). Its schedule is always the official sampler's (lodestone-rock/flow, ``get_schedule``):
+# FLUX.1's resolution-dependent shift, whatever the folder's scheduler config says ("dynamic_shift").
 DEFAULTS = {"sd3": dict(steps=28, cfg=7.0, max_sequence_length=256, size=1024),
-            "flux": dict(steps=28, cfg=1.0, guidance=3.5, max_sequence_length=512, size=1024)}
+            "flux": dict(steps=28, cfg=1.0, guidance=3.5, max_sequence_length=512, size=1024),
+            "chroma": dict(steps=35, cfg=5.0, max_sequence_length=512, size=1024, dynamic_shift=True)}
 # The diffusers repos whose text encoders, tokenizers, VAE and scheduler go with a single transformer file.
 OFFICIAL_REPOS = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
                   "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
                   "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
-                  "flux.1-dev": "black-forest-labs/FLUX.1-dev", "flux.1-schnell": "black-forest-labs/FLUX.1-schnell"}
+                  "flux.1-dev": "black-forest-labs/FLUX.1-dev", "flux.1-schnell": "black-forest-labs/FLUX.1-schnell",
+                  "chroma": "lodestones/Chroma1-HD"}
 PIPELINE_FILES = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder*/*", "tokenizer*/*"]
 
 
@@ -65,6 +70,22 @@ class FluxText:
         (tok_l, tok_t5), (clip_l, t5) = self.tokenizers, self.encoders
         pooled = clip_l(_ids(tok_l, prompts, 77, clip_l)).pooled
         return {"context": t5(_ids(tok_t5, prompts, max_sequence_length, t5)), "pooled": pooled}
+
+
+@dataclass
+class ChromaText:
+    """T5 alone, run with the tokenizer's mask; the transformer's ``context_mask`` keeps the prompt, its EOS
+    and one pad token more (the official training rule, as diffusers' ChromaPipeline builds it)."""
+
+    tokenizer: object
+    encoder: object
+
+    def __call__(self, prompts: list[str], max_sequence_length: int) -> dict:
+        ids, mask = self.tokenizer.with_mask(prompts, max_sequence_length)
+        device = next(self.encoder.parameters()).device
+        context = self.encoder(ids.to(device), mask.to(device))  # (B, L, Dc)
+        kept = torch.arange(ids.shape[1])[None] <= mask.sum(1, keepdim=True)  # (B, L): one pad token more
+        return {"context": context, "context_mask": kept}
 
 
 def _ids(tokenizer, prompts, length, encoder) -> torch.Tensor:
@@ -157,7 +178,8 @@ class Pipeline:
                         compile: bool | str = False, lora: list[tuple] | None = None,
                         weight_dtype: torch.dtype | None = None, parallel: str | None = None,
                         text_from: str | os.PathLike | None = None) -> Pipeline:
-        """A diffusers repo id or pipeline folder (model_index.json + components), a folder written
+        """A diffusers repo id or pipeline folder (model_index.json + components; e.g.
+        ``lodestones/Chroma1-HD``), a folder written
         by ``mmdit train`` (a tiny model), or one transformer file (any layout ``load_transformer``
         reads, as ComfyUI users hold them) whose text encoders, tokenizers, VAE and scheduler come
         from ``text_from`` (a repo id or pipeline folder; default: the official repo of the file's
@@ -194,8 +216,8 @@ class Pipeline:
         _adapt(transformer, lora, None)
         family = transformer.config.family
         text_device = text_device or device
-        names = ["text_encoder", "text_encoder_2", "text_encoder_3"] if family == "sd3" else \
-            ["text_encoder", "text_encoder_2"]
+        names = {"sd3": ["text_encoder", "text_encoder_2", "text_encoder_3"], "chroma": ["text_encoder"]}.get(
+            family, ["text_encoder", "text_encoder_2"])
         tokenizers, encoders = [], []
         for i, name in enumerate(names):
             tok_name = name.replace("text_encoder", "tokenizer")
@@ -209,9 +231,11 @@ class Pipeline:
             encoders.append(load_text_encoder(root / name, dtype=dtype, device=text_device))
         if family == "sd3":
             text = SD3Text(tuple(tokenizers), tuple(encoders), transformer.config.context_dim)
+        elif family == "chroma":
+            text = ChromaText(tokenizers[0], encoders[0])
         else:
             text = FluxText(tuple(tokenizers), tuple(encoders))
-        vae = load_vae(root / "vae", dtype=dtype, device=device, family=family)
+        vae = load_vae(root / "vae", dtype=dtype, device=device, family="flux" if family == "chroma" else family)
         scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
         sample_size = (read_json(root / "transformer" / "config.json") or {}).get("sample_size")
         size = {"size": sample_size * vae.config.downsample} if isinstance(sample_size, int) else None  # as diffusers
@@ -225,18 +249,19 @@ class Pipeline:
     def encode(self, prompts: list[str], max_sequence_length: int | None = None) -> dict:
         cond = self.text(prompts, max_sequence_length or self.defaults["max_sequence_length"])
         device, dtype = _where(self.transformer)
-        return {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
+        return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
 
     def sigmas(self, steps: int, latent_h: int, latent_w: int, schedule: str = "default") -> torch.Tensor:
         """The schedule the diffusers pipeline would use with this scheduler config; ``schedule`` as
         its ``use_beta_sigmas`` / ``use_karras_sigmas`` / ``use_exponential_sigmas`` would re-space it."""
         s = self.scheduler
-        if self.family == "flux" or s.get("use_dynamic_shifting"):
+        dynamic = self.defaults.get("dynamic_shift", False)  # Chroma: the official sampler's shift, always
+        if self.family in ("flux", "chroma") or s.get("use_dynamic_shifting"):
             return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2),
                                base_shift=s.get("base_shift", 0.5), max_shift=s.get("max_shift", 1.15),
                                base_seq_len=s.get("base_image_seq_len", 256),
                                max_seq_len=s.get("max_image_seq_len", 4096),
-                               shift=s.get("use_dynamic_shifting", True), schedule=schedule)
+                               shift=dynamic or s.get("use_dynamic_shifting", True), schedule=schedule)
         return sd3_sigmas(steps, shift=s.get("shift", 3.0), schedule=schedule)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:

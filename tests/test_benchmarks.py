@@ -27,6 +27,8 @@ TINY = {
     "flux": ["--preset", "flux.1-dev", "--num-layers", "3", "--set", "axes_dim=(4,6,6)", "--set", "pooled_dim=20"],
     "flux2": ["--preset", "flux.2-dev", "--num-layers", "3"],  # head_dim 16: axes (4, 4, 4, 4); no pooled input
     "qwen": ["--preset", "qwen-image", "--num-layers", "2", "--set", "axes_dim=(8,4,4)"],
+    "chroma": ["--preset", "chroma", "--num-layers", "3", "--set", "axes_dim=(4,6,6)", "--set", "approximator_in=16",
+               "--set", "approximator_hidden=32", "--set", "approximator_layers=2"],
 }
 SMALL = ["--set", "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24",
          "--device", "cpu", "--dtype", "fp32"]
@@ -35,7 +37,7 @@ CASE_FIELDS = {"ours_ms", "diffusers_ms", "ratio", "ours_all_ms", "diffusers_all
                "s_per_image_ours", "s_per_image_diffusers", "matmul_fraction_ours"}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux2", "qwen"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2", "qwen", "chroma"])
 def test_latency_script_writes_every_field_and_matches_diffusers(family, tmp_path, capsys):
     path = tmp_path / "latency.json"
     cases = ["forward", "cfg", "cfg_dg"] + (["cfg_slg", "cfg_dg_slg"] if family == "sd3" else [])

@@ -356,7 +356,7 @@ REFUSED = {  # what: (make the file from a FLUX original-layout state dict, the 
     "gguf": (None, r"is a GGUF file: GGUF is not supported; use the bf16 or fp8 safetensors"),
     "bitsandbytes nf4": (_bnb_nf4, r"is a bitsandbytes NF4/FP4 quantized checkpoint .* not supported; use the bf16"),
     "optimum-quanto": (_quanto, r"is an optimum-quanto quantized checkpoint"),
-    "chroma": (lambda sd: {**sd, "distilled_guidance_layer.in_proj.weight": torch.zeros(8, 8)}, r"is Chroma"),
+    "chroma radiance": (lambda sd: {**sd, "nerf_blocks.0.norm.scale": torch.zeros(8)}, r"is Chroma1-Radiance"),
     "a lora": (lambda sd: {k: v for k, v in _lora_residue(sd).items() if "lora" in k},
                r"is a LoRA adapter .* not a model: load the base model and apply it with mmdit.apply_lora"),
     "lora residue": (_lora_residue, r"(?s)unexpected 2 key.*2 of them are LoRA tensors"),

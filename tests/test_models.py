@@ -17,6 +17,7 @@ OFFICIAL_PARAMS = {
     "flux.2-klein-9b": 9_078_581_248,
     "qwen-image": 20_430_401_088,
     "qwen-image-2.1": 7_115_124_736,
+    "chroma": 8_899_983_424,  # Chroma1-HD
 }
 
 

@@ -16,7 +16,7 @@
   op (qkv split, adaLN swap) sees the tensor.
 * FLUX RMSNorm weights saved as ``*_norm.weight`` (current ComfyUI) read as ``*_norm.scale``.
 * Formats this project does not load (GGUF, bitsandbytes NF4/FP4/int8, optimum-quanto,
-  int4 SVDQuant/GPTQ, Chroma, a LoRA adapter instead of a model) are one error that names
+  int4 SVDQuant/GPTQ, Chroma1-Radiance, a LoRA adapter instead of a model) are one error that names
   them and says what to use instead.
 """
 from __future__ import annotations
@@ -46,8 +46,10 @@ _FOREIGN = [
     ("an optimum-quanto quantized checkpoint", lambda k: k.endswith((".weight._data", ".weight._scale"))),
     ("an int4 checkpoint (nunchaku SVDQuant / GPTQ / AWQ: qweight, wscales, qzeros)",
      lambda k: k.endswith((".qweight", ".wscales", ".qzeros"))),
-    ("Chroma (a FLUX-derived architecture with a distilled guidance layer)",
-     lambda k: "distilled_guidance_layer." in k),
+    ("Chroma1-Radiance (pixel-space Chroma with NeRF blocks, not the latent Chroma loaded here)",
+     lambda k: k.startswith("nerf_") or ".nerf_" in k),
+    ("Chroma in x0 mode (flow's __x0__ variant; the released Chroma1 models predict velocity)",
+     lambda k: k.endswith("__x0__")),
 ]
 LORA_MARKS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".lora.down.", ".lora.up.", "lora_unet_",
               ".processor.qkv_lora", ".processor.proj_lora")

@@ -138,4 +138,4 @@ class BranchParallel(Denoiser):
 
 def velocity_channels(config) -> int:
     """Channels of the model's output in the unpacked latent layout (FLUX packs 2x2)."""
-    return config.out_channels // 4 if config.family == "flux" else config.out_channels
+    return config.out_channels // 4 if config.family in ("flux", "chroma") else config.out_channels

@@ -153,7 +153,8 @@ class T5Block(nn.Module):
 
 
 class T5Encoder(nn.Module):
-    """ids (B, L) -> last hidden state (B, L, d_model). No attention mask: SD3/FLUX attend to pads."""
+    """ids (B, L) -> last hidden state (B, L, d_model). SD3 / FLUX attend to the pads (no mask);
+    Chroma passes the tokenizer's mask (B, L) (True / 1 = a real token), as transformers takes it."""
 
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -170,10 +171,13 @@ class T5Encoder(nn.Module):
             block.layer[1].DenseReluDense.wo.float()
         return self
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         blocks = self.encoder["block"]
         x = self.shared(ids)  # (B, L, d_model)
         bias = blocks[0].layer[0].SelfAttention.position_bias(ids.shape[1], ids.device)  # (1, nh, L, L)
+        if mask is not None:  # padded keys get the dtype's lowest value, as transformers adds it
+            low = torch.finfo(bias.dtype).min
+            bias = bias + torch.where(mask.to(ids.device)[:, None, None, :] != 0, 0.0, low).to(bias.dtype)
         for block in blocks:
             x = block(x, bias)
         return self.encoder["final_layer_norm"](x)

@@ -47,16 +47,24 @@ class PromptTokenizer:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def __call__(self, prompts: str | Sequence[str], max_length: int | None = None) -> torch.Tensor:
+        return self.with_mask(prompts, max_length)[0]
+
+    def with_mask(self, prompts: str | Sequence[str],
+                  max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask), both (B, max_length); mask is True on the tokens before the padding (EOS included),
+        as transformers' ``attention_mask``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = max_length or self.max_length
         head = [] if self.bos is None else [self.bos]
         if n is None or n < len(head) + 1:
             raise ValueError(f"max_length must leave room for the special tokens, got {n}")
-        rows = []
+        rows, lengths = [], []
         for enc in self.backend.encode_batch(prompts, add_special_tokens=False):
             ids = head + enc.ids[: n - len(head) - 1] + [self.eos]
             rows.append(ids + [self.pad] * (n - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).reshape(len(prompts), n)
+            lengths.append(len(ids))
+        ids = torch.tensor(rows, dtype=torch.long).reshape(len(prompts), n)
+        return ids, torch.arange(n)[None] < torch.tensor(lengths, dtype=torch.long).reshape(-1, 1)
 
     def __repr__(self) -> str:
         return (f"PromptTokenizer({self.kind}, vocab={self.backend.get_vocab_size()}, bos={self.bos}, "

@@ -244,11 +244,11 @@ def _plot(report, mag, mean_over, out_dir: Path) -> list[str]:
 # From prompts: noisy latents along Euler trajectories (what `mmdit analyze-ma` / `calibrate-ma` run)
 
 def default_sigmas(model: nn.Module, steps: int, height: int, width: int) -> torch.Tensor:
-    """The family's schedule for an image of height x width pixels (FLUX-dev shifted, schnell not)."""
+    """The family's schedule for an image of height x width pixels (FLUX-dev and Chroma shifted, schnell not)."""
     if model.config.family == "sd3":
         return sd3_sigmas(steps)
     return flux_sigmas(steps, flux_seq_len(height, width),
-                       shift=model.config.guidance_embed)
+                       shift=getattr(model.config, "guidance_embed", True))
 
 
 @torch.no_grad()

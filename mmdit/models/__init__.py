@@ -10,6 +10,7 @@
     flux2.py      FLUX.2 ([dev], [klein] 4B / 9B): the same
     qwen_image.py    Qwen-Image 1.0 (double stream, text padding mask, 3-axis RoPE)
     qwen_image21.py  Qwen-Image 2.1 (single stream, block-causal, condition images)
+    chroma.py     Chroma: FLUX.1's blocks, modulated by one small MLP (the approximator)
 
 A new family is a new file here (config dataclass, PRESETS, model) and one line in ``MODELS``
 and in ``config.PRESETS``; its checkpoints are a new file in ``weights/families/``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .chroma import ChromaConfig, ChromaTransformer
 from .config import preset
 from .flux import FluxConfig, FluxTransformer
 from .flux2 import Flux2Config, Flux2Transformer
@@ -27,7 +29,8 @@ from .qwen_image21 import QwenImage21Config, QwenImage21Transformer
 from .sd3 import SD3Config, SD3Transformer
 
 MODELS = {SD3Config: SD3Transformer, FluxConfig: FluxTransformer, Flux2Config: Flux2Transformer,  # config -> model
-          QwenImageConfig: QwenImageTransformer, QwenImage21Config: QwenImage21Transformer}
+          QwenImageConfig: QwenImageTransformer, QwenImage21Config: QwenImage21Transformer,
+          ChromaConfig: ChromaTransformer}
 
 
 def transformer_for(config) -> nn.Module:

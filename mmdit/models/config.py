@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import flux, flux2, qwen_image, qwen_image21, sd3
+from . import chroma, flux, flux2, qwen_image, qwen_image21, sd3
+from .chroma import ChromaConfig
 from .flux import FluxConfig
 from .flux2 import Flux2Config
 from .qwen_image import QwenImageConfig
 from .qwen_image21 import QwenImage21Config
 from .sd3 import SD3Config
 
-PRESETS = {**sd3.PRESETS, **flux.PRESETS, **flux2.PRESETS, **qwen_image.PRESETS, **qwen_image21.PRESETS}
+PRESETS = {**sd3.PRESETS, **flux.PRESETS, **flux2.PRESETS, **qwen_image.PRESETS, **qwen_image21.PRESETS,
+           **chroma.PRESETS}
 
 
 def preset(name: str, **overrides):
@@ -32,4 +34,5 @@ def preset(name: str, **overrides):
     return dataclasses.replace(base, **overrides)
 
 
-__all__ = ["PRESETS", "preset", "SD3Config", "FluxConfig", "Flux2Config", "QwenImageConfig", "QwenImage21Config"]
+__all__ = ["PRESETS", "preset", "SD3Config", "FluxConfig", "Flux2Config", "QwenImageConfig", "QwenImage21Config",
+           "ChromaConfig"]

@@ -137,15 +137,14 @@ class StreamAttention(nn.Module):
 
 
 class ModulationLinear(nn.Module):
-    """SiLU(vec) -> Linear(D, n*D) (BFL name: lin)."""
+    """SiLU(vec) -> Linear(D, n*D) (BFL name: lin): vec (B, D) -> the n adaLN vectors (B, n*D)."""
 
     def __init__(self, dim: int, n: int):
         super().__init__()
-        self.n = n
         self.lin = nn.Linear(dim, n * dim)
 
     def forward(self, vec):
-        return modulations(self.lin(F.silu(vec)), self.n)
+        return self.lin(F.silu(vec))
 
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -155,22 +154,29 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, joint attention [text ; image]."""
 
-    def __init__(self, config: FluxConfig):
+    def __init__(self, config: FluxConfig, img_mod: nn.Module | None = None, txt_mod: nn.Module | None = None):
+        """``img_mod`` / ``txt_mod``: where each stream's 6 adaLN vectors come from (default: its
+        own ``ModulationLinear``; Chroma: rows of its approximator's output)."""
         super().__init__()
         dim, heads = config.hidden_size, config.num_heads
         hidden = int(dim * config.mlp_ratio)
-        self.img_mod, self.txt_mod = ModulationLinear(dim, 6), ModulationLinear(dim, 6)
+        self.img_mod = ModulationLinear(dim, 6) if img_mod is None else img_mod
+        self.txt_mod = ModulationLinear(dim, 6) if txt_mod is None else txt_mod
         self.img_attn, self.txt_attn = StreamAttention(dim, heads), StreamAttention(dim, heads)
         self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
 
     def forward(self, img, txt, vec, cos, sin, rows: BlockRows = PLAIN):
-        """img (B, N, D), txt (B, L, D), vec (B, D), cos/sin (L + N, Dh/2) -> (img, txt)."""
+        """img (B, N, D), txt (B, L, D), vec (B, D), cos/sin (L + N, Dh/2) -> (img, txt).
+
+        vec is what ``img_mod`` / ``txt_mod`` take, or ``(vec, mask)`` with a text padding mask
+        (B, 1, 1, L + N) bool, True = attend (Chroma)."""
+        vec, mask = vec if isinstance(vec, tuple) else (vec, None)
         L = txt.shape[1]
-        img_msa, img_mlp = self.img_mod(vec)
-        txt_msa, txt_mlp = self.txt_mod(vec)
+        img_msa, img_mlp = modulations(self.img_mod(vec), 6)
+        txt_msa, txt_mlp = modulations(self.txt_mod(vec), 6)
         qi, ki, vi = self.img_attn.qkv_heads(norm_modulate(img, img_msa.shift, img_msa.scale), cos[L:], sin[L:])
         qt, kt, vt = self.txt_attn.qkv_heads(norm_modulate(txt, txt_msa.shift, txt_msa.scale), cos[:L], sin[:L])
-        a = rows.attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), text=L)
+        a = rows.attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), text=L, mask=mask)
         at, ai = a.split([L, img.shape[1]], dim=1)
         img = gated_residual(img, self.img_attn.proj(ai), img_msa.gate)  # img + gate * attn
         txt = gated_residual(txt, self.txt_attn.proj(at), txt_msa.gate)
@@ -182,22 +188,25 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """One stream over [text ; image]: fused qkv + MLP-in (linear1), fused out (linear2)."""
 
-    def __init__(self, config: FluxConfig):
+    def __init__(self, config: FluxConfig, modulation: nn.Module | None = None):
+        """``modulation``: where the block's 3 adaLN vectors come from (default: its own Linear)."""
         super().__init__()
         dim, self.heads = config.hidden_size, config.num_heads
         self.mlp_hidden = int(dim * config.mlp_ratio)
-        self.modulation = ModulationLinear(dim, 3)
+        self.modulation = ModulationLinear(dim, 3) if modulation is None else modulation
         self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNorm(dim // self.heads)
 
     def forward(self, x, vec, cos, sin, text_len: int, rows: BlockRows = PLAIN):
-        """x (B, L + N, D): ``text_len`` text tokens, then the image's -> (B [+ forked], L + N, D)."""
-        (mod,) = self.modulation(vec)
+        """x (B, L + N, D): ``text_len`` text tokens, then the image's -> (B [+ forked], L + N, D);
+        vec as in ``DoubleStreamBlock``."""
+        vec, mask = vec if isinstance(vec, tuple) else (vec, None)
+        (mod,) = modulations(self.modulation(vec), 3)
         qkv, h = self.linear1(norm_modulate(x, mod.shift, mod.scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)
         q, k = self.norm(q, k, cos, sin)
-        a = rows.attention(q, k, v.transpose(1, 2), text=text_len)
+        a = rows.attention(q, k, v.transpose(1, 2), text=text_len, mask=mask)
         return rows.residual(x, self.linear2(torch.cat([a, gelu_tanh(h)], dim=-1)), mod.gate, "joint", text_len)
 
 

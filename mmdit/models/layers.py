@@ -51,9 +51,10 @@ class SequentialEmbedder(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then a linear projection to the output features."""
 
-    def __init__(self, dim: int, out_features: int):
+    def __init__(self, dim: int, out_features: int, modulation: nn.Module | None = None):
+        """``modulation``: c -> (B, 2D) shift and scale (default: SiLU -> Linear; Chroma: approximator rows)."""
         super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if modulation is None else modulation
         self.linear = nn.Linear(dim, out_features)
 
     def forward(self, x, c):

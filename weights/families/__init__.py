@@ -14,6 +14,6 @@ Each module holds:
 
 A new family is a new module here and one entry in ``FAMILIES``.
 """
-from . import flux, flux2, qwen_image, qwen_image21, sd3
+from . import chroma, flux, flux2, qwen_image, qwen_image21, sd3
 
-FAMILIES = {m.FAMILY: m for m in (sd3, flux, flux2, qwen_image, qwen_image21)}
+FAMILIES = {m.FAMILY: m for m in (sd3, flux, flux2, qwen_image, qwen_image21, chroma)}

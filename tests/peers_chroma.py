@@ -174,7 +174,7 @@ def pipeline_folder(root: Path):
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
     from transformers import T5TokenizerFast
 
-    from helpers_encoders import write_t5_tokenizer
+    from helpers import write_t5_tokenizer
 
     tokenizer = T5TokenizerFast.from_pretrained(write_t5_tokenizer(Path(root) / "tok"))
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

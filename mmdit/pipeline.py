@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checks, image_modes, ma
 from .compiled import CompiledTransformer, compile_mode, compile_regional
+from .encoders.clip_t5_text import ChromaText, FluxText, SD3Text
 from .lora import apply_lora
 from .ma import MASpec
 from .models.attention import sdpa_backends
@@ -36,64 +36,6 @@ OFFICIAL_REPOS = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers
                   "flux.1-dev": "black-forest-labs/FLUX.1-dev", "flux.1-schnell": "black-forest-labs/FLUX.1-schnell",
                   "chroma": "lodestones/Chroma1-HD"}
 PIPELINE_FILES = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder*/*", "tokenizer*/*"]
-
-
-@dataclass
-class SD3Text:
-    """CLIP-L + CLIP-G penultimate states zero-padded to the T5 width, then T5; pooled = both projections."""
-
-    tokenizers: tuple  # clip_l, clip_g, t5 (or None)
-    encoders: tuple
-    context_dim: int
-
-    def __call__(self, prompts: list[str], max_sequence_length: int) -> dict:
-        (tok_l, tok_g, tok_t5), (clip_l, clip_g, t5) = self.tokenizers, self.encoders
-        out_l, out_g = clip_l(_ids(tok_l, prompts, 77, clip_l)), clip_g(_ids(tok_g, prompts, 77, clip_g))
-        clip = torch.cat([out_l.penultimate, out_g.penultimate], dim=-1)  # (B, 77, 768 + 1280)
-        if t5 is None:  # as diffusers: zeros in place of the T5 states
-            t5_states = clip.new_zeros(len(prompts), max_sequence_length, self.context_dim)
-        else:
-            t5_states = t5(_ids(tok_t5, prompts, max_sequence_length, t5))
-        clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
-        return {"context": torch.cat([clip, t5_states.to(clip.dtype)], dim=1),
-                "pooled": torch.cat([_projected(out_l), _projected(out_g)], dim=-1)}
-
-
-@dataclass
-class FluxText:
-    """T5 states as context; CLIP-L pooled output (no projection) as the pooled vector."""
-
-    tokenizers: tuple  # clip_l, t5
-    encoders: tuple
-
-    def __call__(self, prompts: list[str], max_sequence_length: int) -> dict:
-        (tok_l, tok_t5), (clip_l, t5) = self.tokenizers, self.encoders
-        pooled = clip_l(_ids(tok_l, prompts, 77, clip_l)).pooled
-        return {"context": t5(_ids(tok_t5, prompts, max_sequence_length, t5)), "pooled": pooled}
-
-
-@dataclass
-class ChromaText:
-    """T5 alone, run with the tokenizer's mask; the transformer's ``context_mask`` keeps the prompt, its EOS
-    and one pad token more (the official training rule, as diffusers' ChromaPipeline builds it)."""
-
-    tokenizer: object
-    encoder: object
-
-    def __call__(self, prompts: list[str], max_sequence_length: int) -> dict:
-        ids, mask = self.tokenizer.with_mask(prompts, max_sequence_length)
-        device = next(self.encoder.parameters()).device
-        context = self.encoder(ids.to(device), mask.to(device))  # (B, L, Dc)
-        kept = torch.arange(ids.shape[1])[None] <= mask.sum(1, keepdim=True)  # (B, L): one pad token more
-        return {"context": context, "context_mask": kept}
-
-
-def _ids(tokenizer, prompts, length, encoder) -> torch.Tensor:
-    return tokenizer(prompts, length).to(next(encoder.parameters()).device)
-
-
-def _projected(out):
-    return out.projected if out.projected is not None else out.pooled
 
 
 @dataclass(frozen=True)
@@ -195,7 +137,6 @@ class Pipeline:
         the ranks (4 or more). One process: as without it.
         """
         from .distributed import local_device
-        from .encoders.tokenizers import load_tokenizer
 
         device = local_device(device)
         text_device = None if text_device is None else local_device(text_device)
@@ -216,26 +157,8 @@ class Pipeline:
         _adapt(transformer, lora, None)
         family = transformer.config.family
         text_device = text_device or device
-        names = {"sd3": ["text_encoder", "text_encoder_2", "text_encoder_3"], "chroma": ["text_encoder"]}.get(
-            family, ["text_encoder", "text_encoder_2"])
-        tokenizers, encoders = [], []
-        for i, name in enumerate(names):
-            tok_name = name.replace("text_encoder", "tokenizer")
-            present = index.get(name, [None])[0] is not None and (root / name).is_dir()
-            if not present and name == "text_encoder_3":  # SD3 without T5
-                tokenizers.append(None), encoders.append(None)
-                continue
-            if not present:
-                raise CheckpointError(f"{root} has no {name}/ (the {family} pipeline needs it)")
-            tokenizers.append(load_tokenizer(root / tok_name))
-            encoders.append(load_text_encoder(root / name, dtype=dtype, device=text_device))
-        if family == "sd3":
-            text = SD3Text(tuple(tokenizers), tuple(encoders), transformer.config.context_dim)
-        elif family == "chroma":
-            text = ChromaText(tokenizers[0], encoders[0])
-        else:
-            text = FluxText(tuple(tokenizers), tuple(encoders))
-        vae = load_vae(root / "vae", dtype=dtype, device=device, family="flux" if family == "chroma" else family)
+        text = TEXT[family](root, index, transformer, dtype, text_device)
+        vae = load_vae(root / "vae", dtype=dtype, device=device, family=VAE_FAMILY.get(family, family))
         scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
         sample_size = (read_json(root / "transformer" / "config.json") or {}).get("sample_size")
         size = {"size": sample_size * vae.config.downsample} if isinstance(sample_size, int) else None  # as diffusers
@@ -254,15 +177,8 @@ class Pipeline:
     def sigmas(self, steps: int, latent_h: int, latent_w: int, schedule: str = "default") -> torch.Tensor:
         """The schedule the diffusers pipeline would use with this scheduler config; ``schedule`` as
         its ``use_beta_sigmas`` / ``use_karras_sigmas`` / ``use_exponential_sigmas`` would re-space it."""
-        s = self.scheduler
-        dynamic = self.defaults.get("dynamic_shift", False)  # Chroma: the official sampler's shift, always
-        if self.family in ("flux", "chroma") or s.get("use_dynamic_shifting"):
-            return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2),
-                               base_shift=s.get("base_shift", 0.5), max_shift=s.get("max_shift", 1.15),
-                               base_seq_len=s.get("base_image_seq_len", 256),
-                               max_seq_len=s.get("max_image_seq_len", 4096),
-                               shift=dynamic or s.get("use_dynamic_shifting", True), schedule=schedule)
-        return sd3_sigmas(steps, shift=s.get("shift", 3.0), schedule=schedule)
+        return SIGMAS.get(self.family, shifted_sigmas)(self.family, self.scheduler, self.defaults, steps, latent_h,
+                                                       latent_w, schedule)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents for a height x width image; a clear error for bad sizes."""
@@ -358,7 +274,7 @@ class Pipeline:
                              f"at {height}x{width}, got {tuple(latents.shape)}")
         cond = self.encode(prompts, max_sequence_length)
         uncond = self.encode(negatives, max_sequence_length) if guide.cfg != 1.0 else None
-        if self.family == "flux" and getattr(self.transformer.config, "guidance_embed", False):
+        if getattr(self.transformer.config, "guidance_embed", False):  # a guidance-distilled model
             guidance = image_modes.GUIDANCE.get(mode, defaults["guidance"]) if guidance is None else guidance
         elif guidance is not None:
             warnings.warn(f"guidance={guidance} is ignored: it is FLUX.1-dev's distilled guidance, and this model "
@@ -496,6 +412,61 @@ def is_tiny_folder(source) -> bool:
 
     data = read_json(path)  # CheckpointError naming the file when it is not JSON
     return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _clip_t5(root: Path, index: dict, family: str, names: list[str], dtype, device) -> tuple[list, list]:
+    """The tokenizers and text encoders ``names`` (``text_encoder``, ``text_encoder_2``, ...) of a pipeline
+    folder; SD3's T5 (``text_encoder_3``) may be absent (None)."""
+    from .encoders.tokenizers import load_tokenizer
+
+    tokenizers, encoders = [], []
+    for name in names:
+        present = index.get(name, [None])[0] is not None and (root / name).is_dir()
+        if not present and name == "text_encoder_3":  # SD3 without T5
+            tokenizers.append(None), encoders.append(None)
+            continue
+        if not present:
+            raise CheckpointError(f"{root} has no {name}/ (the {family} pipeline needs it)")
+        tokenizers.append(load_tokenizer(root / name.replace("text_encoder", "tokenizer")))
+        encoders.append(load_text_encoder(root / name, dtype=dtype, device=device))
+    return tokenizers, encoders
+
+
+def _sd3_text(root, index, transformer, dtype, device) -> SD3Text:
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    tokenizers, encoders = _clip_t5(root, index, "sd3", names, dtype, device)
+    return SD3Text(tuple(tokenizers), tuple(encoders), transformer.config.context_dim)
+
+
+def _flux_text(root, index, transformer, dtype, device) -> FluxText:
+    tokenizers, encoders = _clip_t5(root, index, "flux", ["text_encoder", "text_encoder_2"], dtype, device)
+    return FluxText(tuple(tokenizers), tuple(encoders))
+
+
+def _chroma_text(root, index, transformer, dtype, device) -> ChromaText:
+    (tokenizer,), (encoder,) = _clip_t5(root, index, "chroma", ["text_encoder"], dtype, device)
+    return ChromaText(tokenizer, encoder)
+
+
+def shifted_sigmas(family: str, scheduler: dict, defaults: dict, steps: int, latent_h: int, latent_w: int,
+                   schedule: str):
+    """SD3's static shift, or FLUX.1's resolution-dependent one (FLUX.1, Chroma: always; others when
+    their scheduler config says ``use_dynamic_shifting``), as ``FlowMatchEulerDiscreteScheduler`` does."""
+    s = scheduler
+    dynamic = defaults.get("dynamic_shift", False)  # Chroma: the official sampler's shift, always
+    if family in ("flux", "chroma") or s.get("use_dynamic_shifting"):
+        return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2),
+                           base_shift=s.get("base_shift", 0.5), max_shift=s.get("max_shift", 1.15),
+                           base_seq_len=s.get("base_image_seq_len", 256), max_seq_len=s.get("max_image_seq_len", 4096),
+                           shift=dynamic or s.get("use_dynamic_shifting", True), schedule=schedule)
+    return sd3_sigmas(steps, shift=s.get("shift", 3.0), schedule=schedule)
+
+
+# family -> the sigmas function (shifted_sigmas' arguments), where not shifted_sigmas
+SIGMAS = {}
+# family -> (pipeline folder, model_index.json, transformer, dtype, device) -> the text conditioning callable
+TEXT = {"sd3": _sd3_text, "flux": _flux_text, "chroma": _chroma_text}
+VAE_FAMILY = {"chroma": "flux"}  # a family whose VAE is another family's
 
 
 def _official_repo(transformer, source) -> str:

@@ -1,15 +1,12 @@
 """Perturbed branches inside one call: each branch's rows equal a separate full forward of its
 source rows with that perturbation (done here without the branch machinery), for SD3 (with an
 MMDiT-X dual-attention block) and FLUX (double and single blocks)."""
-import copy
-
 import pytest
 import torch
 
 import mmdit
-from mmdit.models.rows import BlockRows
 from mmdit.branches import Branch, IdentityAttention, MADisruption, SkipLayers
-from helpers import TOL, inputs, rel_err, tiny
+from helpers import TOL, identity_everywhere, inputs, rel_err, skipped, tiny
 
 # Tiny models: SD3 3 joint blocks (block 0 dual attention, block 2 the last); FLUX 2 double + 2 single.
 LAYERS = {"sd3": [(0,), (1, 2), (2,)], "flux": [(0,), (1, 2), (2, 3), (3,)]}

@@ -171,6 +171,16 @@ def _prompt_args(p, many: bool) -> None:
                    help="T5 tokens (default: 256 for SD3, 512 for FLUX)")
 
 
+def _cache_arg(text: str) -> str:
+    from .models.cache import parse
+
+    try:
+        parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _compile_arg(text: str) -> str:
     if text != "regional":
         raise argparse.ArgumentTypeError(f"takes nothing (the whole model) or 'regional', got {text!r}")
@@ -258,6 +268,10 @@ def _add_generate(sub) -> None:
                    help="compile the transformer: the whole model (one graph per image size; CUDA graphs on CUDA), "
                         "or `--compile regional`, one compiled block per kind of block (much less compile time): "
                         "the first image at a size waits for the compiler, later ones are faster")
+    p.add_argument("--cache", type=_cache_arg, default=None, metavar="SPEC",
+                   help="step caching: fbcache:THRESHOLD (first-block cache) or teacache:THRESHOLD, optionally "
+                        ":first=N:last=N (blocks always computed at the start / end), e.g. fbcache:0.08; "
+                        "threshold 0 changes nothing")
     p.add_argument("--parallel", choices=checks.PARALLEL, default=None,
                    help="under torchrun: each image's steps over all ranks, branch (uncond / cond / DG rows on "
                         "different ranks) or sequence (the tokens split, Ulysses attention); without it the "
@@ -371,7 +385,7 @@ def _draw(pipe, args, images: dict, height, width, prompt: str, seed: int, path:
 
     settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                     height=height, width=width, seed=seed, max_sequence_length=args.max_sequence_length,
-                    sampler=args.sampler, schedule=args.schedule, **guide_settings(args))
+                    sampler=args.sampler, schedule=args.schedule, cache=args.cache, **guide_settings(args))
     if args.slg and args.slg_interval is None:
         settings.update(slg_start=args.slg_start, slg_stop=args.slg_stop)
     if images:

@@ -16,6 +16,7 @@ from .encoders.clip_t5_text import ChromaText, FluxText, SD3Text
 from .lora import apply_lora
 from .ma import MASpec
 from .models.attention import sdpa_backends
+from .models.cache import parse as parse_cache
 from .samplers import Guidance, default_layers, flux_sigmas, sd3_sigmas
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
@@ -211,7 +212,7 @@ class Pipeline:
                  max_sequence_length: int | None = None, output: str = "pil", callback=None, progress: bool = False,
                  sampler: str = "euler", schedule: str = "default", slg_start: float | None = None,
                  slg_stop: float | None = None, image=None, strength: float = 1.0, mask=None, control_image=None,
-                 guide: Guidance | None = None, **terms):
+                 guide: Guidance | None = None, cache=None, **terms):
         """Generate ``len(prompts) * num_images_per_prompt`` images, prompt by prompt (the images of
         prompt 0 first).
 
@@ -224,6 +225,8 @@ class Pipeline:
         sampler: "euler", "dpmpp_2m" or "heun" (``samplers.sample``); schedule: the spacing of the
         steps, "default" (the model's scheduler config), "beta", "karras" or "exponential".
         output: "pil" (list of PIL images), "np" ((B, H, W, 3) floats in [0, 1]) or "latent".
+        cache: step caching, e.g. ``"fbcache:0.08"`` or ``"teacache:0.4"`` (``mmdit.models.cache``):
+        fewer steps compute the middle blocks; its state lives for this call only.
 
         Guidance: ``cfg`` and ``dg`` (default: the model's), and every other field of
         ``mmdit.samplers.Guidance`` as a keyword (diffusers-style): ``slg`` / ``slg_layers``,
@@ -251,6 +254,9 @@ class Pipeline:
         size = image_modes.image_size(image if image is not None else control_image, defaults["size"], multiple)
         height, width = height or size[0], width or size[1]
         steps = checks.steps(defaults["steps"] if steps is None else steps)
+        if parse_cache(cache) is not None and self.parallel is not None:
+            raise ValueError(f"cache= with parallel={self.parallel!r} is not supported: each rank would decide for "
+                             "its own rows; use one of them")
         sampler = checks.choice("sampler", sampler, checks.SAMPLERS)
         schedule = checks.choice("schedule", schedule, checks.SCHEDULES)
         per_prompt = checks.count("num_images_per_prompt", num_images_per_prompt, 1, 256)
@@ -289,7 +295,8 @@ class Pipeline:
             self.ensure_ma(cond, latents, sigmas, guidance)
         with sdpa_backends(device):
             x = image_modes.denoise(self.denoiser, plan, latents, sigmas, cond, uncond, guide=guide,
-                                    guidance=guidance, progress=progress, callback=callback, sampler=sampler)
+                                    guidance=guidance, progress=progress, callback=callback, sampler=sampler,
+                                    cache=cache)
         if output == "latent":
             return x
         images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)

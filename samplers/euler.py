@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from ..checks import choice
+from ..models.cache import parse as parse_cache
 from .guidance import GuidanceState, guided_velocity, required_inputs
 from .guide import Guidance
 from .solvers import SAMPLERS
@@ -18,7 +19,7 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
            cond: Mapping, uncond: Mapping | None = None, *, guide: Guidance | None = None,
            guidance: torch.Tensor | float | None = None, generator: torch.Generator | None = None,
            progress: bool = False, callback: Callable | None = None, grad: bool = False,
-           sampler: str = "euler") -> torch.Tensor:
+           sampler: str = "euler", cache=None) -> torch.Tensor:
     """Integrate the flow-matching ODE over a sigma schedule with the solver ``sampler``.
 
     Algorithm (default: first-order Euler on the velocity field, docs/architecture.md "Schedules"): for each
@@ -46,6 +47,9 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
         with each: a solver only sees the guided velocity, one batched model call per evaluation.
     grad: False (default) runs under ``torch.inference_mode()``: no autograd graph, even when
         the parameters require grad; True keeps autograd on for differentiable sampling.
+    cache: step caching, ``"fbcache:0.08"`` / ``"teacache:0.4"`` or a policy object
+        (``mmdit.models.cache``): a step whose input to the middle blocks barely changed skips them
+        and adds their cached residual; one state per call (nothing is shared between calls).
     Returns the latents at sigmas[-1].
 
     A pure function of its arguments: no scheduler state; call it on ``sigmas[i:j + 1]`` to
@@ -75,11 +79,15 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     if len(sigmas) < 2:
         raise ValueError(f"sigmas needs at least 2 values (start and end), got {len(sigmas)}")
     state, first = GuidanceState(), sigmas[0]
+    policy = parse_cache(cache)
+    steps = None if policy is None else policy.start(sigmas, getattr(config, "family", None))
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
         if rule.cfg_zero_star and sigma == first:  # CFG-Zero*'s zero init: no model call
             return torch.zeros_like(x, dtype=torch.float32)
-        return guided_velocity(model, x, sigma, cond, uncond, rule, guidance, state)[0]
+        if steps is not None:
+            steps.at(sigma)
+        return guided_velocity(model, x, sigma, cond, uncond, rule, guidance, state, steps)[0]
 
     report = _StepReport(len(sigmas) - 1, callback, progress)
     with torch.inference_mode(not grad):

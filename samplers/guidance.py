@@ -73,13 +73,14 @@ def _batch(parts: list[Mapping], key: str, batch: int):
 
 def guided_velocity(model: Callable, x: torch.Tensor, sigma: float, cond: Mapping,
                     uncond: Mapping | None, guide: Guidance, guidance: torch.Tensor | float | None = None,
-                    state: GuidanceState | None = None) -> tuple[torch.Tensor, int]:
+                    state: GuidanceState | None = None, cache=None) -> tuple[torch.Tensor, int]:
     """The guided velocity at one noise level, from one model call.
 
     x: (B, C, H, W); cond / uncond: the model's conditioning inputs by name, each (B|1, ...)
     (SD3 / FLUX.1: {"context": (B|1, L, Dc), "pooled": (B|1, Dp)}), the same names in both;
     guidance: a guidance-distilled model's guidance value, a number or (B,), copied to every
-    branch; state: APG's momentum between calls (one per ``sample()``).
+    branch; state: APG's momentum between calls (one per ``sample()``); cache: the run's step cache
+    (``mmdit.models.cache``), handed to the model.
     Returns (v in float32 (B, C, H, W), rows in the call).
     """
     B = x.shape[0]
@@ -103,6 +104,8 @@ def guided_velocity(model: Callable, x: torch.Tensor, sigma: float, cond: Mappin
                           IdentityAttention(guide.pag_layers)) for t in terms if t != "dg")
     if others:
         inputs["branches"] = others
+    if cache is not None:
+        inputs["cache"] = cache
     sig = torch.full((n,), float(sigma), dtype=torch.float32, device=x.device)
     out = model(x.repeat(len(parts), 1, 1, 1), sig, **inputs).float()
     expected = n + len(terms) * B

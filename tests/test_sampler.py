@@ -5,6 +5,7 @@ import torch
 import mmdit
 from mmdit.samplers import sample, sd3_sigmas
 from mmdit.samplers import Guidance
+from helpers import FakeModel, Recorder, conds, reference_loop
 
 
 @pytest.mark.parametrize("cfg,dg,use_uncond", [(1.0, 0.0, False), (4.5, 0.0, True), (1.0, 2.0, False),

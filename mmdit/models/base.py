@@ -17,7 +17,8 @@ class Transformer(nn.Module):
 
     fork: rows (a slice, or a (B,) bool mask) whose MA-disrupted copies are appended (DG);
     disrupt: rows disrupted in place; branches: more perturbed copies (``mmdit.branches``),
-    appended after the fork's rows in the order given.
+    appended after the fork's rows in the order given; cache: a sampling run's step cache
+    (``models.cache``; the sampler makes and hands it), which may skip the middle blocks.
 
     A family sets ``self.config`` and implements ``velocity(x, sigma, *inputs, rows=RowPlan,
     **named)``, running each block through ``rows.run``.
@@ -59,7 +60,7 @@ class Transformer(nn.Module):
         self.ma_channels, self.ma_token_mask = channels, mask
         self.__dict__["_ma"] = spec
 
-    def forward(self, x, sigma, *inputs, disrupt=None, fork=None, branches=(), **named):
+    def forward(self, x, sigma, *inputs, disrupt=None, fork=None, branches=(), cache=None, **named):
         B = x.shape[0]
         sigma = per_row(sigma, B, x)
         if disrupt is not None and fork is not None:
@@ -72,10 +73,10 @@ class Transformer(nn.Module):
             raise ValueError("disrupt/fork need an MA spec: set model.ma = mmdit.MASpec(channels, block) "
                              "or calibrate one with `mmdit calibrate-ma`")
         if not rows or rows == tuple(range(rows[0], rows[-1] + 1)):  # contiguous: the static path
-            plan = self._plan(x, sigma, rows, fork is not None, branches)
+            plan = self._plan(x, sigma, rows, fork is not None, branches, cache)
             return plan.finish(self.velocity(x, sigma, *inputs, rows=plan, **named))
-        if branches:
-            raise ValueError("with branches, give fork / disrupt as a slice of contiguous rows")
+        if branches or cache is not None:
+            raise ValueError("with branches or a step cache, give fork / disrupt as a slice of contiguous rows")
         # Other rows: move them last, run the static path, put the B rows back in order.
         order = [b for b in range(B) if b not in rows] + list(rows)
         back = [order.index(b) for b in range(B)]
@@ -91,7 +92,7 @@ class Transformer(nn.Module):
         out = plan.finish(self.velocity(x, sigma, *inputs, rows=plan, **named))
         return torch.cat([out[:B].index_select(0, pick[1]), out[B:]])
 
-    def _plan(self, x, sigma, rows: tuple, append: bool, branches) -> RowPlan:
+    def _plan(self, x, sigma, rows: tuple, append: bool, branches, cache=None) -> RowPlan:
         """The RowPlan of a call with contiguous fork / disrupt ``rows`` and the branches."""
         source = slice(rows[0], rows[-1] + 1) if rows else None
         if append and source is not None:
@@ -107,4 +108,4 @@ class Transformer(nn.Module):
                         spec.streams, mask, src.start)
 
         return RowPlan(x.shape[0], self.config.total_blocks, branches, None if append else source, make_fork,
-                       -1 if spec is None else spec.block, self.taps)
+                       -1 if spec is None else spec.block, self.taps, cache)

@@ -199,11 +199,9 @@ class ChromaTransformer(Transformer):
         L = txt.shape[1]
         cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
         cond = (mods, mask)  # per row: copied with the rows a branch or the DG fork adds
-        for i, block in enumerate(self.double_blocks):
-            (img, txt), cond = rows.run(i, block, (img, txt), cond, cos, sin)
+        (img, txt), cond = rows.run_blocks(self.double_blocks, (img, txt), cond, cos, sin)
         joint = torch.cat([txt, img], dim=1)
-        for i, block in enumerate(self.single_blocks, start=cfg.num_double):
-            (joint,), cond = rows.run(i, block, (joint,), cond, cos, sin, L)
+        (joint,), cond = rows.run_blocks(self.single_blocks, (joint,), cond, cos, sin, L, start=cfg.num_double)
         img = gather_tokens(joint[:, L:])
         out = self.final_layer(img, cond[0])  # (B', h*w, 4 * c)
         c = cfg.latent_channels

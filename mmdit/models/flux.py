@@ -165,6 +165,12 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn, self.txt_attn = StreamAttention(dim, heads), StreamAttention(dim, heads)
         self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
 
+    def modulated_input(self, img, txt, vec) -> torch.Tensor:
+        """The image stream's first normalised, modulated input (TeaCache's probe)."""
+        vec = vec[0] if isinstance(vec, tuple) else vec
+        msa, _ = modulations(self.img_mod(vec), 6)
+        return norm_modulate(img, msa.shift, msa.scale)
+
     def forward(self, img, txt, vec, cos, sin, rows: BlockRows = PLAIN):
         """img (B, N, D), txt (B, L, D), vec (B, D), cos/sin (L + N, Dh/2) -> (img, txt).
 
@@ -274,11 +280,9 @@ class FluxTransformer(Transformer):
         L = txt.shape[1]
         ids = torch.cat(ids)
         cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
-        for i, block in enumerate(self.double_blocks):
-            (img, txt), vec = rows.run(i, block, (img, txt), vec, cos, sin)
+        (img, txt), vec = rows.run_blocks(self.double_blocks, (img, txt), vec, cos, sin)
         joint = torch.cat([txt, img], dim=1)
-        for i, block in enumerate(self.single_blocks, start=cfg.num_double):
-            (joint,), vec = rows.run(i, block, (joint,), vec, cos, sin, L)
+        (joint,), vec = rows.run_blocks(self.single_blocks, (joint,), vec, cos, sin, L, start=cfg.num_double)
         img = gather_tokens(joint[:, L:])[:, :h * w]  # the image's tokens only (sequence parallel: from every rank)
         out = self.final_layer(img, vec)  # (B', h*w, 4 * c_out)
         out = out.view(-1, h, w, c_out, 2, 2).permute(0, 3, 1, 4, 2, 5)

@@ -163,6 +163,11 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn, self.txt_attn = StreamAttention(dim, heads), StreamAttention(dim, heads)
         self.img_mlp, self.txt_mlp = mlp(dim, config.mlp_hidden), mlp(dim, config.mlp_hidden)
 
+    def modulated_input(self, img, txt, cond) -> torch.Tensor:
+        """The image stream's first normalised, modulated input (TeaCache's probe)."""
+        msa, _ = modulations(cond[0], 6)
+        return norm_modulate(img, msa.shift, msa.scale)
+
     def forward(self, img, txt, cond, cos, sin, rows: BlockRows = PLAIN):
         """img (B, N, D), txt (B, L, D), cond (mod_img (B, 6D), mod_txt (B, 6D), ...),
         cos/sin (L + N, Dh/2) -> (img, txt)."""
@@ -272,11 +277,9 @@ class Flux2Transformer(Transformer):
         img, txt = shard_tokens(img, "image"), shard_tokens(txt, "text")  # sequence parallel: this rank's tokens
         L = txt.shape[1]
         cos, sin = rope_angles(ids, cfg.axes_dim, cfg.theta)
-        for i, block in enumerate(self.double_blocks):
-            (img, txt), cond = rows.run(i, block, (img, txt), cond, cos, sin)
+        (img, txt), cond = rows.run_blocks(self.double_blocks, (img, txt), cond, cos, sin)
         joint = torch.cat([txt, img], dim=1)
-        for i, block in enumerate(self.single_blocks, start=cfg.num_double):
-            (joint,), cond = rows.run(i, block, (joint,), cond, cos, sin, L)
+        (joint,), cond = rows.run_blocks(self.single_blocks, (joint,), cond, cos, sin, L, start=cfg.num_double)
         img = gather_tokens(joint[:, L:])[:, :h * w]  # the image's tokens only (sequence parallel: from every rank)
         out = self.final_layer(img, cond[3])  # (B', h*w, C)
         return out.transpose(1, 2).reshape(-1, C, h, w)

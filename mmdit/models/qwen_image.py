@@ -202,6 +202,11 @@ class QwenImageBlock(nn.Module):
         self.attn = JointAttention(dim, config.num_heads)
         self.img_mlp, self.txt_mlp = FeedForward(dim, hidden), FeedForward(dim, hidden)
 
+    def modulated_input(self, img, txt, cond) -> torch.Tensor:
+        """The image stream's first normalised, modulated input (TeaCache's probe)."""
+        msa, _ = modulations(self.img_mod(cond[0]), 6)
+        return norm_modulate(img, msa.shift, msa.scale)
+
     def forward(self, img, txt, cond, cos, sin, rows: BlockRows = PLAIN):
         """img (B, N, D), txt (B, L, D), cond = (temb (B, D), key mask (B, 1, 1, L + N) bool or None),
         cos / sin (L + N, Dh / 2) in [text ; image] order -> (img, txt)."""
@@ -279,8 +284,7 @@ class QwenImageTransformer(Transformer):
         cos, sin = rope_angles(torch.cat(pos), cfg.axes_dim, cfg.theta)
         img, txt = shard_tokens(img, "image"), shard_tokens(txt, "text")  # sequence parallel: this rank's tokens
         cond = (temb, mask)
-        for i, block in enumerate(self.transformer_blocks):
-            (img, txt), cond = rows.run(i, block, (img, txt), cond, cos, sin)
+        (img, txt), cond = rows.run_blocks(self.transformer_blocks, (img, txt), cond, cos, sin)
         out = self.proj_out(self.norm_out(gather_tokens(img), cond[0]))  # (B', h*w, 4 * C), (c, dy, dx) order
         out = out.view(-1, h, w, C, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(-1, C, H, W)

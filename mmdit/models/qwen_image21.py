@@ -132,6 +132,11 @@ class QwenImage21Block(nn.Module):
         self.attn = Attention(dim, config.num_heads)
         self.img_mlp = SwiGLU(dim, config.mlp_ratio * dim)
 
+    def modulated_input(self, prefix, target, cond) -> torch.Tensor:
+        """The image (target) stream's first normalised, modulated input (TeaCache's probe)."""
+        scale = cond[0].chunk(4, dim=1)[0]
+        return norm_modulate(target, scale.new_zeros(()).expand_as(scale), scale, self.eps)
+
     def forward(self, prefix, target, cond, causal, cos, sin, rows: BlockRows = PLAIN):
         """prefix (B, P, D): text and condition images; target (B, N, D); cond = (target
         modulation (B, 4D), prefix modulation (B, 4D), prefix key mask (B, 1, 1, P) or None, key
@@ -264,7 +269,6 @@ class QwenImage21Transformer(Transformer):
         mod = self.modulation(temb)  # (B [+ 1], 4D): scale1, gate1, scale2, gate2
         mod_p = mod[B:].expand(B, -1) if cfg.causal_condition else mod
         cond = (mod[:B], mod_p, keys_p, keys_all, temb[:B])
-        for i, block in enumerate(self.transformer_blocks):
-            (prefix, target), cond = rows.run(i, block, (prefix, target), cond, causal, cos, sin)
+        (prefix, target), cond = rows.run_blocks(self.transformer_blocks, (prefix, target), cond, causal, cos, sin)
         out = self.proj_out(self.norm_out(target, cond[4], cfg.eps))  # (B', H*W, C_out)
         return out.transpose(1, 2).reshape(-1, cfg.out_channels, H, W)

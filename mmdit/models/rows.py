@@ -113,12 +113,14 @@ class RowPlan:
     the caller's order."""
 
     def __init__(self, batch: int, total_blocks: int, branches=(), disruption: slice | None = None,
-                 make_fork: Callable | None = None, ma_block: int = -1, taps=()):
+                 make_fork: Callable | None = None, ma_block: int = -1, taps=(), cache=None):
         """``disruption``: in-place MA rows (a slice) for ``disrupt=``; ``make_fork(source, append)``
         builds the Fork of an MA branch or of the disruption, which act at block ``ma_block``.
-        ``taps``: callables ``tap(block, stream, output, gate, text_len)`` (the MA probe)."""
+        ``taps``: callables ``tap(block, stream, output, gate, text_len)`` (the MA probe);
+        ``cache``: a ``models.cache.StepCache`` (step caching), or None."""
         self.batch, self.make_fork, self.ma_block, self.taps = batch, make_fork, ma_block, tuple(taps)
-        self.layout = [(None, batch)]  # (branch index or None for the input rows, rows)
+        self.total_blocks, self.cache = total_blocks, cache
+        self._state = {"layout": ((None, batch),)}  # (branch index or None for the input rows, rows), in row order
         self.branches, self.first = [], []
         for j, br in enumerate(branches):
             start, stop, step = br.source.indices(batch)
@@ -138,21 +140,32 @@ class RowPlan:
         self.ma_branch = next((j for j, b in enumerate(self.branches) if isinstance(b.perturbation, MADisruption)),
                               None)
 
-    def _segments(self):
+    @property
+    def layout(self) -> tuple:
+        """The rows of the call so far: (branch index or None for the input rows, rows), in row order."""
+        return self._state["layout"]
+
+    @layout.setter
+    def layout(self, layout: tuple) -> None:
+        # kept in a dict: torch 2.13's dynamo drops an attribute change of an object made inside the
+        # compiled function when a torch.cond follows (a cached step), not a dict item's
+        self._state["layout"] = layout
+
+    def _segments(self, layout=None):
         start = 0
-        for j, n in self.layout:
+        for j, n in self.layout if layout is None else layout:
             yield j, start, start + n
             start += n
 
-    def _enter(self, i: int, streams: tuple, cond):
+    def _enter(self, i: int, streams: tuple, cond, layout: tuple):
         """Append the copies of the branches born at the input of block ``i``."""
         for j, first in enumerate(self.first):
             if first == i:
                 src = self.branches[j].source
                 streams = _rows(streams, lambda t: torch.cat([t, t[src]]))
                 cond = _rows(cond, lambda t: torch.cat([t, t[src]]))
-                self.layout.append((j, src.stop - src.start))
-        return streams, cond
+                layout = (*layout, (j, src.stop - src.start))
+        return streams, cond, layout
 
     def _fork(self, i: int) -> Fork | None:
         if i != self.ma_block:
@@ -173,11 +186,16 @@ class RowPlan:
         rows SLG skips keep their input. ``cond`` is the per-row conditioning (a tensor, or a
         tuple of them), handed on unchanged. Returns (streams, cond), with the rows born at this
         block appended to both."""
-        streams, cond = self._enter(i, tuple(streams), cond)
+        out, cond, self.layout = self._step(i, block, tuple(streams), cond, args, self.layout)
+        return out, cond
+
+    def _step(self, i: int, block: Callable, streams: tuple, cond, args: tuple, layout: tuple):
+        """``run`` without changing the plan: the row layout goes in and comes out."""
+        streams, cond, layout = self._enter(i, streams, cond, layout)
         fork = self._fork(i)
         skip = {j for j, br in enumerate(self.branches)
                 if isinstance(br.perturbation, SkipLayers) and i in br.perturbation.layers}
-        keep = [(j, a, b) for j, a, b in self._segments() if j not in skip]
+        keep = [(j, a, b) for j, a, b in self._segments(layout) if j not in skip]
         identity, row = [], 0
         for j, a, b in keep:  # PAG rows, counted among the rows that run
             if j is not None and isinstance(self.branches[j].perturbation, IdentityAttention) \
@@ -185,23 +203,117 @@ class RowPlan:
                 identity.append((row, row + b - a))
             row += b - a
         rows = BlockRows(tuple(identity), fork, self._tap(i))
-        if len(keep) == len(self.layout):
+        if len(keep) == len(layout):
             out = _tuple(block(*streams, cond, *args, rows=rows))
         else:
             pick = [(a, b) for _, a, b in keep]
             sub = _tuple(block(*_rows(streams, lambda t: _gather(t, pick)), _rows(cond, lambda t: _gather(t, pick)),
                                *args, rows=rows))
-            out = tuple(None if o is None else self._merge(o, t, skip, row) for o, t in zip(sub, streams))
+            out = tuple(None if o is None else self._merge(o, t, skip, row, layout) for o, t in zip(sub, streams))
         if fork is not None and fork.append:
             cond = _rows(cond, fork.extend)
-            self.layout.append((self.ma_branch, fork.rows))
-        return out, cond
+            layout = (*layout, (self.ma_branch, fork.rows))
+        return out, cond, layout
 
-    def _merge(self, ran: torch.Tensor, before: torch.Tensor, skip: set, n_ran: int) -> torch.Tensor:
+    def run_blocks(self, blocks, streams: tuple, cond, *args, start: int = 0):
+        """``run`` each of ``blocks`` in turn, their global indices from ``start``: the model's block loop.
+        With a step cache (``models.cache``), the middle blocks may be skipped instead."""
+        cache, streams, end = self.cache, tuple(streams), start + len(blocks)
+        if cache is None:
+            for i, block in enumerate(blocks, start):
+                streams, cond = self.run(i, block, streams, cond, *args)
+            return streams, cond
+        first, last = cache.policy.first, self.total_blocks - cache.policy.last  # the middle: first..last-1
+        if start == 0:
+            cache.head_in, self.head_layout = streams, self.layout
+            if cache.reads_input:
+                cache.probe_input(blocks[0].modulated_input(*streams, cond))
+        i = start
+        while i < min(end, first):
+            streams, cond = self.run(i, blocks[i - start], streams, cond, *args)
+            i += 1
+        if start < first <= end:  # the first blocks end in this stack
+            if len(cache.head_in) != len(streams):
+                raise ValueError(f"the cache's first={first} blocks must lie in the model's first stack of blocks; "
+                                 "give a smaller first=")
+            head_in = tuple(self._extend(t, self.head_layout, self.layout) for t in cache.head_in)
+            cache.probe_head(head_in, streams)
+        if i < min(end, last):
+            streams, cond = self._cached(blocks[i - start:min(end, last) - start], i, streams, cond, args)
+            i = min(end, last)
+            if i == last:
+                cache.count()
+        while i < end:
+            streams, cond = self.run(i, blocks[i - start], streams, cond, *args)
+            i += 1
+        return streams, cond
+
+    def _layout_after(self, first: int, end: int, layout: tuple) -> tuple:
+        """The row layout after blocks first..end-1 from ``layout``: the rows branches add there."""
+        for i in range(first, end):
+            layout = (*layout, *((j, br.source.stop - br.source.start)
+                                 for j, (f, br) in enumerate(zip(self.first, self.branches)) if f == i))
+            if i == self.ma_block and self.ma_branch is not None and self.disruption is None:
+                source = self.branches[self.ma_branch].source
+                layout = (*layout, (self.ma_branch, source.stop - source.start))
+        return layout
+
+    def _extend(self, t, before: tuple, after: tuple):
+        """A per-row tensor in layout ``before`` -> in layout ``after``: each row a copy of the row it
+        started from (a branch born in between starts from its source rows)."""
+        if t is None or before == after:
+            return t
+        where = {j: (a, b) for j, a, b in self._segments(before)}
+        return torch.cat([t[slice(*where[j])] if j in where else t[self.branches[j].source] for j, _ in after])
+
+    def _cached(self, blocks, first: int, streams: tuple, cond, args: tuple):
+        """Blocks first.. of the cache's middle, computed (their residual kept, per row) or skipped (the
+        rows as they came, plus the residual of the last computed step); one decision for the batch."""
+        cache, before = self.cache, self.layout
+        after = self._layout_after(first, first + len(blocks), before)
+        stored = cache.residuals.get((first, first + len(blocks)))
+
+        def extended(inputs):
+            return tuple(self._extend(t, before, after) for t in inputs)
+
+        def compute(*inputs):
+            out, rows, layout = _refill(streams, inputs), cond, before
+            for i, block in enumerate(blocks, first):
+                out, rows, layout = self._step(i, block, out, rows, args, layout)
+            return out, tuple(None if o is None else o - e for o, e in zip(out, extended(_refill(streams, inputs))))
+
+        self.layout = after
+        operands = _present(streams)
+        fits = stored is not None and stored[0] == after and all(
+            r is None or (e is not None and r.shape == e.shape) for r, e in zip(stored[1], extended(streams)))
+        if cache.skip is None or not fits:  # a forced step, or no residual of these rows yet
+            out, residual = compute(*operands)
+        else:
+            template = stored[1]  # None where these blocks end a stream (SD3's text after its last block)
+
+            def run(*inputs):
+                out, residual = compute(*inputs)
+                return (*_present(out), *_present(residual))
+
+            def reuse(*inputs):
+                ext = extended(_refill(streams, inputs))
+                # the residuals come back as copies: a torch.cond branch may not return its input
+                return (*(e + r for e, r in zip(ext, template) if r is not None), *(r.clone() for r in _present(template)))
+
+            if torch.compiler.is_compiling():
+                flat = torch.cond(cache.skip, reuse, run, operands)
+            else:  # eager: the decision read once per step
+                flat = reuse(*operands) if bool(cache.skip) else run(*operands)
+            k = len(_present(template))
+            out, residual = _refill(template, flat[:k]), _refill(template, flat[k:])
+        cache.residuals[(first, first + len(blocks))] = (after, residual)
+        return out, _rows(cond, lambda t: self._extend(t, before, after))
+
+    def _merge(self, ran: torch.Tensor, before: torch.Tensor, skip: set, n_ran: int, layout: tuple) -> torch.Tensor:
         """The rows in layout order again: those that ran from ``ran``, skipped ones from
         ``before``; then whatever the block appended after its ``n_ran`` rows (a fork)."""
         pieces, row = [], 0
-        for j, a, b in self._segments():
+        for j, a, b in self._segments(layout):
             if j in skip:
                 pieces.append(before[a:b])
             else:
@@ -215,6 +327,16 @@ class RowPlan:
         if all(j == k for k, (j, _) in zip([None, *range(len(self.branches))], self.layout)):
             return out  # born in the order given
         return torch.cat([out[slice(*where[j])] for j in [None, *range(len(self.branches))]])
+
+
+def _present(values: tuple) -> tuple:
+    return tuple(v for v in values if v is not None)
+
+
+def _refill(template: tuple, values) -> tuple:
+    """``values`` in the places of ``template`` that are not None (None stays None)."""
+    values = iter(values)
+    return tuple(None if t is None else next(values) for t in template)
 
 
 def _tuple(out) -> tuple:

@@ -147,6 +147,11 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, heads, config.mlp_ratio, config.qk_norm,
                                    dual=index in config.dual_attention_layers)
 
+    def modulated_input(self, ctx, x, c) -> torch.Tensor:
+        """The image stream's first normalised, modulated input (TeaCache's probe)."""
+        mods = modulations(self.x_block.adaLN_modulation(c), self.x_block.n_mod)
+        return norm_modulate(x, mods[0].shift, mods[0].scale)
+
     def forward(self, ctx, x, c, rows: BlockRows = PLAIN):
         """ctx (B, Lc, D), x (B, N, D), c (B, D) -> (ctx or None after the last block, x)."""
         (qc, kc, vc), cmods = self.context_block.pre_attention(ctx, c)
@@ -216,8 +221,7 @@ class SD3Transformer(Transformer):
         c = self.t_embedder(timestep_embedding(1000 * sigma).to(x.dtype)) + self.y_embedder(pooled)
         ctx = self.context_embedder(context)
         ctx, img = shard_tokens(ctx, "text"), shard_tokens(img, "image")  # sequence parallel: this rank's tokens
-        for i, block in enumerate(self.joint_blocks):
-            (ctx, img), c = rows.run(i, block, (ctx, img), c)
+        (ctx, img), c = rows.run_blocks(self.joint_blocks, (ctx, img), c)
         out = gather_tokens(self.final_layer(img, c))  # (B', h*w, p*p*C) with (p, q, c) order per token
         out = out.view(-1, h, w, p, p, cfg.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, cfg.out_channels, H, W)

@@ -166,9 +166,10 @@ def _prompt_args(p, many: bool) -> None:
     p.add_argument("--seed", type=SEED, default=0, help="seed of the initial noise: the same seed, settings and "
                                                        "model give the same image")
     p.add_argument("--guidance", type=_checked(lambda v: checks.scale("guidance", v, off=0), float), default=None,
-                   help="FLUX.1-dev's distilled guidance (default: 3.5; other models have none)")
+                   help="a guidance-distilled model's embedded guidance (default: 3.5 for FLUX.1-dev, 4.0 for "
+                        "FLUX.2-dev; other models have none)")
     p.add_argument("--max-sequence-length", type=_count("max sequence length", 1, 512), default=None,
-                   help="T5 tokens (default: 256 for SD3, 512 for FLUX)")
+                   help="text tokens (default: 256 for SD3, 512 for FLUX.1 / FLUX.2)")
 
 
 def _cache_arg(text: str) -> str:
@@ -248,7 +249,8 @@ def _add_generate(sub) -> None:
     _model_args(p)
     p.add_argument("--steps", type=STEPS, default=None, help="sampling steps, 1-1000 (default: the model's)")
     p.add_argument("--image", default=None, help="start from this image (img2img; with --mask inpainting; "
-                                                  "FLUX.1 Kontext models: the image to edit)")
+                                                  "FLUX.1 Kontext models: the image to edit; FLUX.2 at --strength "
+                                                  "1: a reference image)")
     p.add_argument("--strength", type=_checked(checks.strength, float), default=1.0,
                    help="with --image: how much of the schedule runs, in (0, 1]; 1 starts from pure noise, "
                         "0.6 keeps the layout")

@@ -1,4 +1,4 @@
-"""Image-conditioned generation: img2img, inpainting, FLUX.1 Fill / Depth / Canny / Kontext.
+"""Image-conditioned generation: img2img, inpainting, FLUX.1 Fill / Depth / Canny / Kontext, FLUX.2 references.
 
 Every mode is the text-to-image sampler plus one or more of three things (``Plan``):
 
@@ -11,13 +11,18 @@ Every mode is the text-to-image sampler plus one or more of three things (``Plan
              latents and pixel mask (8x8 pixels per latent as 64 channels), Depth / Canny's
              control latents, or Kontext's reference latents (the model turns those into
              tokens of their own)                                   Fill, Depth / Canny, Kontext
+  refs       reference latents given to every call as the model's ``refs`` (FLUX.2: tokens of
+             their own, each image at its own size)              FLUX.2 references, inpaint
 
 The conditioning is part of each row's input, so CFG's uncond rows and DG's forked rows carry
 it: still one model call per step. The mode comes from the checkpoint (its extra input
-channels; Kontext from the pipeline's ``kontext`` flag) and from the arguments.
+channels; Kontext from the pipeline's ``kontext`` flag; FLUX.2 from its family) and from the
+arguments. FLUX.2 tells references from img2img as Kontext does: ``image`` at strength 1 is
+what to edit (here: a reference, one or several); strength < 1 starts from it (Kontext: an error).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,19 +33,22 @@ from .denoiser import Denoiser
 from .samplers import sample
 
 GUIDANCE = {"fill": 30.0}  # FLUX.1-Fill-dev's distilled guidance default (BFL, diffusers); the others keep 3.5
+REFERENCE_FAMILIES = ("flux2",)  # models taking reference latents as tokens of their own (``refs=``)
+REFERENCE_AREA = 1024 * 1024  # Flux2Pipeline's cap on a reference's pixels (BFL's: 2024^2 for a single one)
 
 
 @dataclass
 class Plan:
     """What a mode adds to text-to-image sampling; tensors are (B, C, h, w) latents or None."""
 
-    mode: str  # "text" | "img2img" | "inpaint" | "fill" | "control" | "kontext"
+    mode: str  # "text" | "img2img" | "inpaint" | "fill" | "control" | "kontext" | "refs"
     start: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     condition: torch.Tensor | None = None
+    refs: tuple[torch.Tensor, ...] | None = None  # (1 or B, C, h_i, w_i) each
 
 
-def pick_mode(pipe, image, mask, control_image) -> str:
+def pick_mode(pipe, image, mask, control_image, strength: float = 1.0) -> str:
     """The mode for this checkpoint and these arguments; one clear error when they don't fit."""
     cfg = pipe.transformer.config
     extra = getattr(cfg, "condition_channels", 0)
@@ -69,6 +77,8 @@ def pick_mode(pipe, image, mask, control_image) -> str:
         if mask is not None:
             raise ValueError("a FLUX.1 Kontext model edits the whole image: drop mask= (or use a Fill model)")
         return "text" if image is None else "kontext"
+    if cfg.family in REFERENCE_FAMILIES and image is not None and mask is None and strength == 1:
+        return "refs"
     return "inpaint" if mask is not None else "img2img" if image is not None else "text"
 
 
@@ -132,6 +142,35 @@ def as_images(value, name: str, gray: bool = False) -> torch.Tensor:
     return torch.cat(out)
 
 
+def reference_pixels(image, multiple: int) -> list[torch.Tensor]:
+    """FLUX.2's reference images as ``Flux2Pipeline`` prepares them, each on its own (sizes may
+    differ): shrunk to ``REFERENCE_AREA`` pixels when larger (PIL images with LANCZOS as diffusers,
+    arrays and tensors antialiased bicubic), then center-cropped, not resized, to multiples of
+    ``multiple`` -> a list of (1, 3, h_i, w_i) in [0, 1]."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    out = []
+    for item in items:
+        if hasattr(item, "convert") and hasattr(item, "size") and item.size[0] * item.size[1] > REFERENCE_AREA:
+            from PIL import Image
+
+            w, h = item.size
+            scale = math.sqrt(REFERENCE_AREA / (w * h))
+            item = item.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+        for t in as_images(item, "image").split(1):
+            H, W = t.shape[-2:]
+            if H * W > REFERENCE_AREA:
+                scale = math.sqrt(REFERENCE_AREA / (H * W))
+                t = F.interpolate(t, size=(int(H * scale), int(W * scale)), mode="bicubic", antialias=True,
+                                  align_corners=False).clamp(0, 1)
+                H, W = t.shape[-2:]
+            h, w = H - H % multiple, W - W % multiple
+            if not h or not w:
+                raise ValueError(f"a reference image is {H}x{W} pixels; the model needs at least {multiple}x{multiple}")
+            top, left = (H - h) // 2, (W - w) // 2
+            out.append(t[..., top:top + h, left:left + w])
+    return out
+
+
 def _fit(t: torch.Tensor, n: int, height: int, width: int, name: str, nearest: bool = False) -> torch.Tensor:
     """Resize to height x width (when needed) and repeat to n rows (1 image, or one per prompt)."""
     if tuple(t.shape[-2:]) != (height, width):
@@ -158,6 +197,8 @@ def prepare(pipe, mode: str, n: int, height: int, width: int, image=None, mask=N
     """The Plan for ``n`` outputs of height x width (images are resized to it when they differ)."""
     if mode == "text":
         return Plan(mode)
+    if mode == "refs":  # ``image``: reference_pixels' list, one row each, shared by every output
+        return Plan(mode, refs=tuple(encode(pipe, r) for r in image))
     down = pipe.vae.config.downsample
     pixels = None if image is None else _fit(as_images(image, "image"), n, height, width, "image")
     if mode == "kontext":  # the image is the reference, resized to the output's size
@@ -166,7 +207,11 @@ def prepare(pipe, mode: str, n: int, height: int, width: int, image=None, mask=N
     if mask is not None:
         m = _fit(as_images(mask, "mask", gray=True), n, height, width, "mask")
         m = (m >= 0.5).float()  # white = repaint, binarized as diffusers does
-        if mode == "inpaint":
+        if mode == "inpaint" and pipe.transformer.config.family in REFERENCE_FAMILIES:
+            # Flux2KleinInpaintPipeline: the mask bilinear on the latent grid, the image also a reference
+            plan.keep = 1 - F.interpolate(m, size=(height // down, width // down), mode="bilinear")
+            plan.refs = (plan.start,)
+        elif mode == "inpaint":
             plan.keep = 1 - F.interpolate(m, size=(height // down, width // down))
         else:  # Fill: the masked image's latents, then the mask, each pixel of a latent's 8x8 a channel
             masked = encode(pipe, pixels * (1 - m) + 0.5 * m)  # repainted pixels are 0 in [-1, 1]
@@ -192,12 +237,28 @@ class Conditioned(Denoiser):
         return self.model(torch.cat([x, c], dim=1), sigma, *inputs, **named)
 
 
+class Referenced(Denoiser):
+    """The denoiser with reference latents as the model's ``refs`` in every call: a reference of
+    one row serves every row (the model expands it), one of B rows is repeated like the latents
+    for CFG's rows (DG's forked rows are copies the model makes, references included)."""
+
+    def __init__(self, model, refs: tuple[torch.Tensor, ...]):
+        super().__init__(model)
+        self.refs = refs
+
+    def __call__(self, x, sigma, *inputs, **named):
+        refs = tuple(r if r.shape[0] == 1 else r.repeat(x.shape[0] // r.shape[0], 1, 1, 1) for r in self.refs)
+        return self.model(x, sigma, *inputs, refs=refs, **named)
+
+
 def denoise(model, plan: Plan, noise: torch.Tensor, sigmas, cond, uncond, *, callback=None, progress=False,
             **options) -> torch.Tensor:
     """Sample from ``noise`` over ``sigmas`` (already cut by strength) in the Plan's mode."""
     dtype = noise.dtype
     if plan.condition is not None:
         model = Conditioned(model, plan.condition.to(device=noise.device, dtype=dtype))
+    if plan.refs is not None:
+        model = Referenced(model, tuple(r.to(device=noise.device, dtype=dtype) for r in plan.refs))
     x = noise
     if plan.start is not None:
         start = plan.start.to(device=noise.device, dtype=torch.float32)

@@ -17,7 +17,7 @@ from .lora import apply_lora
 from .ma import MASpec
 from .models.attention import sdpa_backends
 from .models.cache import parse as parse_cache
-from .samplers import Guidance, default_layers, flux_sigmas, sd3_sigmas
+from .samplers import Guidance, default_layers, flux2_sigmas, flux_sigmas, sd3_sigmas
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
@@ -27,15 +27,21 @@ from .weights.transformer import load_transformer
 # Chroma: ChromaPipeline's (35 steps, real CFG 5.0 with a negative prompt; diffusers' docs run Chroma1-HD
 # at 40 / 3.0). Its schedule is always the official sampler's (lodestone-rock/flow, ``get_schedule``):
 # FLUX.1's resolution-dependent shift, whatever the folder's scheduler config says ("dynamic_shift").
+# FLUX.2: [dev]'s (guidance-distilled: 50 steps, embedded guidance 4.0, no CFG); [klein]'s differ per
+# checkpoint (``VARIANT_DEFAULTS``).
 DEFAULTS = {"sd3": dict(steps=28, cfg=7.0, max_sequence_length=256, size=1024),
             "flux": dict(steps=28, cfg=1.0, guidance=3.5, max_sequence_length=512, size=1024),
-            "chroma": dict(steps=35, cfg=5.0, max_sequence_length=512, size=1024, dynamic_shift=True)}
+            "chroma": dict(steps=35, cfg=5.0, max_sequence_length=512, size=1024, dynamic_shift=True),
+            "flux2": dict(steps=50, cfg=1.0, guidance=4.0, max_sequence_length=512, size=1024)}
 # The diffusers repos whose text encoders, tokenizers, VAE and scheduler go with a single transformer file.
 OFFICIAL_REPOS = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
                   "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
                   "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
                   "flux.1-dev": "black-forest-labs/FLUX.1-dev", "flux.1-schnell": "black-forest-labs/FLUX.1-schnell",
-                  "chroma": "lodestones/Chroma1-HD"}
+                  "chroma": "lodestones/Chroma1-HD", "flux.2-dev": "black-forest-labs/FLUX.2-dev",
+                  # klein base files too: same text encoder, VAE and scheduler as the distilled repos
+                  "flux.2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",
+                  "flux.2-klein-9b": "black-forest-labs/FLUX.2-klein-9B"}
 PIPELINE_FILES = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder*/*", "tokenizer*/*"]
 
 
@@ -144,7 +150,8 @@ class Pipeline:
         if is_tiny_folder(source):  # written by `mmdit train`
             return cls.tiny(source, device=device, compile=compile, lora=lora, weight_dtype=weight_dtype,
                             parallel=parallel)
-        if Path(source).expanduser().is_file() or text_from is not None:  # one transformer file + the rest
+        single = Path(source).expanduser().is_file() or text_from is not None
+        if single:  # one transformer file + the rest
             transformer = load_transformer(source, dtype=dtype, device=device, weight_dtype=weight_dtype,
                                            revision=revision, token=token)
             text_from = text_from if text_from is not None else _official_repo(transformer, source)
@@ -162,8 +169,9 @@ class Pipeline:
         vae = load_vae(root / "vae", dtype=dtype, device=device, family=VAE_FAMILY.get(family, family))
         scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
         sample_size = (read_json(root / "transformer" / "config.json") or {}).get("sample_size")
-        size = {"size": sample_size * vae.config.downsample} if isinstance(sample_size, int) else None  # as diffusers
-        pipe = cls(transformer, text, vae, family, scheduler, size, compile=compile, parallel=parallel)
+        size = {"size": sample_size * vae.config.downsample} if isinstance(sample_size, int) else {}  # as diffusers
+        variant = VARIANT_DEFAULTS.get(family, lambda *_: {})(index, transformer, Path(source).name if single else None)
+        pipe = cls(transformer, text, vae, family, scheduler, {**size, **variant}, compile=compile, parallel=parallel)
         pipe.kontext = "Kontext" in str(index.get("_class_name", ""))
         return pipe
 
@@ -242,16 +250,22 @@ class Pipeline:
         img2img (Kontext models: the reference to edit), with ``mask`` (white = repaint)
         inpainting (FLUX.1 Fill models: Fill); ``control_image`` is a Depth / Canny model's depth
         map or edge image. ``strength`` in (0, 1]: how much of the schedule runs from the image
-        (1: from pure noise). height / width default to the image's size.
+        (1: from pure noise). height / width default to the image's size. FLUX.2: ``image`` (one,
+        or a list) at strength 1 are reference images for every output, each at its own size (the
+        output's defaults to the first's); strength < 1 is img2img from it.
         """
         defaults = self.defaults
-        mode = image_modes.pick_mode(self, image, mask, control_image)
         strength = checks.strength(strength)
+        mode = image_modes.pick_mode(self, image, mask, control_image, strength)
         if strength < 1 and image is None or strength < 1 and mode == "kontext":
             raise ValueError(f"strength={strength:g} needs image= to start from (Kontext: the image is a reference, "
                              "not a start; leave strength at 1)")
         multiple = self.vae.config.downsample * getattr(self.transformer.config, "patch_size", 2)
-        size = image_modes.image_size(image if image is not None else control_image, defaults["size"], multiple)
+        if mode == "refs":  # FLUX.2's references, each at its own size; the output's defaults to the first's
+            image = image_modes.reference_pixels(image, multiple)
+            size = tuple(image[0].shape[-2:])
+        else:
+            size = image_modes.image_size(image if image is not None else control_image, defaults["size"], multiple)
         height, width = height or size[0], width or size[1]
         steps = checks.steps(defaults["steps"] if steps is None else steps)
         if parse_cache(cache) is not None and self.parallel is not None:
@@ -455,6 +469,35 @@ def _chroma_text(root, index, transformer, dtype, device) -> ChromaText:
     return ChromaText(tokenizer, encoder)
 
 
+def _flux2_text(root, index, transformer, dtype, device):
+    """[dev]'s Mistral-Small or [klein]'s Qwen3 (``Flux2KleinPipeline`` folders; without a class name:
+    no guidance input means [klein]), with the official prompt recipe (``encoders.prompts``)."""
+    from .encoders.prompts import load_lm_text
+
+    name = str(index.get("_class_name", ""))
+    klein = "Klein" in name if name else not transformer.config.guidance_embed
+    text = load_lm_text("flux.2-klein" if klein else "flux.2-dev", root, dtype=dtype, device=device)
+    width = len(text.fmt.layers) * text.encoder.config.hidden_size
+    if width != transformer.config.context_dim:
+        raise CheckpointError(f"{root}'s text encoder gives {width}-wide prompt embeddings, but this FLUX.2 "
+                              f"transformer takes {transformer.config.context_dim} (klein 4B: Qwen3-4B, 9B: Qwen3-8B, "
+                              "dev: Mistral-Small): pass text_from= the pipeline of the transformer's own variant")
+    return text
+
+
+def flux2_defaults(index: dict, transformer, file: str | None) -> dict:
+    """A FLUX.2 checkpoint's own defaults over ``DEFAULTS["flux2"]`` ([dev]'s). [klein] has no guidance
+    input and comes in two kinds that its weights can't tell apart: step-distilled (klein-4B / 9B: 4
+    steps, no CFG; BFL fixes both) and base (klein-base-4B / 9B: 50 steps, real CFG 4.0 against the
+    empty prompt, through the same chat template). A folder says which in model_index.json's
+    ``is_distilled`` (absent: base, as ``Flux2KleinPipeline`` assumes); a single ``file`` by its name
+    (BFL's rule: "base" in it)."""
+    if transformer.config.guidance_embed:
+        return {}
+    distilled = "base" not in file.lower() if file is not None else bool(index.get("is_distilled", False))
+    return dict(steps=4, cfg=1.0, guidance=None) if distilled else dict(steps=50, cfg=4.0, guidance=None)
+
+
 def shifted_sigmas(family: str, scheduler: dict, defaults: dict, steps: int, latent_h: int, latent_w: int,
                    schedule: str):
     """SD3's static shift, or FLUX.1's resolution-dependent one (FLUX.1, Chroma: always; others when
@@ -469,11 +512,20 @@ def shifted_sigmas(family: str, scheduler: dict, defaults: dict, steps: int, lat
     return sd3_sigmas(steps, shift=s.get("shift", 3.0), schedule=schedule)
 
 
+def empirical_mu_sigmas(family: str, scheduler: dict, defaults: dict, steps: int, latent_h: int, latent_w: int,
+                        schedule: str):
+    """FLUX.2: the official sampler's empirical mu for the target's tokens (one per latent position) and
+    the step count, whatever the folder's scheduler config says (the pipelines pass mu to the scheduler)."""
+    return flux2_sigmas(steps, latent_h * latent_w, schedule)
+
+
 # family -> the sigmas function (shifted_sigmas' arguments), where not shifted_sigmas
-SIGMAS = {}
+SIGMAS = {"flux2": empirical_mu_sigmas}
 # family -> (pipeline folder, model_index.json, transformer, dtype, device) -> the text conditioning callable
-TEXT = {"sd3": _sd3_text, "flux": _flux_text, "chroma": _chroma_text}
+TEXT = {"sd3": _sd3_text, "flux": _flux_text, "chroma": _chroma_text, "flux2": _flux2_text}
 VAE_FAMILY = {"chroma": "flux"}  # a family whose VAE is another family's
+# family -> (model_index.json, transformer, file name or None) -> defaults that differ per checkpoint
+VARIANT_DEFAULTS = {"flux2": flux2_defaults}
 
 
 def _official_repo(transformer, source) -> str:

@@ -1,4 +1,4 @@
-"""Flow-matching sigma schedules for SD3 / SD3.5 and FLUX.1 (docs/architecture.md, "Schedules").
+"""Flow-matching sigma schedules for SD3 / SD3.5, FLUX.1 and FLUX.2 (docs/architecture.md, "Schedules").
 
 A schedule is a float32 tensor of ``steps + 1`` noise levels running from 1 (pure noise)
 down to a final 0; the samplers walk its consecutive pairs. The values equal diffusers'
@@ -149,3 +149,34 @@ def flux_sigmas(steps: int, image_seq_len: int, base_shift: float = 0.5, max_shi
 def flux_seq_len(height: int, width: int) -> int:
     """Packed image tokens for an image of ``height x width`` pixels (VAE /8, then 2x2 packing)."""
     return math.ceil(height / 16) * math.ceil(width / 16)
+
+
+# FLUX.2's "empirical mu" (BFL ``compute_empirical_mu``, diffusers' Flux2 pipelines): mu is a line in the
+# number of image tokens fitted at 10 and at 200 steps, interpolated linearly in the step count in between;
+# past 4300 tokens (about 1088^2 pixels) only the 200-step line.
+FLUX2_MU_10 = (8.73809524e-05, 1.89833333)  # (slope per token, intercept) at 10 steps
+FLUX2_MU_200 = (0.00016927, 0.45666666)  # ... at 200 steps
+FLUX2_MU_MAX_SEQ = 4300
+
+
+def flux2_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's mu for ``image_seq_len`` target tokens ((H/16) * (W/16), references not counted)
+    and ``steps`` steps: 2.02 for 1024^2 at 50 steps, 2.29 at 4 steps."""
+    a2, b2 = FLUX2_MU_200
+    m200 = a2 * image_seq_len + b2
+    if image_seq_len > FLUX2_MU_MAX_SEQ:
+        return float(m200)
+    a1, b1 = FLUX2_MU_10
+    m10 = a1 * image_seq_len + b1
+    slope = (m200 - m10) / 190.0
+    return float(slope * steps + m200 - 200.0 * slope)
+
+
+def flux2_sigmas(steps: int, image_seq_len: int, schedule: str = "default") -> torch.Tensor:
+    """FLUX.2 schedule: ``steps + 1`` float32 sigmas ending at 0, the exponential time shift
+    (as FLUX.1's) of ``linspace(1, 1/steps, steps)`` with mu = ``flux2_mu(image_seq_len, steps)``;
+    the scheduler config's shift settings play no part (the pipelines pass mu). ``schedule``
+    re-spaces the steps (``respace``)."""
+    _check(steps, schedule)
+    t = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+    return _finish(time_shift(t, flux2_mu(image_seq_len, steps)), schedule)

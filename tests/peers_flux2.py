@@ -9,6 +9,7 @@ convention, and its checkpoints in BFL's layout. Test-only (imports diffusers).
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 from diffusers import Flux2Transformer2DModel
@@ -154,3 +155,51 @@ def tiny_inputs(model, B=3, h=4, w=3, L=5, refs=(), seed=1):
     guidance = torch.full((B,), 4.0) if cfg.guidance_embed else None
     refs = tuple(torch.randn(n, cfg.in_channels, hi, wi, generator=g) for n, hi, wi in refs) or None
     return x, sigma, ctx, guidance, refs
+
+
+# ---- tiny saved Flux2Pipeline / Flux2KleinPipeline folders (research notes 8.5) ------------
+
+# head_dim 128 (FLUX.2's) so that a file without config.json has a known RoPE split; 4 VAE channels patchified 2x2
+PIPE = dict(num_double=1, num_single=1, heads=2, head_dim=128, in_channels=16)
+
+
+def scheduler():
+    """The FLUX.2 repos' scheduler config (FLUX.1-dev's); the pipelines pass mu, so its shifts go unused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096,
+                                           time_shift_type="exponential")
+
+
+def pipeline_folder(root, kind: str, is_distilled: bool | None = None, seed: int = 0):
+    """A tiny diffusers FLUX.2 pipeline saved to ``root``: "dev" (Flux2Pipeline: a 31-layer Mistral3, its
+    states 10 / 20 / 30; guidance embedding) or "klein" (Flux2KleinPipeline: a 28-layer Qwen3, states 9 / 18
+    / 27; ``is_distilled`` in model_index.json unless None). Width 32 LMs, 1 + 1 blocks, the 3-level VAE
+    (8 pixels per token) with random BatchNorm statistics. Returns (folder, the diffusers pipeline)."""
+    from pathlib import Path
+
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    import peers_lm as P
+    import peers_vae
+    from helpers import corpus
+    from mmdit.encoders.prompts import MISTRAL_SYSTEM
+
+    root = Path(root)
+    if kind == "dev":
+        tok = P.write_mistral_tokenizer(root / "tok", corpus() + [MISTRAL_SYSTEM] * 3)
+        lm = P.mistral3(vocab=len(tok), layers=31, seed=seed + 1)
+    else:
+        tok = P.write_qwen_tokenizer(root / "tok", P.QWEN3_TEMPLATE)
+        lm = P.qwen3(vocab=len(tok), layers=28, seed=seed + 1)
+    tr = flux2_peer(**PIPE, context_dim=3 * 32, guidance=kind == "dev", seed=seed + 2)
+    parts = dict(scheduler=scheduler(), vae=peers_vae.flux2_peer(seed=seed + 3), text_encoder=lm, tokenizer=tok,
+                 transformer=tr)
+    pipe = Flux2Pipeline(**parts) if kind == "dev" else Flux2KleinPipeline(**parts, is_distilled=bool(is_distilled))
+    pipe.save_pretrained(root / "pipe")
+    if kind == "klein" and is_distilled is None:  # a folder that does not say
+        index = json.loads((root / "pipe" / "model_index.json").read_text())
+        index.pop("is_distilled")
+        (root / "pipe" / "model_index.json").write_text(json.dumps(index))
+    return root / "pipe", pipe

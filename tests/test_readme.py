@@ -42,6 +42,7 @@ SWAPS = [  # (as in the docs, what the test runs instead)
     ('build_transformer("sd3.5-medium", num_layers=12, device="cuda")',
      f'build_transformer("sd3.5-medium", {SMALL_SD3}, device="cpu")'),
     ('"stabilityai/stable-diffusion-3.5-large"', "str(PIPELINE)"),
+    ('"black-forest-labs/FLUX.2-klein-4B"', "str(FLUX2)"),
     ("dtype=torch.bfloat16", "dtype=torch.float32"),
     ('device="cuda"', 'device="cpu"'),  # after the swaps that contain it
     ("compile_blocks(model) ", 'compile_blocks(model, backend="eager") '),  # inductor would take a minute
@@ -98,6 +99,15 @@ class StandIns:
         ma.save_spec(mmdit.MASpec(channels=(3,), block=1), ma.checkpoint_hash(files))  # as `mmdit calibrate-ma` would
         return {"PIPELINE": folder}
 
+    def _flux2(self) -> dict:
+        """A tiny distilled Flux2KleinPipeline folder (peers_flux2) with its MA spec cached."""
+        from peers_flux2 import pipeline_folder
+
+        folder, _ = pipeline_folder(self.root / "flux2", "klein", is_distilled=True)
+        files = sorted(str(f) for f in (folder / "transformer").glob("*.safetensors"))
+        ma.save_spec(mmdit.MASpec(channels=(3,), block=1), ma.checkpoint_hash(files))
+        return {"FLUX2": folder}
+
     def _loader(self) -> dict:
         g = torch.Generator().manual_seed(1)
         return {"loader": [(torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 7, 4096, generator=g),
@@ -145,6 +155,13 @@ def check_checkpoints(ns: dict, printed: str) -> None:
     assert torch.float8_e4m3fn in dtypes  # the Linears kept in fp8
 
 
+def check_models(ns: dict, printed: str) -> None:
+    assert (ns["steps"], ns["cfg"]) == (4, 1.0)
+    images = {k: np.asarray(ns[k], dtype=np.float32) for k in ("cat", "hat", "pair", "redrawn", "detailed")}
+    assert all(im.shape == (32, 32, 3) for im in images.values())  # the references' size by default
+    assert all(np.abs(im - images["cat"]).mean() > 1 for k, im in images.items() if k != "cat")
+
+
 def check_distributed(ns: dict, printed: str) -> None:
     assert ns["fox"].size == (32, 32)  # parallel="branch" in one process: as without it
 
@@ -166,6 +183,7 @@ PAGES = {
     "docs/image-modes.md": Page(1, check_image_modes),  # the shipped tiny model, as written
     "docs/checkpoints.md": Page(1, check_checkpoints, ("flux",)),
     "docs/distributed.md": Page(1, check_distributed, ("pipeline",)),
+    "docs/models.md": Page(1, check_models, ("flux2",)),
     "docs/training.md": Page(1, check_training, ("loader",)),
 }
 

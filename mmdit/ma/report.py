@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..samplers import Guidance, flux_seq_len, flux_sigmas, sample, sd3_sigmas
+from ..samplers import Guidance, flux2_sigmas, flux_seq_len, flux_sigmas, sample, sd3_sigmas
 from .calibrate import Calibration, ablation_effects, find_massive, select_massive
 from .probe import Activations, named_inputs, probe
 from .spec import default_block
@@ -244,9 +244,12 @@ def _plot(report, mag, mean_over, out_dir: Path) -> list[str]:
 # From prompts: noisy latents along Euler trajectories (what `mmdit analyze-ma` / `calibrate-ma` run)
 
 def default_sigmas(model: nn.Module, steps: int, height: int, width: int) -> torch.Tensor:
-    """The family's schedule for an image of height x width pixels (FLUX-dev and Chroma shifted, schnell not)."""
+    """The family's schedule for an image of height x width pixels (FLUX-dev and Chroma shifted, schnell not;
+    FLUX.2 its empirical mu, one token per 16 x 16 pixels as FLUX.1's packed latents)."""
     if model.config.family == "sd3":
         return sd3_sigmas(steps)
+    if model.config.family == "flux2":
+        return flux2_sigmas(steps, flux_seq_len(height, width))
     return flux_sigmas(steps, flux_seq_len(height, width),
                        shift=getattr(model.config, "guidance_embed", True))
 
@@ -262,10 +265,12 @@ def trajectory_samples(model: nn.Module, conds: Mapping, sigmas, *, height: int 
     along the trajectory (cfg != 1). The same seeded noise for every prompt, so prompts are the
     only difference at a given sigma. ``every``: keep every n-th step. ``guidance``: FLUX's
     distilled guidance, kept with each sample. latent_shape: (C, h, w) of the latents (default:
-    16 channels at height/8 x width/8).
+    16 channels at height/8 x width/8; FLUX.2: its 128 patchified channels at height/16 x width/16).
     """
     param = next(model.parameters())
-    shape = (1, *latent_shape) if latent_shape else (1, 16, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
+    h, w = math.ceil(height / 16), math.ceil(width / 16)
+    shape = (1, *latent_shape) if latent_shape else \
+        (1, model.config.in_channels, h, w) if model.config.family == "flux2" else (1, 16, 2 * h, 2 * w)
     sigmas = [float(s) for s in sigmas]
     un = None if uncond is None else as_inputs(model, uncond)
     out = {}

@@ -50,6 +50,11 @@ class Flux2Config:
         return self.num_heads * self.head_dim
 
     @property
+    def patch_size(self) -> int:
+        """Latent positions per token along each axis: 1 (the VAE's side patchifies 2x2 into channels)."""
+        return 1
+
+    @property
     def out_channels(self) -> int:
         """The output has the input's channels (one token per position, no packing)."""
         return self.in_channels

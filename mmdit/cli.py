@@ -216,6 +216,9 @@ def _guidance_args(group) -> None:
             for g in fields(APG):
                 group.add_argument(f"{flag}-{g.name.replace('_', '-')}", type=_checked(float, float), default=g.default,
                                    help=f"APG: {g.metadata['help']}")
+        elif meta.get("model_default"):  # a switch the model turns on or off: --x / --no-x, neither: the model's
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{meta['help']} (default: the model's)")
         else:
             group.add_argument(flag, action="store_true", help=meta["help"])
     group.add_argument("--slg-start", type=_interval("--slg-start"), default=None,

@@ -73,6 +73,9 @@ def pick_mode(pipe, image, mask, control_image, strength: float = 1.0) -> str:
                          f"({latent + down * down}) nor Depth / Canny ({latent}) with this VAE")
     if control_image is not None:
         raise ValueError("control_image= needs a FLUX.1 Depth / Canny model; this one has no control input")
+    if getattr(cfg, "family", None) == "qwen-image-2.1" and image is not None:
+        raise ValueError("Qwen-Image 2.1's image= is a condition image its text encoder reads, which this pipeline "
+                         "does not do yet: it draws from text only (drop image= / mask=)")
     if getattr(pipe, "kontext", False):
         if mask is not None:
             raise ValueError("a FLUX.1 Kontext model edits the whole image: drop mask= (or use a Fill model)")

@@ -17,7 +17,7 @@ from .lora import apply_lora
 from .ma import MASpec
 from .models.attention import sdpa_backends
 from .models.cache import parse as parse_cache
-from .samplers import Guidance, default_layers, flux2_sigmas, flux_sigmas, sd3_sigmas
+from .samplers import Guidance, default_layers, flux2_sigmas, flux_sigmas, qwen_image_sigmas, sd3_sigmas
 from .weights.checkpoint import CheckpointError, read_json
 from .weights.encoders import load_text_encoder, load_vae
 from .weights.hub import REPO_ID
@@ -29,10 +29,14 @@ from .weights.transformer import load_transformer
 # FLUX.1's resolution-dependent shift, whatever the folder's scheduler config says ("dynamic_shift").
 # FLUX.2: [dev]'s (guidance-distilled: 50 steps, embedded guidance 4.0, no CFG); [klein]'s differ per
 # checkpoint (``VARIANT_DEFAULTS``).
+# Qwen-Image: QwenImagePipeline's (50 steps, true CFG 4.0 with its norm rescale, 1024^2); 2.1:
+# QwenImage21Pipeline's (40 steps, no CFG, the whole prompt).
 DEFAULTS = {"sd3": dict(steps=28, cfg=7.0, max_sequence_length=256, size=1024),
             "flux": dict(steps=28, cfg=1.0, guidance=3.5, max_sequence_length=512, size=1024),
             "chroma": dict(steps=35, cfg=5.0, max_sequence_length=512, size=1024, dynamic_shift=True),
-            "flux2": dict(steps=50, cfg=1.0, guidance=4.0, max_sequence_length=512, size=1024)}
+            "flux2": dict(steps=50, cfg=1.0, guidance=4.0, max_sequence_length=512, size=1024),
+            "qwen-image": dict(steps=50, cfg=4.0, cfg_norm=True, max_sequence_length=512, size=1024),
+            "qwen-image-2.1": dict(steps=40, cfg=1.0, max_sequence_length=None, size=1024)}
 # The diffusers repos whose text encoders, tokenizers, VAE and scheduler go with a single transformer file.
 OFFICIAL_REPOS = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
                   "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
@@ -41,8 +45,10 @@ OFFICIAL_REPOS = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers
                   "chroma": "lodestones/Chroma1-HD", "flux.2-dev": "black-forest-labs/FLUX.2-dev",
                   # klein base files too: same text encoder, VAE and scheduler as the distilled repos
                   "flux.2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",
-                  "flux.2-klein-9b": "black-forest-labs/FLUX.2-klein-9B"}
-PIPELINE_FILES = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder*/*", "tokenizer*/*"]
+                  "flux.2-klein-9b": "black-forest-labs/FLUX.2-klein-9B",
+                  "qwen-image": "Qwen/Qwen-Image", "qwen-image-2.1": "Qwen/Qwen-Image-2.1"}
+PIPELINE_FILES = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder*/*", "tokenizer*/*",
+                  "processor/*"]
 
 
 @dataclass(frozen=True)
@@ -206,7 +212,7 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B, 3, H, W) in [0, 1]."""
+        """Latents -> images (B, 3, H, W) in [0, 1] (Qwen-Image 2.1: (B, 4, H, W), RGBA as its VAE and pipeline)."""
         return (self.vae.decode(self.vae.denormalize(latents)).float() / 2 + 0.5).clamp(0, 1)
 
     # --- the whole thing --------------------------------------------------------------------
@@ -235,6 +241,8 @@ class Pipeline:
         output: "pil" (list of PIL images), "np" ((B, H, W, 3) floats in [0, 1]) or "latent".
         cache: step caching, e.g. ``"fbcache:0.08"`` or ``"teacache:0.4"`` (``mmdit.models.cache``):
         fewer steps compute the middle blocks; its state lives for this call only.
+        negative_prompt=None: no CFG (unless cfg= is given), as diffusers' Qwen-Image pipelines
+        without a negative prompt; "" is the empty prompt's CFG (the default).
 
         Guidance: ``cfg`` and ``dg`` (default: the model's), and every other field of
         ``mmdit.samplers.Guidance`` as a keyword (diffusers-style): ``slg`` / ``slg_layers``,
@@ -278,9 +286,12 @@ class Pipeline:
         if output not in ("pil", "np", "latent"):
             raise ValueError(f"output must be 'pil', 'np' or 'latent', got {output!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str | None) else \
+            list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if negative_prompt is None and cfg is None and guide is None:
+            cfg = 1.0  # no negative prompt: no CFG
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
         C, h, w = self.latent_shape(height, width)
@@ -293,7 +304,8 @@ class Pipeline:
             raise ValueError(f"latents must be ({len(prompts)}, {C}, {h}, {w}) for {len(prompts)} image(s) "
                              f"at {height}x{width}, got {tuple(latents.shape)}")
         cond = self.encode(prompts, max_sequence_length)
-        uncond = self.encode(negatives, max_sequence_length) if guide.cfg != 1.0 else None
+        uncond = self.encode(negatives, max_sequence_length) if guide.cfg != 1.0 and negative_prompt is not None \
+            else None
         if getattr(self.transformer.config, "guidance_embed", False):  # a guidance-distilled model
             guidance = image_modes.GUIDANCE.get(mode, defaults["guidance"]) if guidance is None else guidance
         elif guidance is not None:
@@ -330,6 +342,9 @@ class Pipeline:
             return guide
         terms.update(cfg=self.defaults["cfg"] if cfg is None else cfg, dg=self.defaults.get("dg", 0.0) if dg is None
                      else dg)
+        for f in fields(Guidance):  # the model's own default for the other such terms (Qwen-Image's cfg_norm)
+            if f.metadata.get("model_default") and terms.get(f.name) is None:
+                terms[f.name] = self.defaults.get(f.name, f.default)
         total = self.transformer.config.total_blocks
         for term in ("slg", "pag"):
             if checks.scale(term, terms.get(term, 0.0), off=0) and not terms.get(f"{term}_layers"):
@@ -498,6 +513,13 @@ def flux2_defaults(index: dict, transformer, file: str | None) -> dict:
     return dict(steps=4, cfg=1.0, guidance=None) if distilled else dict(steps=50, cfg=4.0, guidance=None)
 
 
+def _lm_text(root, index, transformer, dtype, device):
+    """A decoder LM's prompts -> context and its mask (``encoders.prompts``: Qwen-Image's templates)."""
+    from .encoders.prompts import load_lm_text
+
+    return load_lm_text(transformer.config.family, root, dtype=dtype, device=device)
+
+
 def shifted_sigmas(family: str, scheduler: dict, defaults: dict, steps: int, latent_h: int, latent_w: int,
                    schedule: str):
     """SD3's static shift, or FLUX.1's resolution-dependent one (FLUX.1, Chroma: always; others when
@@ -519,10 +541,23 @@ def empirical_mu_sigmas(family: str, scheduler: dict, defaults: dict, steps: int
     return flux2_sigmas(steps, latent_h * latent_w, schedule)
 
 
+def qwen_sigmas(family: str, scheduler: dict, defaults: dict, steps: int, latent_h: int, latent_w: int,
+                schedule: str):
+    """The Qwen-Image pipelines' schedule: mu from the image's tokens (1.0: 2x2 latents each; 2.1: one
+    latent each), shift settings from the scheduler config (absent: the released ones)."""
+    s = scheduler
+    tokens = latent_h * latent_w if family == "qwen-image-2.1" else (latent_h // 2) * (latent_w // 2)
+    return qwen_image_sigmas(steps, tokens, base_shift=s.get("base_shift", 0.5), max_shift=s.get("max_shift", 0.9),
+                             base_seq_len=s.get("base_image_seq_len", 256),
+                             max_seq_len=s.get("max_image_seq_len", 8192),
+                             shift_terminal=s.get("shift_terminal", 0.02), schedule=schedule)
+
+
 # family -> the sigmas function (shifted_sigmas' arguments), where not shifted_sigmas
-SIGMAS = {"flux2": empirical_mu_sigmas}
+SIGMAS = {"flux2": empirical_mu_sigmas, "qwen-image": qwen_sigmas, "qwen-image-2.1": qwen_sigmas}
 # family -> (pipeline folder, model_index.json, transformer, dtype, device) -> the text conditioning callable
-TEXT = {"sd3": _sd3_text, "flux": _flux_text, "chroma": _chroma_text, "flux2": _flux2_text}
+TEXT = {"sd3": _sd3_text, "flux": _flux_text, "chroma": _chroma_text, "flux2": _flux2_text, "qwen-image": _lm_text,
+        "qwen-image-2.1": _lm_text}
 VAE_FAMILY = {"chroma": "flux"}  # a family whose VAE is another family's
 # family -> (model_index.json, transformer, file name or None) -> defaults that differ per checkpoint
 VARIANT_DEFAULTS = {"flux2": flux2_defaults}

@@ -5,7 +5,7 @@
     guidance.py   one step's guided velocity from one batched model call
     solvers.py    Euler, Heun, DPM++ 2M over a list of sigmas
     euler.py      ``sample()``: the solver, the guidance and the model together
-    schedules.py  the sigma schedules (SD3 shift, FLUX dynamic shift, FLUX.2 empirical mu,
+    schedules.py  the sigma schedules (SD3 shift, FLUX / Qwen-Image dynamic shift, FLUX.2 empirical mu,
                   beta / Karras / exponential)
 
 The names below are imported on first use, so ``mmdit.samplers.guide`` loads without torch.
@@ -15,7 +15,7 @@ from .. import lazy_names
 _PUBLIC = {"sample": ".euler", "APG": ".guide", "Guidance": ".guide", "default_layers": ".guide",
            "GuidanceState": ".guidance", "guided_velocity": ".guidance", "SCHEDULES": ".schedules",
            "flux_mu": ".schedules", "flux_seq_len": ".schedules", "flux_sigmas": ".schedules",
-           "flux2_mu": ".schedules", "flux2_sigmas": ".schedules",
+           "flux2_mu": ".schedules", "flux2_sigmas": ".schedules", "qwen_image_sigmas": ".schedules",
            "sd3_sigmas": ".schedules", "SAMPLERS": ".solvers"}
 __all__ = list(_PUBLIC)
 __getattr__, __dir__ = lazy_names(__name__, _PUBLIC)

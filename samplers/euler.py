@@ -10,7 +10,7 @@ import torch
 
 from ..checks import choice
 from ..models.cache import parse as parse_cache
-from .guidance import GuidanceState, guided_velocity, required_inputs
+from .guidance import GuidanceState, guided_velocity, required_inputs, same_length
 from .guide import Guidance
 from .solvers import SAMPLERS
 
@@ -37,7 +37,8 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
         (standard normal, float32, on the CPU, so a seed gives the same noise on any device)
         and moved to the model's device.
     cond / uncond: the model's conditioning inputs by name, each (B|1, ...); SD3 / FLUX.1:
-        {"context": (B|1, L, Dc), "pooled": (B|1, Dp)}. uncond is the negative prompt's.
+        {"context": (B|1, L, Dc), "pooled": (B|1, Dp)}. uncond is the negative prompt's. Texts
+        of different lengths with a ``context_mask`` are padded to one (``same_length``).
     guide: every guidance setting (``Guidance(cfg=..., dg=..., slg=..., ...)``); None: none.
     guidance: a guidance-distilled model's guidance value (FLUX.1-dev's; a number or (B,)).
     callback: called after every step as ``callback(step, sigma_next, latents)`` (UIs, trainers);
@@ -65,6 +66,7 @@ def sample(model: Callable, noise: torch.Tensor | Sequence[int], sigmas: torch.T
     if rule.dg != 0.0 and getattr(model, "ma", True) is None:
         raise ValueError("dg needs the model's MA spec: run `mmdit calibrate-ma --model MODEL` once (it is "
                          "cached per checkpoint) or set model.ma = mmdit.MASpec(channels=..., block=...)")
+    cond, uncond = same_length(cond, uncond)  # texts of different lengths in one batch (padding masked)
     if uncond is None and rule.cfg != 1.0:
         warnings.warn(f"cfg={rule.cfg} has no effect without uncond (the negative prompt's conditioning, a dict "
                       "like cond): pass uncond=... or cfg=1", stacklevel=2)

@@ -16,6 +16,13 @@ CFG-Zero* (``cfg_zero_star``: the uncond prediction scaled by its projection on 
 or APG (``apg``: the CFG update split into parts parallel / orthogonal to v_c, rescaled, with
 optional momentum), as diffusers' guiders define them. A term whose sigma lies outside its
 (inclusive) interval, or whose scale makes it a no-op, is not computed at all: the batch shrinks.
+
+``cfg_norm`` (Qwen-Image's "true CFG") rescales the CFG part, token by token, to v_c's norm:
+``v_cfg * |v_c| / |v_cfg|``, the norms over each token's channels (a token: the p x p latents the
+model packs into one, ``token_side``). The perturbation terms are added after it, as to any CFG
+variant: the rescaled velocity is the official pipeline's, the base DG departs from, so a DG
+weight means the same with or without the rescale, and DG's step away from v_dg is not scaled
+back to |v_c| (which would keep only its direction). Without the uncond rows it does nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..branches import Branch, IdentityAttention, SkipLayers
 from .guide import Guidance
@@ -114,9 +122,55 @@ def guided_velocity(model: Callable, x: torch.Tensor, sigma: float, cond: Mappin
                          f"{len(terms)} perturbed branches of {B} rows; expected {expected}")
     v_c = out[n - B:n]
     v = _cfg(out[:B], v_c, guide, state) if use_u else v_c
+    if use_u and guide.cfg_norm:  # before the perturbation terms: see the module docstring
+        v = rescale_per_token(v, v_c, token_side(model))
     for k, t in enumerate(terms):
         v = v + getattr(guide, t) * (v_c - out[n + k * B:n + (k + 1) * B])
     return v, expected
+
+
+def same_length(cond: Mapping, uncond: Mapping | None) -> tuple[Mapping, Mapping | None]:
+    """cond and uncond with their texts brought to one length, so that they share a batch: the
+    shorter ``context`` zero-padded at its end and its ``context_mask`` 0 there (the models mask
+    padded keys: nothing changes). Only for inputs with a ``context_mask`` (Qwen-Image, Chroma);
+    others are returned as they are (``_batch`` then says that they differ)."""
+    if uncond is None or "context_mask" not in cond or "context_mask" not in uncond:
+        return cond, uncond
+    L = max(cond["context"].shape[1], uncond["context"].shape[1])
+    return _pad_text(cond, L), _pad_text(uncond, L)
+
+
+def _pad_text(c: Mapping, L: int) -> Mapping:
+    ctx, mask = c["context"], c["context_mask"]  # (B, l, D), (B, l) or None
+    if ctx.shape[1] == L:
+        return c
+    if mask is None:
+        mask = torch.ones(ctx.shape[:2], dtype=torch.long, device=ctx.device)
+    n = L - ctx.shape[1]
+    return {**c, "context": F.pad(ctx, (0, 0, 0, n)), "context_mask": F.pad(mask, (0, n))}
+
+
+ONE_TOKEN_PER_LATENT = ("flux2", "qwen-image-2.1")  # families whose latents are patchified outside the model
+
+
+def token_side(model) -> int:
+    """The side p of the p x p latents one token of ``model`` holds: its config's ``patch_size``
+    (SD3, the tiny model), 1 for FLUX.2 and Qwen-Image 2.1, else 2 (FLUX.1, Chroma, Qwen-Image 1.0)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "family", None) in ONE_TOKEN_PER_LATENT:
+        return 1
+    return getattr(config, "patch_size", 2)
+
+
+def rescale_per_token(v: torch.Tensor, like: torch.Tensor, p: int) -> torch.Tensor:
+    """``v * |like| / |v|``, the norms over each token's channels, a token being p x p latents:
+    the official Qwen-Image pipeline's ``comb_pred * (cond_norm / noise_norm)`` on its packed latents
+    (the 2x2 latents x 16 channels of a token = its 64 packed channels). (B, C, H, W) -> (B, C, H, W)."""
+    B, C, H, W = v.shape
+    v, like = v.reshape(B, C, H // p, p, W // p, p), like.reshape(B, C, H // p, p, W // p, p)
+    scale = (torch.linalg.vector_norm(like, dim=(1, 3, 5), keepdim=True)
+             / torch.linalg.vector_norm(v, dim=(1, 3, 5), keepdim=True))  # (B, 1, h, 1, w, 1)
+    return (v * scale).reshape(B, C, H, W)
 
 
 def _cfg(v_u: torch.Tensor, v_c: torch.Tensor, guide: Guidance, state: GuidanceState | None) -> torch.Tensor:

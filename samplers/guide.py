@@ -40,6 +40,8 @@ class Guidance:
     *_interval: inclusive (lo, hi) sigma ranges where each term is applied.
     cfg_zero_star: CFG-Zero* (optimized uncond scale; the first step's velocity is zero).
     apg: an APG in place of plain CFG, or None.
+    cfg_norm: the CFG velocity rescaled, token by token, to the cond velocity's norm (Qwen-Image's
+        "true CFG"; its pipeline's default).
 
     Each field's metadata is its command-line help (``mmdit generate`` derives its flags from
     these fields): a new term is one field here, its branch below, and nothing else to list.
@@ -62,6 +64,8 @@ class Guidance:
     pag_interval: tuple[float, float] = field(default=(0.0, 1.0), metadata=_help("sigmas where PAG acts"))
     cfg_zero_star: bool = field(default=False, metadata=_help("CFG-Zero* in place of plain CFG"))
     apg: APG | None = field(default=None, metadata=_help("Adaptive Projected Guidance in place of plain CFG"))
+    cfg_norm: bool = field(default=False, metadata=_help(
+        "rescale the CFG velocity per token to the cond velocity's norm (Qwen-Image's true CFG)", model_default=True))
 
     def __post_init__(self):
         for f in fields(self):

@@ -1,8 +1,8 @@
-"""Flow-matching sigma schedules for SD3 / SD3.5, FLUX.1 and FLUX.2 (docs/architecture.md, "Schedules").
+"""Flow-matching sigma schedules for SD3 / SD3.5, FLUX.1, FLUX.2 and Qwen-Image (docs/architecture.md, "Schedules").
 
 A schedule is a float32 tensor of ``steps + 1`` noise levels running from 1 (pure noise)
 down to a final 0; the samplers walk its consecutive pairs. The values equal diffusers'
-``FlowMatchEulerDiscreteScheduler.sigmas`` as the SD3 and FLUX pipelines configure it, and
+``FlowMatchEulerDiscreteScheduler.sigmas`` as the SD3, FLUX and Qwen-Image pipelines configure it, and
 with ``schedule="beta" | "karras" | "exponential"`` that scheduler's ``use_beta_sigmas`` /
 ``use_karras_sigmas`` / ``use_exponential_sigmas``: the shifted schedule's first and last
 nonzero sigmas kept, the steps between them re-spaced.
@@ -130,12 +130,13 @@ def sd3_sigmas(steps: int, shift: float = 3.0, schedule: str = "default") -> tor
 
 def flux_sigmas(steps: int, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
                 base_seq_len: int = 256, max_seq_len: int = 4096, shift: bool = True,
-                schedule: str = "default") -> torch.Tensor:
+                schedule: str = "default", shift_terminal: float | None = None) -> torch.Tensor:
     """FLUX.1 schedule: ``steps + 1`` float32 sigmas, ending at 0.
 
     ``image_seq_len`` is the number of packed (2x2) image tokens, ``(H/16) * (W/16)``; it sets
     mu (``flux_mu``) for the exponential time shift of ``linspace(1, 1/steps, steps)``.
     ``shift=False`` is FLUX.1-schnell: the plain linear schedule (4 steps: 1, .75, .5, .25, 0).
+    ``shift_terminal``: the last nonzero sigma stretched to it (``stretch_to_terminal``).
     ``schedule`` re-spaces the steps between the first and last nonzero sigma (``respace``).
     """
     _check(steps, schedule)
@@ -143,7 +144,31 @@ def flux_sigmas(steps: int, image_seq_len: int, base_shift: float = 0.5, max_shi
     if shift:
         mu = flux_mu(image_seq_len, base_shift, max_shift, base_seq_len, max_seq_len)
         t = time_shift(t, mu)
+    if shift_terminal:
+        t = stretch_to_terminal(t, shift_terminal)
     return _finish(t, schedule)
+
+
+def stretch_to_terminal(sigmas, terminal: float):
+    """``1 - (1 - sigma) * (1 - terminal) / (1 - sigma_last)``: the schedule stretched so that its last
+    nonzero sigma is ``terminal``, the first one still 1 (diffusers' ``stretch_shift_to_terminal``). One
+    step (sigma 1 alone) stays as it is, where diffusers divides 0 by 0 (NaN)."""
+    one_minus = 1 - sigmas
+    if one_minus[-1] == 0:
+        return sigmas
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
+
+
+def qwen_image_sigmas(steps: int, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 0.9,
+                      base_seq_len: int = 256, max_seq_len: int = 8192, shift_terminal: float | None = 0.02,
+                      schedule: str = "default") -> torch.Tensor:
+    """Qwen-Image schedule: FLUX.1's dynamic exponential shift with Qwen-Image's scheduler config
+    (mu 0.5 at 256 image tokens, 0.9 at 8192), then stretched to end at ``shift_terminal`` before the
+    final 0. ``image_seq_len``: 1.0 packs 2x2 latents, ``(H/16) * (W/16)`` (4096 at 1024^2: mu 0.6935,
+    sigmas 1.0, 0.9897, ..., 0.0585, 0.02, 0); 2.1 has one token per latent of its 16x VAE, the same
+    count."""
+    return flux_sigmas(steps, image_seq_len, base_shift, max_shift, base_seq_len, max_seq_len,
+                       schedule=schedule, shift_terminal=shift_terminal)
 
 
 def flux_seq_len(height: int, width: int) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..samplers import Guidance, flux2_sigmas, flux_seq_len, flux_sigmas, sample, sd3_sigmas
+from ..samplers import Guidance, flux2_sigmas, flux_seq_len, flux_sigmas, qwen_image_sigmas, sample, sd3_sigmas
+from ..samplers.guidance import same_length
 from .calibrate import Calibration, ablation_effects, find_massive, select_massive
 from .probe import Activations, named_inputs, probe
 from .spec import default_block
@@ -60,7 +61,8 @@ def collect(model: nn.Module, samples: Mapping, uncond=None) -> dict:
         B, sigma = x.shape[0], float(key[1])
         if un is not None:
             x = x.repeat(2, 1, 1, 1)
-            inputs = {k: _stack(un.get(k), v, B) for k, v in inputs.items()}
+            inputs, u = same_length(inputs, un)  # texts of different lengths: the shorter padded, masked
+            inputs = {k: _stack(u.get(k), v, B) for k, v in inputs.items()}
         rec = probe(model, x, torch.full((x.shape[0],), sigma, device=x.device), **inputs)
         out[key] = {"cond": _mean_rows(rec.rows(slice(x.shape[0] - B, None)))}
         if un is not None:
@@ -245,13 +247,25 @@ def _plot(report, mag, mean_over, out_dir: Path) -> list[str]:
 
 def default_sigmas(model: nn.Module, steps: int, height: int, width: int) -> torch.Tensor:
     """The family's schedule for an image of height x width pixels (FLUX-dev and Chroma shifted, schnell not;
-    FLUX.2 its empirical mu, one token per 16 x 16 pixels as FLUX.1's packed latents)."""
-    if model.config.family == "sd3":
+    FLUX.2 its empirical mu, one token per 16 x 16 pixels as FLUX.1's packed latents; Qwen-Image its own
+    shift, for its 1024 tokens per megapixel: 2x2 latents of its 8x VAE, or 2.1's 16x)."""
+    family = model.config.family
+    if family == "sd3":
         return sd3_sigmas(steps)
-    if model.config.family == "flux2":
+    if family == "flux2":
         return flux2_sigmas(steps, flux_seq_len(height, width))
+    if family in ("qwen-image", "qwen-image-2.1"):
+        return qwen_image_sigmas(steps, flux_seq_len(height, width))
     return flux_sigmas(steps, flux_seq_len(height, width),
                        shift=getattr(model.config, "guidance_embed", True))
+
+
+def _latent_shape(model: nn.Module, height: int, width: int) -> tuple[int, int, int]:
+    """(C, h, w) of a family's latents: 16 channels at 1/8 (Qwen-Image: its latent channels), 2.1's at 1/16."""
+    c = getattr(model.config, "latent_channels", 16)
+    if model.config.family == "qwen-image-2.1":
+        return c, math.ceil(height / 16), math.ceil(width / 16)
+    return c, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16)
 
 
 @torch.no_grad()
@@ -265,12 +279,11 @@ def trajectory_samples(model: nn.Module, conds: Mapping, sigmas, *, height: int 
     along the trajectory (cfg != 1). The same seeded noise for every prompt, so prompts are the
     only difference at a given sigma. ``every``: keep every n-th step. ``guidance``: FLUX's
     distilled guidance, kept with each sample. latent_shape: (C, h, w) of the latents (default:
-    16 channels at height/8 x width/8; FLUX.2: its 128 patchified channels at height/16 x width/16).
+    16 channels at height/8 x width/8; FLUX.2: its 128 patchified channels at height/16 x width/16;
+    Qwen-Image 2.1: 64 at height/16 x width/16).
     """
     param = next(model.parameters())
-    h, w = math.ceil(height / 16), math.ceil(width / 16)
-    shape = (1, *latent_shape) if latent_shape else \
-        (1, model.config.in_channels, h, w) if model.config.family == "flux2" else (1, 16, 2 * h, 2 * w)
+    shape = (1, *(latent_shape or _latent_shape(model, height, width)))
     sigmas = [float(s) for s in sigmas]
     un = None if uncond is None else as_inputs(model, uncond)
     out = {}

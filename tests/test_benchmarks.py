@@ -4,6 +4,7 @@ They check that the scripts run end to end (diffusers peer with our weights, the
 the fork, fresh-process loads) and that the JSON has its fields; not the timings.
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -164,3 +165,28 @@ def test_regional_compile_script_times_each_way_and_matches_eager(tmp_path, caps
     assert set(out["ways"]) == {"eager", "whole", "regional"} and out["blocks"] == 3
     assert all(w["rel_err_vs_eager"] <= 1e-5 and w["step_ms"] > 0 for w in out["ways"].values())
     assert json.loads((tmp_path / "rc.json").read_text())["ways"]["regional"]["first_step_s"] > 0
+
+
+def test_teacache_fit_script_fits_one_coefficient_per_power(tmp_path):
+    import teacache_fit
+
+    out = teacache_fit.main(["--seeds", "0", "--steps", "4", "--degree", "2", "--json", str(tmp_path / "fit.json")])
+    assert out["pairs"] == len(teacache_fit.PROMPTS) * 3  # 4 steps: 3 consecutive pairs per trajectory
+    assert len(out["coefficients"]) == 3 and all(math.isfinite(c) for c in out["coefficients"])
+    assert out["x_range"][1] > 0 and math.isfinite(out["r2"])
+    assert json.loads((tmp_path / "fit.json").read_text())["coefficients"] == out["coefficients"]
+
+
+def test_cache_quality_script_counts_skips_and_threshold_zero_changes_nothing(tmp_path, capsys):
+    import cache_quality
+
+    out = cache_quality.main(["--seeds", "0", "--steps", "5", "--fbcache", "0", "1e9", "--teacache", "0",
+                              "--teacache-coefficients", "1", "0", "--json", str(tmp_path / "cq.json")])
+    rows = {(r["policy"], r["dg"]): r for r in out["rows"]}
+    for dg in {r["dg"] for r in out["rows"]}:
+        for name in ("none", "fbcache:0", "teacache:0"):
+            assert rows[name, dg]["skipped_per_image"] == 0 and rows[name, dg]["psnr_db"] == math.inf
+        never = rows["fbcache:1e+09", dg]  # every middle step skipped: the first and the last are computed
+        assert never["skipped_per_image"] == 3 and 0 < never["psnr_db"] < math.inf
+    assert "steps skipped" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "cq.json").read_text())["rows"]) == len(out["rows"])

@@ -78,8 +78,8 @@ POLICIES = {"fbcache": FirstBlockCache, "teacache": TeaCache}
 
 def parse(spec):
     """A policy from ``"fbcache:0.08"``, ``"teacache:0.4"``, ``"fbcache:0.1:first=2:last=1"``; a policy
-    object as is; None (or "none") for no cache."""
-    if spec is None or isinstance(spec, (FirstBlockCache, TeaCache)):
+    object (anything with ``start(sigmas, family)``) as is; None (or "none") for no cache."""
+    if spec is None or hasattr(spec, "start"):
         return spec
     text = str(spec).strip().lower()
     if text in ("", "none", "off"):

@@ -283,7 +283,7 @@ def plan(model: nn.Module, source) -> tuple[dict, dict[str, torch.Tensor], str]:
                       "only the transformer takes LoRA here", stacklevel=3)
     pieces: dict[str, list] = {}
     diffs: dict[str, list] = {}
-    problems = formats.Problems(where, family, len(modules))
+    problems = formats.Problems(where, family, list(modules))
     linears = _linear_names(model)
     out_of = lambda n: model.get_submodule(n).out_features  # noqa: E731
     for key, parts in modules.items():
@@ -323,6 +323,10 @@ def plan(model: nn.Module, source) -> tuple[dict, dict[str, torch.Tensor], str]:
         problems.raise_()
     if not pieces and not diffs:
         raise CheckpointError(f"LoRA {where} holds no LoRA tensors (keys: {list(sd)[:formats.SHOWN]}): pass a LoRA file")
+    if diffs:
+        warnings.warn(f"{where}: besides its low-rank pairs it holds {sum(len(v) for v in diffs.values())} full "
+                      "differences (ComfyUI .diff / .diff_b on norms and biases, or lora_B.bias); they are added to "
+                      "those parameters in place (remove() restores them)", stacklevel=3)
     alphas = any("alpha" in p for p in modules.values())
     if not alphas and not meta and any(k.startswith("base_model.model.") for k in modules):
         warnings.warn(f"{where}: a PEFT adapter without its adapter_config.json (no alpha in the file): applied at "

@@ -145,8 +145,8 @@ def shown(keys: list[str], n: int = SHOWN) -> str:
 class Problems:
     """What in a LoRA file does not fit a model, said in at most three lines."""
 
-    def __init__(self, where: str, family: str, layers: int):
-        self.where, self.family, self.layers = where, family, layers
+    def __init__(self, where: str, family: str, keys: list[str]):
+        self.where, self.family, self.keys, self.layers = where, family, keys, len(keys)
         self.unmatched: list[str] = []  # module keys that name no layer of the model
         self.misfit: dict[str, str] = {}  # module key -> why its shapes don't fit
         self.half: list[str] = []  # module keys with only a down or an up
@@ -158,7 +158,7 @@ class Problems:
         ours = _family_names([self.family])
         lines = []
         if self.unmatched:
-            fams, covered = family_guess(self.unmatched + list(self.misfit))
+            fams, covered = family_guess(self.keys)
             n = len(self.unmatched)
             if fams and self.family not in fams:
                 lines.append(f"it is a LoRA for {_family_names(fams)}, not for this {ours} model ({covered} of its "

@@ -107,7 +107,8 @@ def _model_args(p) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--text-device", default=None, help="where the text encoders run (default: --device)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA .safetensors (kohya, diffusers, ComfyUI or XLabs keys), scale 1 by default; repeatable")
+                   help="a LoRA .safetensors or PEFT folder (kohya, OneTrainer, LyCORIS, diffusers / PEFT, ComfyUI or "
+                        "XLabs), scale 1 by default; repeatable")
     p.add_argument("--weight-dtype", default=None, choices=("fp8",),
                    help="fp8: keep the transformer's Linear weights in float8_e4m3fn (about half the memory)")
 

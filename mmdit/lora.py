@@ -1,13 +1,18 @@
 """LoRA adapters: apply the files people have, and inject / save trainable ones.
 
 ``handle = apply_lora(model, source, scale=1.0, fuse=False)``; source is a ``.safetensors``
-path or a state dict, its format read from the keys:
+path, a PEFT ``save_pretrained`` folder or a state dict, its format read from the keys:
 
   kohya / BFL   ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``.lora_up.weight``
                 / ``.alpha`` (SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv...``)
+  OneTrainer    ``lora_transformer_<diffusers module, . as _>`` + the same suffixes
+  LyCORIS       ``lycoris_<module, . as _>`` (SimpleTuner's ``algo=lora``) + the same suffixes
   diffusers     ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` / ``lora_B``
                 (alpha from the ``lora_adapter_metadata`` header when there is one)
-  ComfyUI       ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (+ ``.alpha``)
+  PEFT          ``base_model.model.<module>.lora_A.weight``; alpha, rank / alpha patterns and rsLoRA
+                from the folder's (or the file's neighbour) ``adapter_config.json``
+  ComfyUI       ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (+ ``.alpha``); its
+                LoraSave extraction also writes ``.diff`` / ``.diff_b`` (full norm / bias differences)
   XLabs FLUX    ``double_blocks.0.processor.qkv_lora1.down.weight`` / ``.up.weight``
   Qwen-Image    the same, over its own names: kohya / musubi ``lora_unet_transformer_blocks_0_attn_to_q``
                 (diffusers' module names too: ``..._img_mlp_gate_layer``), ``lycoris_...``, Lightning's
@@ -18,14 +23,18 @@ Every LoRA becomes, per Linear of ours, one pair ``down (r, in)``, ``up (out, r)
 ``delta W = scale * up @ down`` (alpha / rank baked into ``up``). diffusers' separate q / k
 / v (and FLUX ``proj_mlp``) fold into our fused ``qkv`` / ``linear1``: the downs are stacked
 and the ups placed block-diagonally on their rows; the 2-chunk adaLN halves are swapped as
-in ``weights.keymaps``.
+in ``weights.keymaps``. A LoRA on a convolution (SD3's patch embedding) is a low-rank conv:
+``down`` the kernel at rank r, ``up`` a 1x1 conv. Full differences (``.diff``, ``.diff_b``,
+PEFT's ``lora_B.bias``) are added to their parameters in place.
 
-Unfused (default): the Linear is replaced by a ``LoRALinear`` holding the same parameter
-objects under the same names (``weight``, ``bias``; fp8 ``weight_scale`` too) plus
-``adapters``, a list of low-rank paths; the scale is a buffer, so ``set_scale`` changes no
-graph. Fused: the delta is added to the weights and the originals are kept on the CPU, so
-``remove()`` restores them bit-exactly. Keys that match no layer, and rank / shape
-mismatches, are one error naming them, raised before anything is applied.
+Unfused (default): the Linear is replaced by a ``LoRALinear`` (a conv by a ``LoRAConv2d``)
+holding the same parameter objects under the same names (``weight``, ``bias``; fp8
+``weight_scale`` too) plus ``adapters``, a list of low-rank paths; the scale is a buffer, so
+``set_scale`` changes no graph. Fused: the delta is added to the weights and the originals are
+kept on the CPU, so ``remove()`` restores them bit-exactly. Keys that match no layer, and rank /
+shape mismatches, are one error of at most three lines (``lora_formats.Problems``), raised
+before anything is applied; adapters this project does not apply are named
+(``lora_formats.refused``).
 """
 from __future__ import annotations
 

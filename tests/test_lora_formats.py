@@ -311,6 +311,11 @@ def other_lone_shard(peer, tmp):  # the shard without the keys that tell the mod
     return tmp / "flux1-dev-00002-of-00002.safetensors"
 
 
+def comfy_lora_file(peer, tmp):
+    base = _flux_sd(peer)
+    return peers.save(L.comfy_extracted(base, L.tuned(base))[0], tmp / "ComfyUI_extracted_lora_00001_.safetensors")
+
+
 LOAD_REFUSALS = {  # what: (make the file, words its first line must hold)
     "a lone shard": (lone_shard, "one shard of a multi-file set: point at the folder or its index.json"),
     "the other lone shard": (other_lone_shard, "one shard of a multi-file set: point at the folder or its index.json"),
@@ -319,6 +324,7 @@ LOAD_REFUSALS = {  # what: (make the file, words its first line must hold)
     "ComfyUI nvfp4": (comfy_nvfp4, "is a ComfyUI nvfp4 (4-bit NVIDIA FP4"),
     "head_dim 32 without axes_dim": (flux_head_dim_32, "config={'axes_dim': (4, 14, 14)})"),
     "an unmerged LoRA": (unmerged_lora, "the file holds an unmerged LoRA beside the model"),
+    "a ComfyUI-extracted LoRA": (comfy_lora_file, "is a LoRA adapter"),
     "keys missing": (keys_missing, "only keys are missing"),
 }
 
@@ -427,3 +433,25 @@ def test_inspect_takes_config_overrides(tmp_path, capsys):
     assert cli_main(["inspect", str(path), "--config", "axes_dim=4,14,14"]) == 0
     assert "axes_dim=(4, 14, 14)" in capsys.readouterr().out
     assert load_transformer(path, config={"axes_dim": (4, 14, 14)}).config.axes_dim == (4, 14, 14)
+
+
+@pytest.mark.slow
+def test_conv_lora_and_diffs_compile_without_graph_breaks(sd35, tmp_path):
+    peer, path = sd35
+    model, file, merged, _ = comfy_case(peer, path, tmp_path)
+    with pytest.warns(UserWarning):
+        handle = mmdit.apply_lora(model, file, scale=SCALE)
+    x, sigma, ctx, pooled, _ = peers.inputs(peer)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(x, sigma, ctx, pooled).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        want = model(x, sigma, ctx, pooled)
+        assert rel_err(compiled(x, sigma, ctx, pooled), want) <= TOL
+        handle.set_scale(0.0)  # the conv adapter's scale is a buffer, the diffs are taken out in place
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            off = compiled(x, sigma, ctx, pooled)
+    assert rel_err(off, run(load_transformer(path), peer)) <= TOL
+    handle.remove()
+    torch._dynamo.reset()

@@ -84,7 +84,8 @@ def refuse_foreign(keys, where: str) -> None:
 
 def is_lora_key(k: str) -> bool:
     """A key of a LoRA adapter in any of the layouts ``mmdit.lora`` reads."""
-    return any(m in k for m in LORA_MARKS) or k.startswith(("lora_te", "lora_unet")) or k.endswith(".alpha")
+    return (any(m in k for m in LORA_MARKS) or k.startswith(("lora_te", "lora_unet", "lora_transformer_", "lycoris_"))
+            or k.endswith((".alpha", ".diff", ".diff_b")))
 
 
 def residue_hints(unexpected: list[str]) -> list[str]:

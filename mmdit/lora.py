@@ -13,6 +13,7 @@ path, a PEFT ``save_pretrained`` folder or a state dict, its format read from th
                 from the folder's (or the file's neighbour) ``adapter_config.json``
   ComfyUI       ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (+ ``.alpha``); its
                 LoraSave extraction also writes ``.diff`` / ``.diff_b`` (full norm / bias differences)
+  LyCORIS LoHa / LoKr  ``lycoris_<module>.hada_w1_a`` ... / ``.lokr_w1`` ...: a full weight difference
   XLabs FLUX    ``double_blocks.0.processor.qkv_lora1.down.weight`` / ``.up.weight``
   Qwen-Image    the same, over its own names: kohya / musubi ``lora_unet_transformer_blocks_0_attn_to_q``
                 (diffusers' module names too: ``..._img_mlp_gate_layer``), ``lycoris_...``, Lightning's
@@ -25,7 +26,7 @@ Every LoRA becomes, per Linear of ours, one pair ``down (r, in)``, ``up (out, r)
 and the ups placed block-diagonally on their rows; the 2-chunk adaLN halves are swapped as
 in ``weights.keymaps``. A LoRA on a convolution (SD3's patch embedding) is a low-rank conv:
 ``down`` the kernel at rank r, ``up`` a 1x1 conv. Full differences (``.diff``, ``.diff_b``,
-PEFT's ``lora_B.bias``) are added to their parameters in place.
+PEFT's ``lora_B.bias``, LoHa / LoKr layers) are added to their parameters in place.
 
 Unfused (default): the Linear is replaced by a ``LoRALinear`` (a conv by a ``LoRAConv2d``)
 holding the same parameter objects under the same names (``weight``, ``bias``; fp8
@@ -62,7 +63,8 @@ _ROLES = [(".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"), 
           (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
           (".down.weight", "down"), (".up.weight", "up"), (".alpha", "alpha"),
           (".lora_B.bias", "up_bias"), (".lora_up.bias", "up_bias"),  # PEFT lora_bias: scaled as the pair
-          (".diff_b", "diff_b"), (".diff", "diff")]  # ComfyUI LoraSave: full differences of biases / weights
+          (".diff_b", "diff_b"), (".diff", "diff"),  # ComfyUI LoraSave: full differences of biases / weights
+          *((f".{t}", t) for t in formats.LYCORIS)]  # LyCORIS LoHa / LoKr: a full weight difference
 _XLABS = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj",
           "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1", "proj_lora": "linear2"}
 
@@ -316,6 +318,14 @@ def plan(model: nn.Module, source) -> tuple[dict, dict[str, torch.Tensor], str]:
                 continue
             down, up, mult = pair
             pieces.setdefault(name, []).append((start, down, keymaps.split("adaln", up, hidden)[0] if swap else up))
+        if any(r in formats.LYCORIS for r in parts):
+            delta = formats.lycoris_delta(parts)
+            want = (rows or module.weight.shape[0], *module.weight.shape[1:])
+            if isinstance(delta, str) or delta.numel() != math.prod(want):
+                problems.misfit[key] = delta if isinstance(delta, str) else \
+                    f"LoHa / LoKr delta {tuple(delta.shape)} does not fit {name}.weight {tuple(want)}"
+                continue
+            parts = {**parts, "diff": delta.reshape(want)}
         for role, leaf, scale in (("diff", "weight", 1.0), ("diff_b", "bias", 1.0), ("up_bias", "bias", mult)):
             if role not in parts:
                 continue
@@ -333,9 +343,9 @@ def plan(model: nn.Module, source) -> tuple[dict, dict[str, torch.Tensor], str]:
     if not pieces and not diffs:
         raise CheckpointError(f"LoRA {where} holds no LoRA tensors (keys: {list(sd)[:formats.SHOWN]}): pass a LoRA file")
     if diffs:
-        warnings.warn(f"{where}: besides its low-rank pairs it holds {sum(len(v) for v in diffs.values())} full "
-                      "differences (ComfyUI .diff / .diff_b on norms and biases, or lora_B.bias); they are added to "
-                      "those parameters in place (remove() restores them)", stacklevel=3)
+        warnings.warn(f"{where}: it holds {sum(len(v) for v in diffs.values())} full differences (ComfyUI .diff / "
+                      ".diff_b on norms and biases, LyCORIS LoHa / LoKr, or lora_B.bias); they are added to those "
+                      "parameters in place (remove() restores them)", stacklevel=3)
     alphas = any("alpha" in p for p in modules.values())
     if not alphas and not meta and any(k.startswith("base_model.model.") for k in modules):
         warnings.warn(f"{where}: a PEFT adapter without its adapter_config.json (no alpha in the file): applied at "

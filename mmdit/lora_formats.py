@@ -7,8 +7,9 @@ the adapters refused by name, which model a LoRA was trained for, and its errors
   keys, no alpha) and ``adapter_config.json`` (``r``, ``lora_alpha``, ``rank_pattern``,
   ``alpha_pattern``, ``use_rslora``): ``peft_config`` finds the config for a folder or a file
   beside it;
-* LoHa / LoKr / DoRA / Tucker LoCon and BFL's FLUX.1 Depth / Canny Control LoRA are named by
-  ``refused`` with the step to take instead;
+* LyCORIS LoHa / LoKr layers become full weight differences (``lycoris_delta``); DoRA, Tucker
+  factors and BFL's FLUX.1 Depth / Canny Control LoRA are named by ``refused`` with the step to
+  take instead;
 * ``family_guess`` says which model a LoRA's layer names belong to (a FLUX LoRA on SD3);
 * ``Problems`` gathers what does not fit and says it in at most three lines, the first one
   complete on its own.
@@ -19,6 +20,8 @@ import functools
 import json
 import re
 from pathlib import Path
+
+import torch
 
 from .weights.checkpoint import CheckpointError
 from .weights.families import FAMILIES
@@ -35,8 +38,8 @@ _MERGE = ("merge it into the model with the tool that trained it (LyCORIS, Comfy
           "that file, or apply it in ComfyUI")
 # (test on one key, what it is, what to do instead)
 _REFUSED = [
-    (lambda k: "hada_" in k, "a LoHa (LyCORIS) adapter", _MERGE),
-    (lambda k: "lokr_" in k, "a LoKr (LyCORIS) adapter", _MERGE),
+    (lambda k: k.endswith((".hada_t1", ".hada_t2")), "a LoHa (LyCORIS) adapter with Tucker tensors", _MERGE),
+    (lambda k: k.endswith((".lokr_t1", ".lokr_t2")), "a LoKr (LyCORIS) adapter with a Tucker tensor", _MERGE),
     (lambda k: k.endswith((".dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")),
      "a DoRA adapter (LoRA with weight decomposition)", _MERGE),
     (lambda k: ".lora_mid." in k, "a LoCon with a mid (Tucker) tensor", _MERGE),
@@ -54,6 +57,32 @@ def refused(keys, where: str) -> None:
         if hits:
             raise CheckpointError(f"LoRA {where} is {what}, which is not applied here ({len(hits)} tensors such as "
                                   f"{hits[0]!r}): {instead}")
+
+
+# LyCORIS LoHa / LoKr tensors (lycoris/modules/loha.py, lokr.py): applied as full weight differences
+LYCORIS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
+           "lokr_w2_a", "lokr_w2_b")
+
+
+def lycoris_delta(parts: dict) -> torch.Tensor | str:
+    """The full weight difference of a LoHa or LoKr layer at strength 1, or why it can't be made.
+    LoHa: (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank. LoKr: kron(w1, w2), each factor whole or a
+    product of two, times alpha / rank when one of them is a product (else 1, as LyCORIS saves it)."""
+    t = {k: v.float() for k, v in parts.items()}
+    alpha = float(t["alpha"].reshape(-1)[0]) if "alpha" in t else None
+    if "hada_w1_a" in t:
+        if not {"hada_w1_b", "hada_w2_a", "hada_w2_b"} <= t.keys():
+            return f"a LoHa layer with only {sorted(k for k in t if k.startswith('hada_'))}"
+        rank = t["hada_w1_b"].shape[0]
+        delta = (t["hada_w1_a"] @ t["hada_w1_b"].flatten(1)) * (t["hada_w2_a"] @ t["hada_w2_b"].flatten(1))
+        return delta * (alpha / rank if alpha is not None else 1.0)
+    w1 = t.get("lokr_w1", t["lokr_w1_a"] @ t["lokr_w1_b"] if {"lokr_w1_a", "lokr_w1_b"} <= t.keys() else None)
+    w2 = t.get("lokr_w2", t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1) if {"lokr_w2_a", "lokr_w2_b"} <= t.keys()
+               else None)
+    if w1 is None or w2 is None:
+        return f"a LoKr layer with only {sorted(k for k in t if k.startswith('lokr_'))}"
+    rank = t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else None
+    return torch.kron(w1, w2.flatten(1)) * (alpha / rank if alpha is not None and rank is not None else 1.0)
 
 
 # ---- PEFT folders --------------------------------------------------------------------------

@@ -84,6 +84,32 @@ def lycoris_flux(peer, rank=4, alpha=8.0, seed=4):
     return _underscored(peer, "lycoris_", rank, alpha, seed, modules)
 
 
+def lycoris_kron_hada(peer, algo: str, rank=4, alpha=2.0, factor=4, seed=5):
+    """LyCORIS ``algo=lokr`` / ``algo=loha`` over the same modules as ``lycoris_flux``: LoKr keeps
+    ``lokr_w1`` (out/b, in/d) whole (``factor`` rows / columns) and ``lokr_w2`` as ``lokr_w2_a`` @
+    ``lokr_w2_b`` at ``rank``; LoHa has ``hada_w1_a`` / ``hada_w1_b`` / ``hada_w2_a`` / ``hada_w2_b``.
+    Returns (file, {our module: the full delta at strength 1})."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [n for n, m in peer.named_modules() if type(m).__name__ in ("FluxTransformerBlock",
+                                                                         "FluxSingleTransformerBlock")]
+    sd, deltas = {}, {}
+    for n, m in peer.named_modules():
+        if not (isinstance(m, torch.nn.Linear) and any(n.startswith(b + ".") for b in blocks)):
+            continue
+        key, out, n_in = "lycoris_" + n.replace(".", "_"), m.out_features, m.in_features
+        if algo == "lokr":
+            w1 = rand((factor, factor), g, 0.5)
+            w2a, w2b = rand((out // factor, rank), g, 0.2), rand((rank, n_in // factor), g, 0.2)
+            sd.update({f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": w2a, f"{key}.lokr_w2_b": w2b})
+            deltas[n] = alpha / rank * torch.kron(w1, w2a @ w2b)
+        else:
+            w = [rand(s, g, 0.2) for s in ((out, rank), (rank, n_in), (out, rank), (rank, n_in))]
+            sd.update(dict(zip([f"{key}.hada_w1_a", f"{key}.hada_w1_b", f"{key}.hada_w2_a", f"{key}.hada_w2_b"], w)))
+            deltas[n] = alpha / rank * (w[0] @ w[1]) * (w[2] @ w[3])
+        sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd, to_ours(deltas, peer)
+
+
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
                 "norm1_context.linear", "norm.linear", "proj_mlp", "proj_out", "x_embedder", "context_embedder",

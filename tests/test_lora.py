@@ -255,7 +255,7 @@ def test_lora_compiles_without_graph_breaks_and_set_scale_needs_no_recompile(bas
                                                      "lora_unet_x_embedder_proj.lora_up.weight": torch.zeros(128, 4, 1, 1)},
      r"lora_unet_x_embedder_proj: down \(4, 16, 3, 3\), up \(128, 4, 1, 1\) do not fit x_embedder.proj"),
     ("LyCORIS", lambda sd, m: {**sd, "lora_unet_double_blocks_0_img_mlp_0.hada_w1_a": torch.zeros(2, 2)},
-     r"is a LoHa \(LyCORIS\) adapter"),
+     r"a LoHa layer with only \['hada_w1_a'\]"),
 ])
 def test_bad_loras_are_one_error_and_change_nothing(what, edit, pattern, base):
     peer, path = base("sd3.5" if what.startswith("conv LoRA") else "flux")

@@ -111,6 +111,56 @@ def test_simpletuner_lycoris_lora(flux, tmp_path):
     assert rel_err(run(model, peer), plain) >= EFFECT
 
 
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_lycoris_lokr_and_loha_apply_as_full_differences(algo, flux, tmp_path):
+    """LoKr / LoHa layers become their full weight difference (LyCORIS' and ComfyUI's definition),
+    added in place; diffusers reads LyCORIS LoKr for FLUX.2 only, so the formula is the reference."""
+    peer, path = flux
+    model = load_transformer(path)
+    plain, before = run(model, peer), {k: v.clone() for k, v in model.state_dict().items()}
+    sd, want = L.lycoris_kron_hada(peer, algo)
+    with pytest.warns(UserWarning, match="full differences"):
+        handle = mmdit.apply_lora(model, save(sd, tmp_path / f"{algo}.safetensors"), scale=SCALE)
+    assert not handle.adapters and set(handle.diffs) == {f"{n}.weight" for n in want}
+    for name, d in want.items():
+        err = ((handle.diffs[f"{name}.weight"] - d).abs().max() / d.abs().max()).item()
+        assert err <= PER_LAYER, (name, err)
+    merged = load_transformer(path)
+    with torch.no_grad():
+        for name, d in want.items():
+            merged.get_submodule(name).weight += SCALE * d
+    assert rel_err(run(model, peer), run(merged, peer)) <= TOL and rel_err(run(model, peer), plain) >= EFFECT
+    handle.remove()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_lycoris_lokr_on_flux2_matches_diffusers(tmp_path):
+    """diffusers reads LyCORIS LoKr for FLUX.2 (its converter, then PEFT's LoKr)."""
+    import peers_flux2 as P
+    from diffusers import Flux2Pipeline
+
+    peer = P.flux2_peer(num_double=1, num_single=1, heads=2, guidance=True)
+    model = load_transformer(P.save(P.bfl_state(peer), tmp_path / "flux2.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    sd = {}
+    for n, m in peer.named_modules():
+        if isinstance(m, torch.nn.Linear) and n.startswith(blocks):
+            key = "lycoris_" + n.replace(".", "_")
+            sd.update({f"{key}.lokr_w1": L.rand((4, 4), g, 0.5), f"{key}.alpha": torch.tensor(2.0),
+                       f"{key}.lokr_w2_a": L.rand((m.out_features // 4, 4), g, 0.2),
+                       f"{key}.lokr_w2_b": L.rand((4, m.in_features // 4), g, 0.2)})
+    with pytest.warns(UserWarning, match="full differences"):
+        mmdit.apply_lora(model, save(sd, tmp_path / "lokr.safetensors"), scale=SCALE)
+    twin = peers.rounded(peer, torch.float32)
+    twin.load_lora_adapter(Flux2Pipeline.lora_state_dict({k: v.clone() for k, v in sd.items()}), prefix="transformer",
+                           adapter_name="x")
+    twin.set_adapters(["x"], weights=[SCALE])
+    err = P.parity(model, twin, refs=((1, 3, 2),))
+    print(f"\nLyCORIS LoKr on FLUX.2 vs diffusers: {err:.2e}")
+    assert err <= TOL
+
+
 # ---- 2. PEFT save_pretrained folders: lora_alpha from adapter_config.json -------------------
 
 PEFT_CONFIGS = {"plain": dict(r=4, lora_alpha=8),
@@ -345,7 +395,7 @@ def test_load_and_inspect_refusals_name_the_format_first(what, flux, tmp_path, c
 
 def lycoris_loha(model):
     return {"lora_unet_double_blocks_0_img_mlp_0.hada_w1_a": torch.zeros(2, 2),
-            "lora_unet_double_blocks_0_img_mlp_0.hada_w1_b": torch.zeros(2, 2)}
+            "lora_unet_double_blocks_0_img_mlp_0.hada_t1": torch.zeros(2, 2, 3, 3)}
 
 
 def wide(model):
@@ -366,8 +416,11 @@ def sd3_lora(model):
 APPLY_REFUSALS = {  # what: (the LoRA for the FLUX model, words its first line must hold)
     "an SD3 LoRA on FLUX": (sd3_lora, "it is a LoRA for SD3 / SD3.5, not for this FLUX.1 model"),
     "a LoRA for another width": (wide, "layers have shapes this FLUX.1 model's layers don't have"),
-    "LoHa": (lycoris_loha, "is a LoHa (LyCORIS) adapter"),
-    "LoKr": (lambda m: {"lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.zeros(2, 2)}, "is a LoKr (LyCORIS)"),
+    "LoHa with Tucker tensors": (lycoris_loha, "is a LoHa (LyCORIS) adapter with Tucker tensors"),
+    "LoKr with a Tucker tensor": (lambda m: {"lycoris_transformer_blocks_0_attn_to_q.lokr_t2": torch.zeros(2, 2, 3, 3)},
+                                  "is a LoKr (LyCORIS) adapter with a Tucker tensor"),
+    "half a LoKr": (lambda m: {"lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.zeros(2, 2)},
+                    "a LoKr layer with only ['lokr_w1']"),
     "DoRA": (lambda m: {"transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.zeros(256)},
              "is a DoRA adapter"),
     "Tucker LoCon": (lambda m: {"lora_unet_x_embedder_proj.lora_mid.weight": torch.zeros(4, 4, 3, 3)},

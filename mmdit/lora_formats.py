@@ -88,13 +88,15 @@ def lycoris_delta(parts: dict) -> torch.Tensor | str:
 # ---- PEFT folders --------------------------------------------------------------------------
 
 def peft_file(path: Path) -> Path:
-    """The adapter file of a PEFT ``save_pretrained`` folder, or one clear error."""
-    file = path / PEFT_FILE
-    if not file.is_file():
-        found = sorted(p.name for p in path.iterdir())[:6]
-        raise CheckpointError(f"LoRA folder {path} has no {PEFT_FILE}: pass the LoRA .safetensors file itself, or a "
-                              f"PEFT save_pretrained folder (found {found})")
-    return file
+    """The adapter file of a LoRA folder: PEFT's ``adapter_model.safetensors``, diffusers'
+    ``pytorch_lora_weights.safetensors``, or its only ``.safetensors``; else one clear error."""
+    files = sorted(path.glob("*.safetensors"))
+    named = [path / n for n in (PEFT_FILE, "pytorch_lora_weights.safetensors") if (path / n).is_file()]
+    if named or len(files) == 1:
+        return (named or files)[0]
+    found = sorted(p.name for p in path.iterdir())[:6]
+    raise CheckpointError(f"LoRA folder {path} has no {PEFT_FILE} (nor one .safetensors file): pass the LoRA file "
+                          f"itself, or a PEFT save_pretrained folder (found {found})")
 
 
 def peft_config(file: Path) -> dict | None:

@@ -460,6 +460,7 @@ def test_peft_dora_folder_and_missing_adapter_are_named(flux, tmp_path):
           "base_model.model.x_embedder.lora_B.weight": torch.zeros(256, 4)}, tmp_path / "dora/adapter_model.safetensors")
     (tmp_path / "dora/adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 4, "use_dora": True}))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/notes.txt").write_text("")
     for source, words in ((tmp_path / "dora", "is a DoRA adapter"), (tmp_path / "empty", "has no adapter_model")):
         with pytest.raises(CheckpointError) as e:
             mmdit.apply_lora(model, source)
@@ -508,3 +509,12 @@ def test_conv_lora_and_diffs_compile_without_graph_breaks(sd35, tmp_path):
     assert rel_err(off, run(load_transformer(path), peer)) <= TOL
     handle.remove()
     torch._dynamo.reset()
+
+
+def test_a_diffusers_save_lora_weights_folder_is_read_too(flux, tmp_path):
+    peer, path = flux
+    model = load_transformer(path)
+    sd, want = L.onetrainer_flux(peer)
+    folder = tmp_path / "lora"
+    save(sd, folder / "pytorch_lora_weights.safetensors")  # diffusers' save_lora_weights(folder) file name
+    check_deltas(mmdit.apply_lora(model, folder), want)

@@ -15,6 +15,8 @@ path, a PEFT ``save_pretrained`` folder or a state dict, its format read from th
                 LoraSave extraction also writes ``.diff`` / ``.diff_b`` (full norm / bias differences)
   LyCORIS LoHa / LoKr  ``lycoris_<module>.hada_w1_a`` ... / ``.lokr_w1`` ...: a full weight difference
   XLabs FLUX    ``double_blocks.0.processor.qkv_lora1.down.weight`` / ``.up.weight``
+  BFL Control   FLUX.1 Depth / Canny LoRA: BFL names + lora_A / lora_B, a wider ``img_in``, full q / k norm
+                scales: it makes the Depth / Canny model (``lora_control``)
   Qwen-Image    the same, over its own names: kohya / musubi ``lora_unet_transformer_blocks_0_attn_to_q``
                 (diffusers' module names too: ``..._img_mlp_gate_layer``), ``lycoris_...``, Lightning's
                 unprefixed ``transformer_blocks.0.attn.to_q.lora_down.weight`` + ``.alpha``, DiffSynth /
@@ -46,12 +48,14 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lora_control
 from . import lora_formats as formats
 from .fp8 import dequantize, quantize, set_module
 from .weights import keymaps
@@ -250,9 +254,10 @@ def _kohya_names(model: nn.Module, holders: dict[str, list[str]], family: str) -
     return kohya
 
 
-def _low_rank(key: str, parts: dict, name: str, module: nn.Module, rows: int | None, meta) -> tuple:
+def _low_rank(key: str, parts: dict, name: str, module: nn.Module, rows: int | None, meta,
+              wider: int | None = None) -> tuple:
     """(down (r, in) or (r, in*kh*kw), up (rows, r) with alpha / rank in it, alpha / rank) or a
-    string saying why the pair does not fit ``module``."""
+    string saying why the pair does not fit ``module`` (``wider``: its input width once widened)."""
     down, up = parts["down"].float(), parts["up"].float()
     if isinstance(module, nn.Conv2d):  # kohya / LyCORIS / ComfyUI / PEFT: a kernel-sized down, a 1x1 up
         n_in, width = module.in_channels, module.in_channels * math.prod(module.kernel_size)
@@ -261,7 +266,7 @@ def _low_rank(key: str, parts: dict, name: str, module: nn.Module, rows: int | N
         if module.groups != 1 or module.dilation != (1, 1):
             return f"a LoRA on the grouped or dilated convolution {name}"
     else:
-        n_in = width = module.in_features
+        n_in = width = wider or module.in_features
     rows = rows if rows is not None else (module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
     if down.dim() != 2 or up.dim() != 2 or down.shape[1] != width or up.shape[0] != rows \
             or up.shape[1] != down.shape[0]:
@@ -271,13 +276,26 @@ def _low_rank(key: str, parts: dict, name: str, module: nn.Module, rows: int | N
     return down, up * mult, mult
 
 
-def plan(model: nn.Module, source) -> tuple[dict, dict[str, torch.Tensor], str]:
-    """(our module name -> (down, up) with alpha / rank in ``up``, in fp32 (a conv's ``down``
-    flat), our parameter name -> its full difference (ComfyUI ``.diff`` / ``.diff_b``, PEFT's
-    ``lora_B.bias``, scaled as the file says), a name for messages). Raises one
-    ``CheckpointError`` of at most three lines naming what matches nothing or does not fit."""
+@dataclass
+class Plan:
+    """What a LoRA file does to a model, checked against it before anything is changed."""
+
+    pairs: dict  # our module -> (down, up) with alpha / rank in ``up``, fp32 (a conv's ``down`` flat)
+    diffs: dict[str, torch.Tensor]  # our parameter -> its full difference at strength 1
+    where: str  # a name for messages
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # Control LoRA: parameters set to these
+    widen: dict[str, int] = field(default_factory=dict)  # Control LoRA: module -> its new input width
+
+
+def plan(model: nn.Module, source) -> Plan:
+    """Read ``source`` against ``model``. Full differences are ComfyUI's ``.diff`` / ``.diff_b``,
+    PEFT's ``lora_B.bias`` and LyCORIS LoHa / LoKr layers. Raises one ``CheckpointError`` of at
+    most three lines naming what matches nothing or does not fit."""
     sd, meta, where = read(source)
     family, hidden = model.config.family, model.config.hidden_size
+    norms, widen = {}, {}
+    if lora_control.is_control(sd):  # BFL's Depth / Canny Control LoRA
+        sd, norms, widen = lora_control.read(model, sd, where)
     formats.refused(sd, where)
     holders = _holders(model)
     kohya = _kohya_names(model, holders, family)
@@ -312,7 +330,7 @@ def plan(model: nn.Module, source) -> tuple[dict, dict[str, torch.Tensor], str]:
             if not isinstance(module, nn.Conv2d) and name not in linears:
                 problems.misfit[key] = f"a LoRA pair on {name}, which is not a Linear or a convolution"
                 continue
-            pair = _low_rank(key, parts, name, module, rows, meta)
+            pair = _low_rank(key, parts, name, module, rows, meta, widen.get(name))
             if isinstance(pair, str):
                 problems.misfit[key] = pair
                 continue
@@ -340,7 +358,7 @@ def plan(model: nn.Module, source) -> tuple[dict, dict[str, torch.Tensor], str]:
             diffs.setdefault(f"{name}.{leaf}", []).append((start, keymaps.split("adaln", t, hidden)[0] if swap else t))
     if problems:
         problems.raise_()
-    if not pieces and not diffs:
+    if not pieces and not diffs and not norms:
         raise CheckpointError(f"LoRA {where} holds no LoRA tensors (keys: {list(sd)[:formats.SHOWN]}): pass a LoRA file")
     if diffs:
         warnings.warn(f"{where}: it holds {sum(len(v) for v in diffs.values())} full differences (ComfyUI .diff / "
@@ -363,7 +381,7 @@ def plan(model: nn.Module, source) -> tuple[dict, dict[str, torch.Tensor], str]:
         module = model.get_submodule(name)
         out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
         pairs[name] = _assemble(out, ps)
-    return pairs, full, where
+    return Plan(pairs, full, where, norms, widen)
 
 
 def _assemble(out: int, pieces: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,8 +415,10 @@ class LoRAHandle:
     bit-exactly), so a handle holding some is ordered like a fused one."""
 
     def __init__(self, model: nn.Module, pairs: dict, scale: float, fuse: bool, multiplier: dict | None = None,
-                 trainable: bool = False, diffs: dict[str, torch.Tensor] | None = None):
+                 trainable: bool = False, diffs: dict[str, torch.Tensor] | None = None,
+                 control: lora_control.Widened | None = None):
         self.model, self.fused, self.scale = _target(model), fuse, float(scale)
+        self.control = control  # a Control LoRA's widened img_in and replaced norms, put back on remove()
         self.multiplier = multiplier or {}  # name -> alpha / rank kept outside ``up`` (trainable adapters)
         self.adapters: dict[str, Adapter] = {}
         self.originals: dict[str, dict[str, torch.Tensor]] = {}
@@ -429,7 +449,7 @@ class LoRAHandle:
     @property
     def in_place(self) -> bool:
         """Whether this handle changed weights in place (fused, or full differences)."""
-        return self.fused or bool(self.diffs)
+        return self.fused or bool(self.diffs) or self.control is not None
 
     def _add_diffs(self) -> None:
         for pname, d in self.diffs.items():
@@ -479,7 +499,7 @@ class LoRAHandle:
 
     def remove(self) -> None:
         """Take the adapters out; the base weights are restored bit-exactly. A second call does nothing."""
-        if not self.adapters and not self.diffs:
+        if not self.adapters and not self.diffs and self.control is None:
             return
         if self.in_place:
             stack = self.model.__dict__.get("_lora_fused", [])
@@ -499,7 +519,9 @@ class LoRAHandle:
                     lin.adapters = nn.ModuleList(kept)
                 else:
                     set_module(self.model, name, lin.unwrap())
-        self.adapters, self.diffs = {}, {}
+        if self.control is not None:
+            self.control.undo()
+        self.adapters, self.diffs, self.control = {}, {}, None
 
 
 def _saved(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -511,8 +533,9 @@ def _saved(module: nn.Module) -> dict[str, torch.Tensor]:
 def apply_lora(model: nn.Module, source, scale: float = 1.0, fuse: bool = False) -> LoRAHandle:
     """Apply a LoRA (a .safetensors path, a PEFT folder or a state dict, any of the formats
     above) to ``model``. Several stack. Returns the handle: ``set_scale(s)``, ``remove()``."""
-    pairs, diffs, _ = plan(_target(model), source)
-    return LoRAHandle(model, pairs, scale, fuse, diffs=diffs)
+    p = plan(_target(model), source)
+    control = lora_control.Widened(_target(model), p.widen, p.norms) if p.norms or p.widen else None
+    return LoRAHandle(model, p.pairs, scale, fuse, diffs=p.diffs, control=control)
 
 
 # ---- training ------------------------------------------------------------------------------

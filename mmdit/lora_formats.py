@@ -7,9 +7,8 @@ the adapters refused by name, which model a LoRA was trained for, and its errors
   keys, no alpha) and ``adapter_config.json`` (``r``, ``lora_alpha``, ``rank_pattern``,
   ``alpha_pattern``, ``use_rslora``): ``peft_config`` finds the config for a folder or a file
   beside it;
-* LyCORIS LoHa / LoKr layers become full weight differences (``lycoris_delta``); DoRA, Tucker
-  factors and BFL's FLUX.1 Depth / Canny Control LoRA are named by ``refused`` with the step to
-  take instead;
+* LyCORIS LoHa / LoKr layers become full weight differences (``lycoris_delta``); DoRA and Tucker
+  factors are named by ``refused`` with the step to take instead;
 * ``family_guess`` says which model a LoRA's layer names belong to (a FLUX LoRA on SD3);
 * ``Problems`` gathers what does not fit and says it in at most three lines, the first one
   complete on its own.
@@ -43,10 +42,6 @@ _REFUSED = [
     (lambda k: k.endswith((".dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")),
      "a DoRA adapter (LoRA with weight decomposition)", _MERGE),
     (lambda k: ".lora_mid." in k, "a LoCon with a mid (Tucker) tensor", _MERGE),
-    (lambda k: k.endswith(("query_norm.scale", "key_norm.scale")),
-     "BFL's FLUX.1 Depth / Canny Control LoRA (it widens img_in for the control image and replaces the q/k "
-     "norms: it makes another model)",
-     "load the full FLUX.1-Depth-dev or FLUX.1-Canny-dev transformer instead and pass control_image="),
 ]
 
 

@@ -222,3 +222,59 @@ def diffusers_reads(peer, sd: dict[str, torch.Tensor], scale: float, converter=N
     twin.load_lora_adapter(sd, prefix="transformer", adapter_name="x")
     twin.set_adapters(["x"], weights=[scale])
     return twin
+
+
+@functools.lru_cache(maxsize=None)
+def bfl_control_converter(num_double: int, num_single: int, hidden: int):
+    """diffusers' BFL Control LoRA converter hard-codes FLUX.1's 19 + 38 blocks and width 3072;
+    recompile its own source with the test model's."""
+    from diffusers.loaders import lora_conversion_utils as lcu
+
+    src = inspect.getsource(lcu._convert_bfl_flux_control_lora_to_diffusers)
+    for old, new in (("num_layers = 19", f"num_layers = {num_double}"),
+                     ("num_single_layers = 38", f"num_single_layers = {num_single}"),
+                     ("inner_dim = 3072", f"inner_dim = {hidden}")):
+        assert src.count(old) == 1, "diffusers changed its Control LoRA converter; update this shim"
+        src = src.replace(old, new)
+    namespace = dict(vars(lcu))
+    exec(compile(src, lcu.__file__, "exec"), namespace)
+    return namespace["_convert_bfl_flux_control_lora_to_diffusers"]
+
+
+def diffusers_control(peer, sd: dict[str, torch.Tensor], scale: float):
+    """A copy of the peer after diffusers' ``FluxControlPipeline.load_lora_weights`` (the FLUX LoRA
+    mixin on a holder of the transformer alone): x_embedder widened, norms replaced, LoRA at ``scale``."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+    from diffusers.loaders import lora_pipeline
+
+    class Holder(FluxLoraLoaderMixin):
+        hf_device_map = None  # what a pipeline that is not device-mapped says
+
+        def __init__(self, transformer):
+            self.transformer, self.text_encoder, self.components = transformer, None, {"transformer": transformer}
+
+    twin = peers.rounded(peer, torch.float32)
+    cfg = peer.config
+    original = lora_pipeline._convert_bfl_flux_control_lora_to_diffusers
+    lora_pipeline._convert_bfl_flux_control_lora_to_diffusers = bfl_control_converter(
+        cfg.num_layers, cfg.num_single_layers, peers.hidden(peer))
+    try:
+        Holder(twin).load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name="x")
+    finally:
+        lora_pipeline._convert_bfl_flux_control_lora_to_diffusers = original
+    twin.set_adapters(["x"], weights=[scale])
+    return twin
+
+
+@torch.no_grad()
+def run_control(peer, x, control, sigma, context, pooled, guidance):
+    """The peer's velocity for latents ``x`` (B, 16, H, W) with the control latents beside them, as
+    FluxControlPipeline packs them (latent tokens, then control tokens, along the features)."""
+    B, C, H, W = x.shape
+    h, w = H // 2, W // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    out = peer(hidden_states=torch.cat([peers.pack(x), peers.pack(control)], -1), timestep=sigma, guidance=guidance,
+               encoder_hidden_states=context, pooled_projections=pooled, img_ids=ids.reshape(-1, 3),
+               txt_ids=torch.zeros(context.shape[1], 3), return_dict=False)[0]
+    return out.view(B, h, w, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)

@@ -425,7 +425,6 @@ APPLY_REFUSALS = {  # what: (the LoRA for the FLUX model, words its first line m
              "is a DoRA adapter"),
     "Tucker LoCon": (lambda m: {"lora_unet_x_embedder_proj.lora_mid.weight": torch.zeros(4, 4, 3, 3)},
                      "is a LoCon with a mid (Tucker) tensor"),
-    "BFL Depth / Canny Control LoRA": (L.bfl_control, "is BFL's FLUX.1 Depth / Canny Control LoRA"),
     "half a pair": (lambda m: {"lora_unet_double_blocks_0_img_mlp_0.lora_down.weight": torch.zeros(4, 256)},
                     "have only half a LoRA pair"),
 }
@@ -443,6 +442,41 @@ def test_apply_refusals_name_the_format_first_and_change_nothing(what, flux):
     assert len(lines) <= 3 and words in lines[0]
     assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_bfl_control_lora_makes_the_depth_model_as_diffusers_does(flux, tmp_path):
+    peer, path = flux
+    model = load_transformer(path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = L.bfl_control(model)
+    # diffusers' converter swaps the halves of final_layer.adaLN_modulation.1's lora_A (its rank rows) as well
+    # as lora_B's, so its B A is not the swapped delta; lora_A rows equal in both halves make it exact
+    a = sd["final_layer.adaLN_modulation.1.lora_A.weight"]
+    sd["final_layer.adaLN_modulation.1.lora_A.weight"] = torch.cat([a[:2], a[:2]])
+    with pytest.warns(UserWarning, match="lora_B.bias"):
+        handle = mmdit.apply_lora(model, save(sd, tmp_path / "flux1-depth-dev-lora.safetensors"), scale=SCALE)
+    lora_a = [k[:-len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")]
+    check_deltas(handle, {n: sd[f"{n}.lora_B.weight"] @ sd[f"{n}.lora_A.weight"] for n in lora_a},  # alpha = rank
+                 {f"{n}.bias": sd[f"{n}.lora_B.bias"] for n in lora_a})
+    assert model.config.in_channels == 128 and model.config.condition_channels == 16
+    assert model.img_in.in_features == 128 and model.double_blocks[0].img_attn.norm.query_norm.scale.equal(
+        sd["double_blocks.0.img_attn.norm.query_norm.scale"])
+    x, sigma, ctx, pooled, g = peers.inputs(peer)
+    control = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    twin = L.diffusers_control(peer, sd, SCALE)
+    want = L.run_control(twin, x, control, sigma, ctx, pooled, g)
+    with torch.no_grad():
+        got = model(torch.cat([x, control], 1), sigma, ctx, pooled, guidance=g)
+    err = rel_err(got, want)
+    print(f"\nBFL Control LoRA vs diffusers' FluxControlPipeline loader: {err:.2e}")
+    assert err <= TOL
+    handle.remove()
+    assert model.config.in_channels == 64 and isinstance(model.img_in, torch.nn.Linear)
+    assert model.img_in.in_features == 64
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(CheckpointError, match="FLUX.1 Depth / Canny Control LoRA: it applies to FLUX.1-dev only"):
+        mmdit.apply_lora(load_transformer(peers.save_original(peers.sd3_peer(**SD35), tmp_path / "s.safetensors",
+                                                               prefix="", with_extras=False)), sd)
 
 
 def test_a_flux_lora_on_sd3_is_named_in_three_lines(sd35, flux):

@@ -243,7 +243,7 @@ def _resolve(module_key: str, ours, kohya: dict[str, str], family: str, hidden: 
     return name, 0, None, op == "adaln" and out_of(name) == 2 * hidden
 
 
-def _kohya_names(model: nn.Module, holders: dict[str, list[str]], family: str) -> dict[str, str]:
+def _kohya_names(holders: dict[str, list[str]], family: str) -> dict[str, str]:
     """kohya's underscored module names -> ours, else diffusers' (resolved through the key map)."""
     kohya = {n.replace(".", "_"): n for n in holders}
     for n, params in holders.items():
@@ -298,7 +298,7 @@ def plan(model: nn.Module, source) -> Plan:
         sd, norms, widen = lora_control.read(model, sd, where)
     formats.refused(sd, where)
     holders = _holders(model)
-    kohya = _kohya_names(model, holders, family)
+    kohya = _kohya_names(holders, family)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     text = []
     for k, t in sd.items():
@@ -347,7 +347,8 @@ def plan(model: nn.Module, source) -> Plan:
         for role, leaf, scale in (("diff", "weight", 1.0), ("diff_b", "bias", 1.0), ("up_bias", "bias", mult)):
             if role not in parts:
                 continue
-            leaf = leaf if leaf in holders[name] else "scale" if leaf == "weight" and "scale" in holders[name] else leaf
+            if leaf == "weight" and leaf not in holders[name] and "scale" in holders[name]:
+                leaf = "scale"  # FLUX's q / k RMSNorm scales (ComfyUI now names them *_norm.weight)
             param = getattr(module, leaf, None)
             want = None if param is None else (param.shape if rows is None else (rows, *param.shape[1:]))
             if want is None or tuple(parts[role].shape) != tuple(want):
@@ -359,7 +360,8 @@ def plan(model: nn.Module, source) -> Plan:
     if problems:
         problems.raise_()
     if not pieces and not diffs and not norms:
-        raise CheckpointError(f"LoRA {where} holds no LoRA tensors (keys: {list(sd)[:formats.SHOWN]}): pass a LoRA file")
+        raise CheckpointError(f"LoRA {where} holds no LoRA tensors (keys: {list(sd)[:formats.SHOWN]}): "
+                              "pass a LoRA file")
     if diffs:
         warnings.warn(f"{where}: it holds {sum(len(v) for v in diffs.values())} full differences (ComfyUI .diff / "
                       ".diff_b on norms and biases, LyCORIS LoHa / LoKr, or lora_B.bias); they are added to those "

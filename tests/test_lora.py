@@ -250,9 +250,9 @@ def test_lora_compiles_without_graph_breaks_and_set_scale_needs_no_recompile(bas
      r"single_blocks_1_linear2: down \(4, 100\)"),
     ("half a pair", lambda sd, m: {k: v for k, v in sd.items() if k != "lora_unet_double_blocks_0_img_mlp_0"
                                    ".lora_up.weight"}, r"needs both down \(A\) and up \(B\)"),
-    ("conv LoRA of the wrong kernel", lambda sd, m: {**sd, "lora_unet_x_embedder_proj.lora_down.weight":
-                                                     torch.zeros(4, 16, 3, 3),
-                                                     "lora_unet_x_embedder_proj.lora_up.weight": torch.zeros(128, 4, 1, 1)},
+    ("conv LoRA of the wrong kernel", lambda sd, m: {
+        **sd, "lora_unet_x_embedder_proj.lora_down.weight": torch.zeros(4, 16, 3, 3),
+        "lora_unet_x_embedder_proj.lora_up.weight": torch.zeros(128, 4, 1, 1)},
      r"lora_unet_x_embedder_proj: down \(4, 16, 3, 3\), up \(128, 4, 1, 1\) do not fit x_embedder.proj"),
     ("LyCORIS", lambda sd, m: {**sd, "lora_unet_double_blocks_0_img_mlp_0.hada_w1_a": torch.zeros(2, 2)},
      r"a LoHa layer with only \['hada_w1_a'\]"),

@@ -491,7 +491,8 @@ def test_peft_dora_folder_and_missing_adapter_are_named(flux, tmp_path):
     model = load_transformer(flux[1])
     (tmp_path / "dora").mkdir()
     save({"base_model.model.x_embedder.lora_A.weight": torch.zeros(4, 64),
-          "base_model.model.x_embedder.lora_B.weight": torch.zeros(256, 4)}, tmp_path / "dora/adapter_model.safetensors")
+          "base_model.model.x_embedder.lora_B.weight": torch.zeros(256, 4)},
+         tmp_path / "dora/adapter_model.safetensors")
     (tmp_path / "dora/adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 4, "use_dora": True}))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty/notes.txt").write_text("")

@@ -221,8 +221,9 @@ def mismatches(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tupl
         keys.append(f"unexpected {len(unexpected)} key(s): " + _listing(unexpected, found))
     lines = ["; ".join(keys)] if keys else []
     if wrong:
+        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
         lines.append("; ".join(f"shape mismatch for {k}: model expects {want}, checkpoint has {got}"
-                               for k, want, got in wrong[:3]) + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+                               for k, want, got in wrong[:3]) + more)
     return lines
 
 

@@ -164,8 +164,8 @@ class Canonical(Mapping):
         if bad:
             fmt, layers = next(iter(bad.items()))
             name = _COMFY_QUANT.get(fmt, f"{fmt!r}")
-            raise CheckpointError(f"{self.where} is a ComfyUI {name} quantized checkpoint ({len(layers)} layers such as "
-                                  f"{layers[0]}): only its float8 per-tensor layers load here; {_USE_INSTEAD}")
+            raise CheckpointError(f"{self.where} is a ComfyUI {name} quantized checkpoint ({len(layers)} layers "
+                                  f"such as {layers[0]}): only its float8 per-tensor layers load here; {_USE_INSTEAD}")
 
     # ---- what the file is --------------------------------------------------------------
 

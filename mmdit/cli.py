@@ -107,7 +107,8 @@ def _model_args(p) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--text-device", default=None, help="where the text encoders run (default: --device)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA .safetensors (kohya, diffusers, ComfyUI or XLabs keys), scale 1 by default; repeatable")
+                   help="a LoRA .safetensors or PEFT folder (kohya, OneTrainer, LyCORIS, diffusers / PEFT, ComfyUI or "
+                        "XLabs), scale 1 by default; repeatable")
     p.add_argument("--weight-dtype", default=None, choices=("fp8",),
                    help="fp8: keep the transformer's Linear weights in float8_e4m3fn (about half the memory)")
 
@@ -448,13 +449,32 @@ def _input_images(args) -> dict:
 def _add_inspect(sub) -> None:
     p = _command(sub, "inspect", "what a checkpoint is: layout, family, inferred config, dtype, size")
     p.add_argument("path", help="a .safetensors file, an index.json, a diffusers folder or a hub repo id")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", type=_config_override,
+                   help="override an inferred config field, as load_transformer(config={...}) does, e.g. "
+                        "--config axes_dim=8,28,28; repeatable")
 
     def run(args):
         from .weights.inspect import describe
 
-        print(describe(args.path))
+        print(describe(args.path, config=dict(args.config) or None))
 
     p.set_defaults(run=run)
+
+
+def _config_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value): a Python literal (``8,28,28`` is a tuple), true / false, or the text."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. axes_dim=8,28,28), got {text!r}")
+    flag = {"true": True, "false": False}.get(value.strip().lower())
+    if flag is not None:
+        return key.strip(), flag
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
 
 
 def _ma_args(p) -> None:

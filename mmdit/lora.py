@@ -1,14 +1,22 @@
 """LoRA adapters: apply the files people have, and inject / save trainable ones.
 
 ``handle = apply_lora(model, source, scale=1.0, fuse=False)``; source is a ``.safetensors``
-path or a state dict, its format read from the keys:
+path, a PEFT ``save_pretrained`` folder or a state dict, its format read from the keys:
 
   kohya / BFL   ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``.lora_up.weight``
                 / ``.alpha`` (SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv...``)
+  OneTrainer    ``lora_transformer_<diffusers module, . as _>`` + the same suffixes
+  LyCORIS       ``lycoris_<module, . as _>`` (SimpleTuner's ``algo=lora``) + the same suffixes
   diffusers     ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` / ``lora_B``
                 (alpha from the ``lora_adapter_metadata`` header when there is one)
-  ComfyUI       ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (+ ``.alpha``)
+  PEFT          ``base_model.model.<module>.lora_A.weight``; alpha, rank / alpha patterns and rsLoRA
+                from the folder's (or the file's neighbour) ``adapter_config.json``
+  ComfyUI       ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (+ ``.alpha``); its
+                LoraSave extraction also writes ``.diff`` / ``.diff_b`` (full norm / bias differences)
+  LyCORIS LoHa / LoKr  ``lycoris_<module>.hada_w1_a`` ... / ``.lokr_w1`` ...: a full weight difference
   XLabs FLUX    ``double_blocks.0.processor.qkv_lora1.down.weight`` / ``.up.weight``
+  BFL Control   FLUX.1 Depth / Canny LoRA: BFL names + lora_A / lora_B, a wider ``img_in``, full q / k norm
+                scales: it makes the Depth / Canny model (``lora_control``)
   Qwen-Image    the same, over its own names: kohya / musubi ``lora_unet_transformer_blocks_0_attn_to_q``
                 (diffusers' module names too: ``..._img_mlp_gate_layer``), ``lycoris_...``, Lightning's
                 unprefixed ``transformer_blocks.0.attn.to_q.lora_down.weight`` + ``.alpha``, DiffSynth /
@@ -18,14 +26,18 @@ Every LoRA becomes, per Linear of ours, one pair ``down (r, in)``, ``up (out, r)
 ``delta W = scale * up @ down`` (alpha / rank baked into ``up``). diffusers' separate q / k
 / v (and FLUX ``proj_mlp``) fold into our fused ``qkv`` / ``linear1``: the downs are stacked
 and the ups placed block-diagonally on their rows; the 2-chunk adaLN halves are swapped as
-in ``weights.keymaps``.
+in ``weights.keymaps``. A LoRA on a convolution (SD3's patch embedding) is a low-rank conv:
+``down`` the kernel at rank r, ``up`` a 1x1 conv. Full differences (``.diff``, ``.diff_b``,
+PEFT's ``lora_B.bias``, LoHa / LoKr layers) are added to their parameters in place.
 
-Unfused (default): the Linear is replaced by a ``LoRALinear`` holding the same parameter
-objects under the same names (``weight``, ``bias``; fp8 ``weight_scale`` too) plus
-``adapters``, a list of low-rank paths; the scale is a buffer, so ``set_scale`` changes no
-graph. Fused: the delta is added to the weights and the originals are kept on the CPU, so
-``remove()`` restores them bit-exactly. Keys that match no layer, and rank / shape
-mismatches, are one error naming them, raised before anything is applied.
+Unfused (default): the Linear is replaced by a ``LoRALinear`` (a conv by a ``LoRAConv2d``)
+holding the same parameter objects under the same names (``weight``, ``bias``; fp8
+``weight_scale`` too) plus ``adapters``, a list of low-rank paths; the scale is a buffer, so
+``set_scale`` changes no graph. Fused: the delta is added to the weights and the originals are
+kept on the CPU, so ``remove()`` restores them bit-exactly. Keys that match no layer, and rank /
+shape mismatches, are one error of at most three lines (``lora_formats.Problems``), raised
+before anything is applied; adapters this project does not apply are named
+(``lora_formats.refused``).
 """
 from __future__ import annotations
 
@@ -36,12 +48,15 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lora_control
+from . import lora_formats as formats
 from .fp8 import dequantize, quantize, set_module
 from .weights import keymaps
 from .weights.checkpoint import CheckpointError
@@ -50,14 +65,10 @@ from .weights.checkpoint import CheckpointError
 _ROLES = [(".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),  # PEFT's adapter name (DiffSynth)
           (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
           (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-          (".down.weight", "down"), (".up.weight", "up"), (".alpha", "alpha")]
-_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
-_TEXT = ("lora_te", "text_encoder")
-_UNSUPPORTED = [(lambda k: "hada_" in k, "LoHa (LyCORIS)"), (lambda k: "lokr_" in k, "LoKr (LyCORIS)"),
-                (lambda k: k.endswith((".dora_scale", "lora_magnitude_vector")), "DoRA"),
-                (lambda k: ".lora_mid." in k, "LoCon with a mid (Tucker) tensor"),
-                (lambda k: k.endswith((".diff", ".diff_b")), "full weight diffs"),
-                (lambda k: k.endswith(("lora_B.bias", "lora_up.bias")), "LoRA with a bias")]
+          (".down.weight", "down"), (".up.weight", "up"), (".alpha", "alpha"),
+          (".lora_B.bias", "up_bias"), (".lora_up.bias", "up_bias"),  # PEFT lora_bias: scaled as the pair
+          (".diff_b", "diff_b"), (".diff", "diff"),  # ComfyUI LoraSave: full differences of biases / weights
+          *((f".{t}", t) for t in formats.LYCORIS)]  # LyCORIS LoHa / LoKr: a full weight difference
 _XLABS = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj",
           "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1", "proj_lora": "linear2"}
 
@@ -65,22 +76,32 @@ _XLABS = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1"
 # ---- modules -------------------------------------------------------------------------------
 
 class Adapter(nn.Module):
-    """One low-rank path: ``scale * up(down(x))``; ``scale`` is a 0-dim buffer (no recompiles)."""
+    """One low-rank path: ``scale * up(down(x))``; ``scale`` is a 0-dim buffer (no recompiles).
+    On a convolution ``down`` is the conv's kernel at rank r (stored flat, (r, in*kh*kw)) and
+    ``up`` a 1x1 conv: the same ``up @ down`` delta, reshaped to the kernel."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, trainable: bool = False):
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, trainable: bool = False,
+                 conv: nn.Conv2d | None = None):
         super().__init__()
-        self.down = nn.Parameter(down, requires_grad=trainable)  # (r, in)
+        self.down = nn.Parameter(down, requires_grad=trainable)  # (r, in) or (r, in*kh*kw)
         self.up = nn.Parameter(up, requires_grad=trainable)  # (out, r)
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=down.device),
                              persistent=False)
+        self.kernel = None if conv is None else (conv.in_channels, *conv.kernel_size)
+        self.stride, self.padding = (None, None) if conv is None else (conv.stride, conv.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        if self.kernel is None:
+            h = F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        else:  # (B, in, H, W) -> (B, r, H', W') -> (B, out, H', W')
+            h = F.conv2d(x, self.down.to(x.dtype).view(-1, *self.kernel), stride=self.stride, padding=self.padding)
+            h = F.conv2d(h, self.up.to(x.dtype)[:, :, None, None])
         return h * self.scale.to(x.dtype)
 
     def delta(self) -> torch.Tensor:
-        """``scale * up @ down`` in fp32, (out, in)."""
-        return (self.up.float() @ self.down.float()) * self.scale
+        """``scale * up @ down`` in fp32, (out, in) (a conv: (out, in, kh, kw))."""
+        d = (self.up.float() @ self.down.float()) * self.scale
+        return d if self.kernel is None else d.view(d.shape[0], *self.kernel)
 
 
 class LoRALinear(nn.Module):
@@ -114,6 +135,16 @@ class LoRALinear(nn.Module):
         return base
 
 
+class LoRAConv2d(LoRALinear):
+    """A Conv2d (SD3's patch embedding) with low-rank conv adapters beside it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        for adapter in self.adapters:
+            y = y + adapter(x)
+        return y
+
+
 def _dense(module: nn.Module) -> torch.Tensor:
     """The module's weight in fp32 (fp8: ``w.float() * weight_scale``, per tensor or per row)."""
     scale = getattr(module, "weight_scale", None)
@@ -133,12 +164,16 @@ def _store(module: nn.Module, dense: torch.Tensor) -> None:
 # ---- reading LoRA files --------------------------------------------------------------------
 
 def read(source) -> tuple[dict[str, torch.Tensor], dict | None, str]:
-    """(state dict, diffusers adapter metadata or None, a name for messages)."""
+    """(state dict, PEFT / diffusers adapter settings or None, a name for messages). A folder is
+    read as PEFT's ``save_pretrained`` output; a file's settings come from its
+    ``lora_adapter_metadata`` header, else from an ``adapter_config.json`` beside it."""
     if isinstance(source, Mapping):
-        return dict(source), None, "the LoRA state dict"
+        return dict(source), None, "given as a state dict"
     path = Path(source)
+    if path.is_dir():
+        path = formats.peft_file(path)
     if not path.is_file():
-        raise CheckpointError(f"LoRA {path} does not exist (pass a .safetensors file or a state dict)")
+        raise CheckpointError(f"LoRA {path} does not exist (pass a .safetensors file, a PEFT folder or a state dict)")
     from safetensors import safe_open
 
     try:
@@ -148,7 +183,7 @@ def read(source) -> tuple[dict[str, torch.Tensor], dict | None, str]:
     except Exception as e:
         raise CheckpointError(f"LoRA {path} is not a readable safetensors file ({e})") from None
     raw = meta.get("lora_adapter_metadata")
-    return sd, (json.loads(raw) if raw else None), str(path)
+    return sd, (json.loads(raw) if raw else formats.peft_config(path)), str(path)
 
 
 def _linear_names(model: nn.Module) -> set[str]:
@@ -159,29 +194,27 @@ def _linear_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if linear(m)}
 
 
+def _holders(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> the names of its own parameters, for every module holding some."""
+    out = {}
+    for n, m in model.named_modules():
+        own = [k for k, _ in m.named_parameters(recurse=False)]
+        if n and own:
+            out[n] = own
+    return out
+
+
 def _alpha_scale(module_key: str, rank: int, alpha: torch.Tensor | None, meta: dict | None) -> float:
-    """alpha / rank from the file's ``.alpha``, else from diffusers/PEFT metadata, else 1."""
+    """alpha / rank from the file's ``.alpha``, else from diffusers/PEFT settings, else 1."""
     if alpha is not None:
         return float(alpha.float().reshape(-1)[0]) / rank
-    if not meta:
-        return 1.0
-    cfg = {k.removeprefix("transformer."): v for k, v in meta.items()}
-    name = module_key.removeprefix("transformer.")
-    r = next((v for p, v in (cfg.get("rank_pattern") or {}).items() if re.fullmatch(rf"(.*\.)?{p}", name)),
-             cfg.get("r", rank))
-    a = next((v for p, v in (cfg.get("alpha_pattern") or {}).items() if re.fullmatch(rf"(.*\.)?{p}", name)),
-             cfg.get("lora_alpha", r))
-    return a / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    return formats.scale_of(module_key, rank, meta) if meta else 1.0
 
 
-def _resolve(module_key: str, ours: set[str], kohya: dict[str, str], family: str, hidden: int, out_of):
-    """(our Linear name, first row, row count, swap adaLN halves) for a LoRA module key, or None."""
-    key = module_key
-    for p in _PREFIXES:
-        if key.startswith(p):
-            key = key[len(p):]
-            break
-    for p in ("lora_unet_", "lycoris_"):  # underscored names: ours, or diffusers' (mapped below)
+def _resolve(module_key: str, ours, kohya: dict[str, str], family: str, hidden: int, out_of):
+    """(our module name, first row, row count, swap adaLN halves) for a LoRA module key, or None."""
+    key = formats.strip(module_key)
+    for p in formats.UNDERSCORED:  # underscored names: ours, or diffusers' (mapped below)
         if key.startswith(p):
             key = kohya.get(key[len(p):])
             if key is None:
@@ -193,11 +226,11 @@ def _resolve(module_key: str, ours: set[str], kohya: dict[str, str], family: str
         return (name, 0, 3 * hidden if m.group(3) == "qkv_lora" else None, False) if name in ours else None
     if key in ours:
         return key, 0, None, False
-    hit = keymaps._match_diffusers(key + ".weight", family)
+    hit = next((h for leaf in (".weight", ".scale") if (h := keymaps._match_diffusers(key + leaf, family))), None)
     if hit is None:
         return None
-    weight, j, n, op = hit
-    name = weight[:-len(".weight")]
+    param, j, n, op = hit
+    name = param.rpartition(".")[0]
     if name not in ours:
         return None
     if op == "qkv":
@@ -210,72 +243,147 @@ def _resolve(module_key: str, ours: set[str], kohya: dict[str, str], family: str
     return name, 0, None, op == "adaln" and out_of(name) == 2 * hidden
 
 
-def plan(model: nn.Module, source) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
-    """Our Linear name -> (down (R, in), up (out, R)) with alpha / rank in ``up``, in fp32.
-    Raises one ``CheckpointError`` naming every key that matches nothing and every mismatch."""
+def _kohya_names(holders: dict[str, list[str]], family: str) -> dict[str, str]:
+    """kohya's underscored module names -> ours, else diffusers' (resolved through the key map)."""
+    kohya = {n.replace(".", "_"): n for n in holders}
+    for n, params in holders.items():
+        for p in params:
+            for theirs in (keymaps._match_ours(f"{n}.{p}", family) or ((),))[0]:
+                module = theirs.rpartition(".")[0]
+                kohya.setdefault(module.replace(".", "_"), module)
+    return kohya
+
+
+def _low_rank(key: str, parts: dict, name: str, module: nn.Module, rows: int | None, meta,
+              wider: int | None = None) -> tuple:
+    """(down (r, in) or (r, in*kh*kw), up (rows, r) with alpha / rank in it, alpha / rank) or a
+    string saying why the pair does not fit ``module`` (``wider``: its input width once widened)."""
+    down, up = parts["down"].float(), parts["up"].float()
+    if isinstance(module, nn.Conv2d):  # kohya / LyCORIS / ComfyUI / PEFT: a kernel-sized down, a 1x1 up
+        n_in, width = module.in_channels, module.in_channels * math.prod(module.kernel_size)
+        down = down.reshape(down.shape[0], -1) if down.dim() == 4 else down
+        up = up.reshape(up.shape[0], -1) if up.dim() == 4 and up.shape[2:] == (1, 1) else up
+        if module.groups != 1 or module.dilation != (1, 1):
+            return f"a LoRA on the grouped or dilated convolution {name}"
+    else:
+        n_in = width = wider or module.in_features
+    rows = rows if rows is not None else (module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
+    if down.dim() != 2 or up.dim() != 2 or down.shape[1] != width or up.shape[0] != rows \
+            or up.shape[1] != down.shape[0]:
+        return (f"down {tuple(parts['down'].shape)}, up {tuple(parts['up'].shape)} do not fit {name} "
+                f"(in {n_in}, {rows} output rows) with one rank")
+    mult = _alpha_scale(key, down.shape[0], parts.get("alpha"), meta)
+    return down, up * mult, mult
+
+
+@dataclass
+class Plan:
+    """What a LoRA file does to a model, checked against it before anything is changed."""
+
+    pairs: dict  # our module -> (down, up) with alpha / rank in ``up``, fp32 (a conv's ``down`` flat)
+    diffs: dict[str, torch.Tensor]  # our parameter -> its full difference at strength 1
+    where: str  # a name for messages
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # Control LoRA: parameters set to these
+    widen: dict[str, int] = field(default_factory=dict)  # Control LoRA: module -> its new input width
+
+
+def plan(model: nn.Module, source) -> Plan:
+    """Read ``source`` against ``model``. Full differences are ComfyUI's ``.diff`` / ``.diff_b``,
+    PEFT's ``lora_B.bias`` and LyCORIS LoHa / LoKr layers. Raises one ``CheckpointError`` of at
+    most three lines naming what matches nothing or does not fit."""
     sd, meta, where = read(source)
     family, hidden = model.config.family, model.config.hidden_size
-    odd = sorted({what for k in sd for test, what in _UNSUPPORTED if test(k)})
-    if odd:
-        raise CheckpointError(f"{where} is a {' / '.join(odd)} adapter: only plain LoRA (down/up or A/B pairs, "
-                              "optional alpha) is supported")
-    ours = _linear_names(model)
-    kohya = {n.replace(".", "_"): n for n in ours}  # kohya's underscored module names: ours, else diffusers'
-    for n in ours:
-        for theirs in (keymaps._match_ours(n + ".weight", family) or ((),))[0]:
-            kohya.setdefault(theirs[:-len(".weight")].replace(".", "_"), theirs[:-len(".weight")])
-    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    norms, widen = {}, {}
+    if lora_control.is_control(sd):  # BFL's Depth / Canny Control LoRA
+        sd, norms, widen = lora_control.read(model, sd, where)
+    formats.refused(sd, where)
+    holders = _holders(model)
+    kohya = _kohya_names(holders, family)
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    unmatched, text = [], []
+    text = []
     for k, t in sd.items():
-        if k.startswith(_TEXT):
+        if k.startswith(formats.TEXT):
             text.append(k)
             continue
-        role = next(((k[:-len(s)], r) for s, r in _ROLES if k.endswith(s)), None)
-        if role is None:
-            unmatched.append(k)
-            continue
+        role = next(((k[:-len(s)], r) for s, r in _ROLES if k.endswith(s)), (k, "unknown"))
         modules.setdefault(role[0], {})[role[1]] = t
     if text:
         warnings.warn(f"{where}: {len(text)} text-encoder LoRA tensors (e.g. {text[0]}) are not applied: "
                       "only the transformer takes LoRA here", stacklevel=3)
     pieces: dict[str, list] = {}
-    problems = []
+    diffs: dict[str, list] = {}
+    problems = formats.Problems(where, family, list(modules))
+    linears = _linear_names(model)
     out_of = lambda n: model.get_submodule(n).out_features  # noqa: E731
     for key, parts in modules.items():
-        target = _resolve(key, ours, kohya, family, hidden, out_of)
+        target = None if "unknown" in parts else _resolve(key, holders, kohya, family, hidden, out_of)
         if target is None:
-            conv = _resolve(key, convs, {n.replace(".", "_"): n for n in convs}, family, hidden, out_of)
-            if conv is not None:
-                problems.append(f"{key}: a LoRA on the convolution {conv[0]}, which is not supported (Linear only)")
-            else:
-                unmatched.append(f"{key} ({'/'.join(sorted(parts))})")
-            continue
-        if "down" not in parts or "up" not in parts:
-            problems.append(f"{key}: has {sorted(parts)} but a LoRA needs both down (A) and up (B)")
+            problems.unmatched.append(key)
             continue
         name, start, rows, swap = target
-        lin = model.get_submodule(name)
-        down, up = parts["down"].float(), parts["up"].float()
-        rows = rows if rows is not None else lin.out_features
-        if down.dim() != 2 or up.dim() != 2 or down.shape[1] != lin.in_features or up.shape[0] != rows \
-                or up.shape[1] != down.shape[0]:
-            problems.append(f"{key}: down {tuple(down.shape)}, up {tuple(up.shape)} do not fit {name} "
-                            f"(in {lin.in_features}, {rows} output rows) with one rank")
-            continue
-        up = up * _alpha_scale(key, down.shape[0], parts.get("alpha"), meta)
-        if swap:
-            up = keymaps.split("adaln", up, hidden)[0]
-        pieces.setdefault(name, []).append((start, down, up))
-    if unmatched:
-        problems.insert(0, f"{len(unmatched)} key(s) match no layer of this {family} transformer: "
-                           f"{sorted(unmatched)[:8]}{' ...' if len(unmatched) > 8 else ''} (a LoRA for another "
-                           "model, or a layout not supported)")
-    if not pieces and not problems:
-        problems.append(f"no LoRA tensors found (keys: {list(sd)[:5]})")
+        module = model.get_submodule(name)
+        mult = 1.0
+        if "down" in parts or "up" in parts:
+            if "down" not in parts or "up" not in parts:
+                problems.half.append(key)
+                continue
+            if not isinstance(module, nn.Conv2d) and name not in linears:
+                problems.misfit[key] = f"a LoRA pair on {name}, which is not a Linear or a convolution"
+                continue
+            pair = _low_rank(key, parts, name, module, rows, meta, widen.get(name))
+            if isinstance(pair, str):
+                problems.misfit[key] = pair
+                continue
+            down, up, mult = pair
+            pieces.setdefault(name, []).append((start, down, keymaps.split("adaln", up, hidden)[0] if swap else up))
+        if any(r in formats.LYCORIS for r in parts):
+            delta = formats.lycoris_delta(parts)
+            want = (rows or module.weight.shape[0], *module.weight.shape[1:])
+            if isinstance(delta, str) or delta.numel() != math.prod(want):
+                problems.misfit[key] = delta if isinstance(delta, str) else \
+                    f"LoHa / LoKr delta {tuple(delta.shape)} does not fit {name}.weight {tuple(want)}"
+                continue
+            parts = {**parts, "diff": delta.reshape(want)}
+        for role, leaf, scale in (("diff", "weight", 1.0), ("diff_b", "bias", 1.0), ("up_bias", "bias", mult)):
+            if role not in parts:
+                continue
+            if leaf == "weight" and leaf not in holders[name] and "scale" in holders[name]:
+                leaf = "scale"  # FLUX's q / k RMSNorm scales (ComfyUI now names them *_norm.weight)
+            param = getattr(module, leaf, None)
+            want = None if param is None else (param.shape if rows is None else (rows, *param.shape[1:]))
+            if want is None or tuple(parts[role].shape) != tuple(want):
+                problems.misfit[key] = (f"{role} {tuple(parts[role].shape)} does not fit {name}.{leaf} "
+                                        f"({'absent' if want is None else tuple(want)})")
+                continue
+            t = parts[role].float() * scale
+            diffs.setdefault(f"{name}.{leaf}", []).append((start, keymaps.split("adaln", t, hidden)[0] if swap else t))
     if problems:
-        raise CheckpointError("\n  ".join([f"LoRA {where} can't be applied; nothing was changed:", *problems]))
-    return {name: _assemble(model.get_submodule(name).out_features, ps) for name, ps in pieces.items()}, where
+        problems.raise_()
+    if not pieces and not diffs and not norms:
+        raise CheckpointError(f"LoRA {where} holds no LoRA tensors (keys: {list(sd)[:formats.SHOWN]}): "
+                              "pass a LoRA file")
+    if diffs:
+        warnings.warn(f"{where}: it holds {sum(len(v) for v in diffs.values())} full differences (ComfyUI .diff / "
+                      ".diff_b on norms and biases, LyCORIS LoHa / LoKr, or lora_B.bias); they are added to those "
+                      "parameters in place (remove() restores them)", stacklevel=3)
+    alphas = any("alpha" in p for p in modules.values())
+    if not alphas and not meta and any(k.startswith("base_model.model.") for k in modules):
+        warnings.warn(f"{where}: a PEFT adapter without its adapter_config.json (no alpha in the file): applied at "
+                      "alpha = rank (scale 1); pass the PEFT folder, or keep adapter_config.json beside the file, to "
+                      "use its lora_alpha", stacklevel=3)
+    params = dict(model.named_parameters())
+    full = {}
+    for pname, ps in diffs.items():
+        d = torch.zeros(params[pname].shape)
+        for start, t in ps:
+            d[start:start + t.shape[0]] += t
+        full[pname] = d
+    pairs = {}
+    for name, ps in pieces.items():
+        module = model.get_submodule(name)
+        out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        pairs[name] = _assemble(out, ps)
+    return Plan(pairs, full, where, norms, widen)
 
 
 def _assemble(out: int, pieces: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,34 +410,69 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 class LoRAHandle:
-    """What ``apply_lora`` / ``inject_lora`` did to a model: ``set_scale(s)``, ``remove()``."""
+    """What ``apply_lora`` / ``inject_lora`` did to a model: ``set_scale(s)``, ``remove()``.
+
+    Full differences (ComfyUI ``.diff`` / ``.diff_b`` on norms and biases) are small and are
+    always added to their parameters in place (the originals kept on the CPU, restored
+    bit-exactly), so a handle holding some is ordered like a fused one."""
 
     def __init__(self, model: nn.Module, pairs: dict, scale: float, fuse: bool, multiplier: dict | None = None,
-                 trainable: bool = False):
+                 trainable: bool = False, diffs: dict[str, torch.Tensor] | None = None,
+                 control: lora_control.Widened | None = None):
         self.model, self.fused, self.scale = _target(model), fuse, float(scale)
+        self.control = control  # a Control LoRA's widened img_in and replaced norms, put back on remove()
         self.multiplier = multiplier or {}  # name -> alpha / rank kept outside ``up`` (trainable adapters)
         self.adapters: dict[str, Adapter] = {}
         self.originals: dict[str, dict[str, torch.Tensor]] = {}
+        self.diffs = diffs or {}  # our parameter name -> its full difference (fp32)
+        self._before_diffs: dict[str, dict[str, torch.Tensor]] = {}
         self._pairs = pairs
         dtype = _model_dtype(self.model)
         for name, (down, up) in pairs.items():
             lin = self.model.get_submodule(name)
             device = lin.weight.device
+            conv = lin if lin.weight.dim() == 4 else None
             adapter = Adapter(down.to(device, dtype), up.to(device, dtype), self.scale * self.multiplier.get(name, 1.0),
-                              trainable)
+                              trainable, conv=conv)
             if fuse:
-                self.originals[name] = {k: getattr(lin, k).detach().to("cpu", copy=True)
-                                        for k in ("weight", "weight_scale") if getattr(lin, k, None) is not None}
+                self.originals[name] = _saved(lin)
                 _store(lin, _dense(lin) + adapter.delta())
                 self.adapters[name] = adapter
             else:
                 if not isinstance(lin, LoRALinear):
-                    lin = LoRALinear(lin)
+                    lin = (LoRAConv2d if conv is not None else LoRALinear)(lin)
                     set_module(self.model, name, lin)
                 lin.adapters.append(adapter)
                 self.adapters[name] = adapter
-        if fuse:
+        self._add_diffs()
+        if self.in_place:
             self.model.__dict__.setdefault("_lora_fused", []).append(self)
+
+    @property
+    def in_place(self) -> bool:
+        """Whether this handle changed weights in place (fused, or full differences)."""
+        return self.fused or bool(self.diffs) or self.control is not None
+
+    def _add_diffs(self) -> None:
+        for pname, d in self.diffs.items():
+            owner, _, leaf = pname.rpartition(".")
+            module = self.model.get_submodule(owner)
+            self._before_diffs[pname] = _saved(module) if leaf == "weight" else \
+                {leaf: getattr(module, leaf).detach().to("cpu", copy=True)}
+            if leaf == "weight":
+                _store(module, _dense(module) + self.scale * d.to(module.weight.device))
+            else:
+                p = getattr(module, leaf)
+                with torch.no_grad():
+                    p.copy_((p.float() + self.scale * d.to(p.device)).to(p.dtype))
+
+    def _remove_diffs(self) -> None:
+        for pname, saved in self._before_diffs.items():
+            module = self.model.get_submodule(pname.rpartition(".")[0])
+            with torch.no_grad():
+                for k, t in saved.items():
+                    getattr(module, k).copy_(t)
+        self._before_diffs = {}
 
     def parameters(self):
         """The adapters' down / up parameters (trainable ones from ``inject_lora``)."""
@@ -337,10 +480,11 @@ class LoRAHandle:
 
     def set_scale(self, scale: float) -> None:
         """Change the strength; unfused: in place, nothing recompiles. Fused: re-merged."""
-        if self.fused and self.model.__dict__.get("_lora_fused", [None])[-1] is not self:
-            raise RuntimeError("a fused LoRA can be re-scaled only while it is the last one fused: "
-                               "remove the later fused ones first (or apply them unfused)")
+        if self.in_place and self.model.__dict__.get("_lora_fused", [None])[-1] is not self:
+            raise RuntimeError("a fused LoRA (or one with full differences) can be re-scaled only while it is the last "
+                               "one fused: remove the later fused ones first (or apply them unfused)")
         self.scale = float(scale)
+        self._remove_diffs()
         for name, adapter in self.adapters.items():
             with torch.no_grad():
                 adapter.scale.fill_(self.scale * self.multiplier.get(name, 1.0))
@@ -348,6 +492,7 @@ class LoRAHandle:
                 lin = self.model.get_submodule(name)
                 self._restore(name, lin)
                 _store(lin, _dense(lin) + adapter.delta())
+        self._add_diffs()
 
     def _restore(self, name: str, lin: nn.Module) -> None:
         with torch.no_grad():
@@ -356,15 +501,18 @@ class LoRAHandle:
 
     def remove(self) -> None:
         """Take the adapters out; the base weights are restored bit-exactly. A second call does nothing."""
-        if not self.adapters:
+        if not self.adapters and not self.diffs and self.control is None:
             return
-        if self.fused:
+        if self.in_place:
             stack = self.model.__dict__.get("_lora_fused", [])
             if stack and stack[-1] is not self:
-                raise RuntimeError("fused LoRAs must be removed in reverse order of fusing: remove the later one first")
+                raise RuntimeError("fused LoRAs (and those with full differences) must be removed in reverse order "
+                                   "of applying: remove the later one first")
+            stack.pop()
+        self._remove_diffs()
+        if self.fused:
             for name in self.adapters:
                 self._restore(name, self.model.get_submodule(name))
-            stack.pop()
         else:
             for name, adapter in self.adapters.items():
                 lin = self.model.get_submodule(name)
@@ -373,14 +521,23 @@ class LoRAHandle:
                     lin.adapters = nn.ModuleList(kept)
                 else:
                     set_module(self.model, name, lin.unwrap())
-        self.adapters = {}
+        if self.control is not None:
+            self.control.undo()
+        self.adapters, self.diffs, self.control = {}, {}, None
+
+
+def _saved(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of a module's weight (and fp8 scale), to restore it bit-exactly."""
+    return {k: getattr(module, k).detach().to("cpu", copy=True)
+            for k in ("weight", "weight_scale") if getattr(module, k, None) is not None}
 
 
 def apply_lora(model: nn.Module, source, scale: float = 1.0, fuse: bool = False) -> LoRAHandle:
-    """Apply a LoRA (a .safetensors path or a state dict, any of the formats above) to ``model``.
-    Several stack. Returns the handle: ``set_scale(s)``, ``remove()``."""
-    pairs, _ = plan(_target(model), source)
-    return LoRAHandle(model, pairs, scale, fuse)
+    """Apply a LoRA (a .safetensors path, a PEFT folder or a state dict, any of the formats
+    above) to ``model``. Several stack. Returns the handle: ``set_scale(s)``, ``remove()``."""
+    p = plan(_target(model), source)
+    control = lora_control.Widened(_target(model), p.widen, p.norms) if p.norms or p.widen else None
+    return LoRAHandle(model, p.pairs, scale, fuse, diffs=p.diffs, control=control)
 
 
 # ---- training ------------------------------------------------------------------------------

@@ -207,23 +207,26 @@ def _assign(module: torch.nn.Module, name: str, value: torch.Tensor, old) -> Non
 
 
 def mismatches(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Lines naming the missing, unexpected and mis-shaped keys (with shapes); [] if none."""
+    """At most two lines naming the missing and unexpected keys, then the mis-shaped ones (with
+    shapes, the first few of each); [] if none."""
     expected = {k: tuple(v) for k, v in expected.items()}
     found = {k: tuple(v) for k, v in found.items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [(k, expected[k], found[k]) for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
-    lines = []
+    keys = []
     if missing:
-        lines.append(f"missing {len(missing)} key(s): " + _listing(missing, expected))
+        keys.append(f"missing {len(missing)} key(s): " + _listing(missing, expected))
     if unexpected:
-        lines.append(f"unexpected {len(unexpected)} key(s): " + _listing(unexpected, found))
-    lines += [f"shape mismatch for {k}: model expects {want}, checkpoint has {got}" for k, want, got in wrong[:10]]
-    if len(wrong) > 10:
-        lines.append(f"... and {len(wrong) - 10} more shape mismatches")
+        keys.append(f"unexpected {len(unexpected)} key(s): " + _listing(unexpected, found))
+    lines = ["; ".join(keys)] if keys else []
+    if wrong:
+        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        lines.append("; ".join(f"shape mismatch for {k}: model expects {want}, checkpoint has {got}"
+                               for k, want, got in wrong[:3]) + more)
     return lines
 
 
-def _listing(keys: list[str], shapes: Mapping[str, tuple[int, ...]], n: int = 8) -> str:
+def _listing(keys: list[str], shapes: Mapping[str, tuple[int, ...]], n: int = 4) -> str:
     shown = ", ".join(f"{k} {shapes[k]}" for k in keys[:n])
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")

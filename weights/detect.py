@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..models.config import PRESETS
 from . import keymaps
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, shard_set
 from .families import FAMILIES
 
 # Other components that all-in-one files carry beside the transformer; never loaded here.
@@ -97,6 +98,9 @@ def _find_layout(shapes: Mapping, where: str) -> tuple[str, str, str]:
                 prefix = k[:-len(marker)]
                 found[(layout, family, prefix)] = sum(1 for q in shapes if q.startswith(prefix)
                                                       and keymaps.known(q[len(prefix):], layout, family))
+    if not found and shard_set([Path(where)]) is not None:
+        raise CheckpointError(f"{where} is one shard of a multi-file set: point at the folder or its index.json "
+                              "(this shard alone does not hold the keys that say which model it is)")
     if not found:
         names = " / ".join(f.NAME.split(" (")[0] for f in FAMILIES.values())
         raise CheckpointError(f"{where} is not an {names} transformer checkpoint: "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -34,23 +35,33 @@ FORMAT_ROWS = "fp8 with per-row scales (BFL fp8r)"
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # the comfy_quant formats read here
 # leaf suffix -> the weight it scales (None: only marks the layer or scales its input)
 _OLD = {".scale_weight": ".weight", ".scale_input": None}
-_NEW = {".weight_scale": ".weight", ".input_scale": None, ".comfy_quant": None}
+_NEW = {".weight_scale": ".weight", ".input_scale": None, ".comfy_quant": None,
+        ".weight_scale_2": None}  # nvfp4's second (per-tensor) scale: refused by its comfy_quant format
 _NORM_ALIASES = {".query_norm.weight": ".query_norm.scale", ".key_norm.weight": ".key_norm.scale"}
 
 _USE_INSTEAD = "use the bf16/fp16 safetensors, or a ComfyUI scaled-fp8 file, of the same model"
-# (what it is, a test on one key) for formats refused with a clear message
+_CONTROLNET = re.compile(r"(^|\.)(controlnet_\w+|input_hint_block|pos_embed_input)\.")
+# (what it is, a test on one key, what to do instead) for formats refused with a clear message
 _FOREIGN = [
     ("a bitsandbytes NF4/FP4 quantized checkpoint", lambda k: ".quant_state.bitsandbytes__" in k
-     or k.endswith((".weight.absmax", ".weight.quant_map", ".weight.nested_absmax"))),
-    ("a bitsandbytes int8 (LLM.int8) checkpoint", lambda k: k.endswith((".SCB", ".weight_format"))),
-    ("an optimum-quanto quantized checkpoint", lambda k: k.endswith((".weight._data", ".weight._scale"))),
+     or k.endswith((".weight.absmax", ".weight.quant_map", ".weight.nested_absmax")), _USE_INSTEAD),
+    ("a bitsandbytes int8 (LLM.int8) checkpoint", lambda k: k.endswith((".SCB", ".weight_format")), _USE_INSTEAD),
+    ("an optimum-quanto quantized checkpoint", lambda k: k.endswith((".weight._data", ".weight._scale")),
+     _USE_INSTEAD),
     ("an int4 checkpoint (nunchaku SVDQuant / GPTQ / AWQ: qweight, wscales, qzeros)",
-     lambda k: k.endswith((".qweight", ".wscales", ".qzeros"))),
+     lambda k: k.endswith((".qweight", ".wscales", ".qzeros")), _USE_INSTEAD),
     ("Chroma1-Radiance (pixel-space Chroma with NeRF blocks, not the latent Chroma loaded here)",
-     lambda k: k.startswith("nerf_") or ".nerf_" in k),
+     lambda k: k.startswith("nerf_") or ".nerf_" in k, "use a latent Chroma1 (HD / Base) checkpoint"),
     ("Chroma in x0 mode (flow's __x0__ variant; the released Chroma1 models predict velocity)",
-     lambda k: k.endswith("__x0__")),
+     lambda k: k.endswith("__x0__"), "use a released Chroma1 checkpoint"),
+    ("a ControlNet (XLabs / InstantX / diffusers: controlnet_blocks, input hint), not a base transformer",
+     lambda k: _CONTROLNET.search(k) is not None,
+     "ControlNet models are not supported; point at the base model's transformer (e.g. flux1-dev.safetensors)"),
 ]
+# ComfyUI comfy_quant formats refused here: what to call them
+_COMFY_QUANT = {"nvfp4": "nvfp4 (4-bit NVIDIA FP4 weights with fp8 block scales)",
+                "mxfp8": "mxfp8 (fp8 weights with per-block scales)",
+                "int8_tensorwise": "int8 (8-bit integer weights)", "int8_blockwise": "int8 (8-bit integer weights)"}
 LORA_MARKS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".lora.down.", ".lora.up.", "lora_unet_",
               ".processor.qkv_lora", ".processor.proj_lora")
 EMA_MARKS = ("model_ema.", "ema.", "ema_model.")
@@ -59,11 +70,11 @@ EMA_MARKS = ("model_ema.", "ema.", "ema_model.")
 def refuse_foreign(keys, where: str) -> None:
     """One error naming the format, if ``keys`` are of a checkpoint kind this project can't load."""
     keys = list(keys)
-    for what, test in _FOREIGN:
+    for what, test, instead in _FOREIGN:
         hits = [k for k in keys if test(k)]
         if hits:
             raise CheckpointError(f"{where} is {what} ({len(hits)} keys such as {hits[0]!r}): that format "
-                                  f"is not supported; {_USE_INSTEAD}")
+                                  f"is not supported; {instead}")
     lora = [k for k in keys if is_lora_key(k)]
     if lora and len(lora) == len(keys):
         raise CheckpointError(f"{where} is a LoRA adapter ({len(keys)} tensors such as {keys[0]!r}), not a model: "
@@ -73,19 +84,20 @@ def refuse_foreign(keys, where: str) -> None:
 
 def is_lora_key(k: str) -> bool:
     """A key of a LoRA adapter in any of the layouts ``mmdit.lora`` reads."""
-    return any(m in k for m in LORA_MARKS) or k.startswith(("lora_te", "lora_unet")) or k.endswith(".alpha")
+    return (any(m in k for m in LORA_MARKS) or k.startswith(("lora_te", "lora_unet", "lora_transformer_", "lycoris_"))
+            or k.endswith((".alpha", ".diff", ".diff_b")))
 
 
 def residue_hints(unexpected: list[str]) -> list[str]:
-    """Lines explaining unexpected keys that are LoRA or EMA residue, for the strict-load error."""
+    """What to do about unexpected keys that are LoRA or EMA residue, for the strict-load error."""
     lines = []
     lora = [k for k in unexpected if is_lora_key(k)]
     if lora:
-        lines.append(f"{len(lora)} of them are LoRA tensors ({lora[0]!r}, ...): the file holds an unmerged LoRA "
-                     "beside the model. Save the base model and the LoRA apart, then use mmdit.apply_lora")
+        lines.append(f"{len(lora)} of its tensors are LoRA tensors ({lora[0]!r}, ...): the file holds an unmerged LoRA "
+                     "beside the model; save the base model and the LoRA apart, then use mmdit.apply_lora")
     ema = [k for k in unexpected if k.startswith(EMA_MARKS)]
     if ema:
-        lines.append(f"{len(ema)} of them are EMA residue ({ema[0]!r}, ...): a training checkpoint with EMA "
+        lines.append(f"{len(ema)} of its tensors are EMA residue ({ema[0]!r}, ...): a training checkpoint with EMA "
                      "weights beside the model; export the model (or the EMA weights) alone")
     return lines
 
@@ -119,6 +131,7 @@ class Canonical(Mapping):
         orphans = sorted(s for w, s in self.scales.items() if w not in present)
         if orphans:
             raise CheckpointError(f"{where} has fp8 scales for weights it does not hold: {orphans[:6]}")
+        self._check_comfy_quant([k for k in keys if k.endswith(".comfy_quant")])  # before the scales' shapes
         self.row_scaled = {w for w, s in self.scales.items() if self._per_row(w, s)}  # weights with (out,) scales
         wide = [(s, self.ckpt.shape(s)) for w, s in self.scales.items()
                 if math.prod(self.ckpt.shape(s)) != 1 and w not in self.row_scaled]
@@ -126,7 +139,6 @@ class Canonical(Mapping):
             raise CheckpointError(f"{where}: {wide[0][0]} has shape {wide[0][1]} ({len(wide)} such scales): only "
                                   f"per-tensor (scalar) and per-row (out,) fp8 scales are supported; {_USE_INSTEAD}")
         self.marker = next((k for k in keys if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
-        self._check_comfy_quant([k for k in keys if k.endswith(".comfy_quant")])
         self.hidden = sorted(hidden)
         self.alias = {}  # our name -> stored name
         for k in keys:
@@ -150,9 +162,10 @@ class Canonical(Mapping):
             if fmt not in FP8_FORMATS:
                 bad.setdefault(fmt, []).append(k[:-len(".comfy_quant")])
         if bad:
-            what = ", ".join(f"{fmt!r} ({len(v)} layers, e.g. {v[0]})" for fmt, v in bad.items())
-            raise CheckpointError(f"{self.where} is a ComfyUI quantized checkpoint with layer formats {what}: only "
-                                  f"per-tensor float8 ('float8_e4m3fn', 'float8_e5m2') is supported; {_USE_INSTEAD}")
+            fmt, layers = next(iter(bad.items()))
+            name = _COMFY_QUANT.get(fmt, f"{fmt!r}")
+            raise CheckpointError(f"{self.where} is a ComfyUI {name} quantized checkpoint ({len(layers)} layers "
+                                  f"such as {layers[0]}): only its float8 per-tensor layers load here; {_USE_INSTEAD}")
 
     # ---- what the file is --------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import torch
 from ..models import transformer_for
 from .detect import detect
 from .families import FAMILIES
-from .formats import Canonical
+from .formats import FORMAT, FORMAT_ROWS, Canonical
 from .hub import resolve
 
 # safetensors dtype tags -> torch names
@@ -21,15 +21,16 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 _BUFFERS = ("pos_embed", "pos_embed.pos_embed")  # stored tables (original, diffusers names), not learned
 
 
-def describe(source: str | os.PathLike, *, revision: str | None = None, token=None) -> str:
+def describe(source: str | os.PathLike, *, revision: str | None = None, token=None, config=None) -> str:
     """A few lines: source, files and size, layout, family, matched preset, config, format, dtypes,
     counts. Raises the error ``load_transformer`` would (every key and shape is checked on a
-    model built on ``meta``), so ``mmdit inspect`` fails on a file that would not load."""
+    model built on ``meta``), so ``mmdit inspect`` fails on a file that would not load.
+    ``config``: as ``load_transformer``'s (a full config, or a dict of overrides)."""
     from .transformer import check_keys
 
     src = resolve(source, revision=revision, token=token)
     ckpt = Canonical(src.open(), str(src.path))
-    det = detect(ckpt, src.config_json, where=str(src.path))
+    det = detect(ckpt, src.config_json, config, where=str(src.path))
     with torch.device("meta"):
         check_keys(transformer_for(det.config), ckpt, det, where=str(src.path))
     n_params = n_buffers = 0
@@ -51,8 +52,7 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
         ("family", FAMILIES[det.family].NAME),
         ("preset", det.preset or "none (custom config)"),
         ("config", f"from {det.config_source}: hidden={cfg.hidden_size} {fields}"),
-        ("format", f"{ckpt.format}: {ckpt.quantized} weights stored as fp8 with a {_scaling(ckpt)} scale"
-         if ckpt.format else "plain tensors"),
+        ("format", _format(ckpt, det.keys)),
         ("dtype", ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())),
         ("parameters", f"{n_params:,}" + (f" (+ {n_buffers:,} in the stored pos_embed table)" if n_buffers else "")),
         ("tensors", str(len(det.keys))),
@@ -62,9 +62,16 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
     return "\n".join(f"{name + ':':<13} {value}" for name, value in rows)
 
 
-def _scaling(ckpt: Canonical) -> str:
-    rows = len(ckpt.row_scaled)
-    return "per-tensor" if not rows else "per-row" if rows == ckpt.quantized else "per-tensor or per-row"
+def _format(ckpt: Canonical, keys) -> str:
+    """How the transformer's own weights are stored (fp8 scales of a bundled T5 or CLIP don't count)."""
+    own = set(keys)
+    scaled = [w for w in ckpt.scales if w in own]
+    if not scaled:
+        return "plain tensors"
+    rows = sum(1 for w in scaled if w in ckpt.row_scaled)
+    fmt = FORMAT_ROWS if rows else FORMAT
+    scaling = "per-tensor" if not rows else "per-row" if rows == len(scaled) else "per-tensor or per-row"
+    return f"{fmt}: {len(scaled)} weights stored as fp8 with a {scaling} scale"
 
 
 def _short(v):

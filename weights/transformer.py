@@ -141,14 +141,14 @@ def check_keys(model: nn.Module, ckpt: Canonical, det: Detected, where: str) -> 
     problems = mismatches(expected, found)
     if problems:
         unexpected = sorted(set(found) - set(expected))
-        hints = residue_hints(unexpected)
         files = [Path(f) for f in ckpt.files]
+        hints = residue_hints(unexpected)
         if len(files) == 1 and shard_set(files) is not None:
-            hints.append(f"{files[0].name} is one shard of a multi-file set: point at the folder or its index.json")
-        elif set(expected) - set(found) and not unexpected:
-            hints.append("Only keys are missing: a partial shard set (point at the folder or index.json), or a "
+            hints.insert(0, f"{files[0].name} is one shard of a multi-file set: point at the folder or its index.json")
+        elif set(expected) - set(found) and not unexpected and not hints:
+            hints.append("only keys are missing: a partial shard set (point at the folder or its index.json), or a "
                          "variant of this architecture that the loader does not know")
-        hints.append("If the inferred config is wrong, pass config=...")
+        hints.append("if the inferred config is wrong, pass config=...")
         raise CheckpointError("\n  ".join([
-            f"{where} does not match the transformer inferred from it "
-            f"(layout: {_describe_layout(det)}; config: {det.config})", *problems, *hints]))
+            f"{where} does not match the transformer inferred from it (layout: {_describe_layout(det)}): {hints[0]}",
+            *problems]))

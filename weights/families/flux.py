@@ -93,11 +93,23 @@ def fields_from_json(cj: dict, where: str) -> dict:
     return f
 
 
+def example_axes(head_dim: int) -> tuple[int, int, int]:
+    """A RoPE split of ``head_dim`` in FLUX.1's proportions (16, 56, 56) / 128, every part even."""
+    t = max(2, 2 * round(head_dim / 16))
+    hw = (head_dim - t) // 2
+    if hw % 2:
+        t, hw = t + 2, hw - 1
+    return t, hw, hw
+
+
 def finish_fields(fields: dict, where: str) -> dict:
     """The RoPE split can't be read from the weights unless head_dim is FLUX.1's 128."""
     if "axes_dim" not in fields:
+        d = fields.get("head_dim")
+        example = example_axes(d) if isinstance(d, int) and d > 0 else (8, 28, 28)
+        axes = ",".join(map(str, example))
         raise CheckpointError(
-            f"{where}: FLUX head_dim is {fields.get('head_dim')}, and the RoPE split of the head dim "
-            "(axes_dim) can't be read from the weights (it is (16, 56, 56) only for head_dim 128). "
-            "Pass it, e.g. load_transformer(..., config={'axes_dim': (8, 12, 12)}), or add a config.json")
+            f"{where}: FLUX head_dim is {d}, and the RoPE split of the head dim (axes_dim) can't be read from the "
+            f"weights (it is (16, 56, 56) only for head_dim 128). Pass it, e.g. load_transformer(..., "
+            f"config={{'axes_dim': {example}}}) or mmdit inspect --config axes_dim={axes}, or add a config.json")
     return fields

@@ -95,8 +95,12 @@ def fields_from_json(cj: dict, where: str) -> dict:
 def finish_fields(fields: dict, where: str) -> dict:
     """The RoPE split can't be read from the weights unless head_dim is FLUX.2's 128."""
     if "axes_dim" not in fields:
+        d = fields.get("head_dim")
+        part = (d // 4) & ~1 if isinstance(d, int) and d >= 8 else 4  # four even parts, the first takes the rest
+        example = (d - 3 * part, part, part, part) if isinstance(d, int) and d >= 8 else (4, 4, 4, 4)
         raise CheckpointError(
-            f"{where}: FLUX.2 head_dim is {fields.get('head_dim')}, and the RoPE split of the head dim "
-            "(axes_dim) can't be read from the weights (it is (32, 32, 32, 32) only for head_dim 128). "
-            "Pass it, e.g. load_transformer(..., config={'axes_dim': (4, 4, 4, 4)}), or add a config.json")
+            f"{where}: FLUX.2 head_dim is {d}, and the RoPE split of the head dim (axes_dim) can't be read from the "
+            f"weights (it is (32, 32, 32, 32) only for head_dim 128). Pass it, e.g. load_transformer(..., "
+            f"config={{'axes_dim': {example}}}) or mmdit inspect --config axes_dim={','.join(map(str, example))}, "
+            "or add a config.json")
     return fields

@@ -21,7 +21,8 @@ and the ups placed block-diagonally on their rows; the 2-chunk adaLN halves are 
 in ``weights.keymaps``.
 
 Unfused (default): the Linear is replaced by a ``LoRALinear`` holding the same parameter
-objects under the same names (``weight``, ``bias``; fp8 ``weight_scale`` too) plus
+objects under the same names (``weight``, ``bias``; fp8 ``weight_scale`` too; a GGUF layer's
+quantized ``weight`` buffer, which only an unfused LoRA can sit beside) plus
 ``adapters``, a list of low-rank paths; the scale is a buffer, so ``set_scale`` changes no
 graph. Fused: the delta is added to the weights and the originals are kept on the CPU, so
 ``remove()`` restores them bit-exactly. Keys that match no layer, and rank / shape
@@ -311,6 +312,12 @@ class LoRAHandle:
         self.adapters: dict[str, Adapter] = {}
         self.originals: dict[str, dict[str, torch.Tensor]] = {}
         self._pairs = pairs
+        qtypes = {n: getattr(self.model.get_submodule(n), "qtype", None) for n in pairs}
+        kept = [f"{n} ({q})" for n, q in qtypes.items() if q]
+        if fuse and kept:  # GGUF blocks can't take a delta without re-quantizing them
+            raise ValueError(f"fuse=True can't merge a LoRA into weights kept quantized from a GGUF file "
+                             f"({', '.join(kept[:3])}{', ...' * (len(kept) > 3)}); apply it unfused (the default): "
+                             "its low-rank path runs beside each quantized layer")
         dtype = _model_dtype(self.model)
         for name, (down, up) in pairs.items():
             lin = self.model.get_submodule(name)

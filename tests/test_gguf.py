@@ -298,12 +298,17 @@ def test_memory_is_the_files(peer, tmp_path):
             assert ratio <= MEMORY
 
 
-@pytest.mark.parametrize("preset", ["flux.1-dev", "sd3.5-large", "sd3.5-medium"])
+# fp32 compute doubles what the file holds in BF16 besides the Linears; SD3(.5)-medium's 226M-entry
+# position table (384^2 x 1536; 192^2 x 1536 for SD3) makes that 1.16 (Q8_0) / 1.26 (Q4_0) of the
+# file for sd3.5-medium, so fp32 is checked on the models where it is a small part.
+@pytest.mark.parametrize("preset, dtype", [("flux.1-dev", torch.bfloat16), ("sd3.5-large", torch.bfloat16),
+                                           ("sd3.5-medium", torch.bfloat16), ("flux.1-dev", torch.float32),
+                                           ("sd3.5-large", torch.float32)])
 @pytest.mark.parametrize("target", ["Q8_0", "Q4_0"])
-def test_memory_of_the_official_sizes(preset, target):
+def test_memory_of_the_official_sizes(preset, dtype, target):
     """The official models on meta: ``mmdit quantize``'s plan for the file, the loader's swap for
-    the model (bf16 compute); resident weight bytes against the file's tensor bytes."""
-    model = mmdit.build_transformer(preset, dtype=torch.bfloat16, device="meta")
+    the model; resident weight bytes against the file's tensor bytes."""
+    model = mmdit.build_transformer(preset, dtype=dtype, device="meta")
     family = model.config.family
     sd = model.state_dict()
     types = {k: tensor_type(k, tuple(v.shape), "bfloat16", target, ARCH[family]) for k, v in sd.items()}
@@ -315,9 +320,231 @@ def test_memory_of_the_official_sizes(preset, target):
                                        device="meta")
 
     recipes = keymaps.recipes_for(sd, "original", family)
-    keep_quantized(model, Planned(), recipes, {}, {k: tuple(v.shape) for k, v in sd.items()}, torch.bfloat16,
+    keep_quantized(model, Planned(), recipes, {}, {k: tuple(v.shape) for k, v in sd.items()}, dtype,
                    model.config.hidden_size)
     file_bytes = sum(ggml.TYPES[types[k]].nbytes(tuple(v.shape)) for k, v in sd.items())
     ratio = fp8.weight_bytes(model) / file_bytes
-    print(f"\n{preset} {target}: file {file_bytes / 2 ** 30:.2f} GiB, resident / file = {ratio:.3f}")
+    print(f"\n{preset} {target} in {dtype}: file {file_bytes / 2 ** 30:.2f} GiB, resident / file = {ratio:.3f}")
     assert ratio <= MEMORY
+
+
+# ---- what a GGUF model works with ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def every_type(tmp_path_factory):
+    """A FLUX GGUF holding every type, and the path of a safetensors holding its values (fp32)."""
+    peer, tmp = make_peer("flux"), tmp_path_factory.mktemp("every")
+    path, values, _ = pg.comfy_gguf(tmp / "f.gguf", peers.original_state(peer, ""), "flux", pick=pg.cycle())
+    return peer, path, peers.save(values, tmp / "values.safetensors")
+
+
+def kohya_lora(model, rank=4, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {f"lora_unet_{n.replace('.', '_')}.{leaf}": torch.randn(shape, generator=g) * 0.05
+            for n, m in model.named_modules() if isinstance(m, ggml.GGUFLinear) and "_blocks." in n
+            for leaf, shape in (("lora_down.weight", (rank, m.in_features)), ("lora_up.weight", (m.out_features, rank)))}
+
+
+def test_lora_runs_unfused_beside_the_quantized_layers(every_type):
+    peer, path, full_path = every_type
+    model, full = load_transformer(path), load_transformer(full_path)
+    lora = kohya_lora(model)
+    qkv = model.double_blocks[0].img_attn.qkv
+    blocks, qtype = qkv.weight, qkv.qtype
+    x, sigma, ctx, pooled, g = peers.inputs(peer)
+    with torch.no_grad():
+        base = model(x, sigma, ctx, pooled, guidance=g)
+    handle = mmdit.apply_lora(model, lora, scale=0.7)
+    mmdit.apply_lora(full, lora, scale=0.7)
+    wrapped = model.double_blocks[0].img_attn.qkv
+    assert isinstance(wrapped, LoRALinear) and wrapped.weight is blocks and wrapped.qtype == qtype
+    with torch.no_grad():
+        err = rel(model(x, sigma, ctx, pooled, guidance=g), full(x, sigma, ctx, pooled, guidance=g))
+        handle.set_scale(0.0)
+        off = rel(model(x, sigma, ctx, pooled, guidance=g), base)
+    print(f"\nLoRA on a GGUF model vs on the same values in fp32: {err:.2e}")
+    assert err <= TOL and off <= TOL
+    handle.remove()
+    assert type(model.double_blocks[0].img_attn.qkv) is ggml.GGUFLinear and model.double_blocks[0].img_attn.qkv.weight is blocks
+    with pytest.raises(ValueError, match=r"fuse=True can't merge a LoRA into weights kept quantized from a GGUF file "
+                                         r"\(double_blocks.0.img_mod.lin \(Q8_0\), .*apply it unfused"):
+        mmdit.apply_lora(model, lora, fuse=True)
+    assert type(model.double_blocks[0].img_attn.qkv) is ggml.GGUFLinear  # nothing was changed
+
+
+def test_dg_fork_and_branches_on_a_gguf_model(every_type):
+    from mmdit.branches import Branch, IdentityAttention, SkipLayers
+
+    peer, path, full_path = every_type
+    model, full = load_transformer(path), load_transformer(full_path)
+    for m in (model, full):
+        m.ma = mmdit.MASpec(channels=(3, 17), block=1)
+    x, sigma, ctx, pooled, g = peers.inputs(peer)
+    kw = dict(guidance=g, fork=slice(1, 3), branches=(Branch(slice(2, 3), SkipLayers((0,))),
+                                                       Branch(slice(2, 3), IdentityAttention((1,)))))
+    with torch.no_grad():
+        out, want = model(x, sigma, ctx, pooled, **kw), full(x, sigma, ctx, pooled, **kw)
+    assert out.shape == (3 + 2 + 1 + 1, *x.shape[1:])  # rows, forked rows, one per branch
+    assert rel(out, want) <= TOL
+
+
+def test_dequantize_inside_one_graph_with_the_fork_and_a_lora(tmp_path):
+    """The whole forward (every Linear dequantizing its blocks, a LoRA beside them, the DG fork)
+    traces as one graph; each type's layer compiles with fullgraph=True and equals eager."""
+    peer = peers.flux_peer(num_double=1, num_single=1, heads=2)  # 13 quantized weights; BF16: the kept ones
+    types = tuple(q for q in pg.ALL if q not in ("BF16", "F32"))
+    path, _, _ = pg.comfy_gguf(tmp_path / "f.gguf", peers.original_state(peer, ""), "flux", pick=pg.cycle(types))
+    model = load_transformer(path)
+    model.ma = mmdit.MASpec(channels=(3, 17), block=1)
+    mmdit.apply_lora(model, kohya_lora(model), scale=0.5)
+    x, sigma, ctx, pooled, g = peers.inputs(peer, H=4, W=4, L=3)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, sigma, ctx, pooled, guidance=g, fork=slice(1, 3))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    layers = {m.qtype: m for m in model.modules() if hasattr(m, "qtype")}
+    assert set(layers) == set(pg.ALL) - {"F32"}
+    inputs = [torch.randn(2, 3, m.in_features) for m in layers.values()]
+
+    def every_layer(*hs):
+        return [m(h) for m, h in zip(layers.values(), hs)]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled, eager = torch.compile(every_layer, fullgraph=True, backend="aot_eager")(*inputs), every_layer(*inputs)
+    for qtype, a, b in zip(layers, compiled, eager):
+        assert rel(a, b) <= TOL, qtype
+    torch._dynamo.reset()
+
+
+# ---- mmdit quantize / inspect ----------------------------------------------------------------
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_mmdit_quantize_writes_comfyui_ggufs_layout(target, tmp_path, capsys):
+    """The file equals, byte for byte, what ComfyUI-GGUF's convert.py + llama-quantize give for
+    the same weights (gguf-py's writer and quantizers): names without prefix in the source's
+    order, F32 small / 1-D tensors, BF16 embedders and final layer, the rest in ``target``."""
+    name = "flux" if target != "Q4_1" else "sd3.5"
+    peer = make_peer(name)
+    source = "float16" if target == "F16" else "bfloat16"
+    sd = peers.original_state(peer, "model.diffusion_model.")
+    src = peers.save({**sd, **peers.extras(peers.family(peer))}, tmp_path / "src.safetensors", getattr(torch, source))
+    out = tmp_path / f"m-{target}.gguf"
+    assert cli_main(["quantize", str(src), str(out), "--type", target]) == 0
+    assert f"wrote {out}: {peers.family(peer)} ({arch(peer)})" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:  # the source's order, transformer keys only, prefix off
+        order = [k[len("model.diffusion_model."):] for k in f.keys() if k.startswith("model.diffusion_model.")]
+    ours = GGUFFile(out)
+    assert list(ours.tensors) == order
+    ref, _, _ = pg.comfy_gguf(tmp_path / "ref.gguf", {k: sd["model.diffusion_model." + k] for k in order}, arch(peer),
+                              pick=None if target in ("BF16", "F16") else lambda n: target, source=source,
+                              file_type={"Q8_0": 7, "Q5_1": 9, "Q5_0": 8, "Q4_1": 3, "Q4_0": 2, "BF16": 32,
+                                         "F16": 1}[target])
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_inspect_names_the_family_and_the_bytes_per_type(every_type, capsys):
+    _, path, _ = every_type
+    assert cli_main(["inspect", str(path)]) == 0
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert lines["family"].strip() == "FLUX.1" and "num_double=1 num_single=2" in lines["config"]
+    assert lines["format"].strip().startswith("GGUF v3, general.architecture='flux'")
+    per_type = GGUFCheckpoint(path).bytes_per_type()
+    assert set(per_type) == set(pg.ALL)
+    assert all(f"{q} (" in lines["dtype"] for q in pg.ALL)
+    assert lines["bytes"].strip().startswith(f"{next(iter(per_type))} ")
+
+
+def test_mmdit_quantize_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "--type {Q8_0,Q5_1,Q5_0,Q4_1,Q4_0,BF16,F16}" in text and "``" not in text
+    src = peers.save_original(make_peer("flux"), tmp_path / "src.safetensors", with_extras=False)
+    with pytest.raises(ValueError, match="must be a .gguf file"):
+        from mmdit.weights.gguf_write import quantize_file
+        quantize_file(src, tmp_path / "out.safetensors")
+    with pytest.raises(SystemExit) as e:  # not offered: gguf-py has no K-quant quantizer to match
+        cli_main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", "Q4_K"])
+    assert e.value.code == 2
+
+
+# ---- diffusers' GGUF path reads the same files the same way --------------------------------
+
+def diffusers_gguf(peer, path, tmp_path, monkeypatch):
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.loaders import single_file_model as sfm
+
+    if peers.family(peer) == "flux":  # its converter assumes FLUX.1's width 3072 (see peers._flux_converter)
+        monkeypatch.setitem(sfm.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel",
+                            {**sfm.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"],
+                             "checkpoint_mapping_fn": peers._flux_converter(peers.hidden(peer))})
+    config = peers.save_diffusers_folder(peer, tmp_path / "config")
+    return type(peer).from_single_file(str(path), config=str(config), torch_dtype=torch.float32,
+                                       quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("case", ["exact", "fp16-dequant"])
+def test_matches_diffusers_gguf_quantization_config(peer, case, tmp_path, monkeypatch):
+    """exact: Linear weights in BF16, IQ4_NL, F16, F32 (diffusers computes these in fp32, or
+    leaves them plain): <= TOL. fp16-dequant: every Q / K type; diffusers' arithmetic is fp16.
+    SD3 files come from an fp32 source (F16 embedders): diffusers can't run a BF16 conv weight."""
+    source = "float32" if arch(peer) == "sd3" else "bfloat16"
+    types = ["BF16", "IQ4_NL", "F16", "F32"] if case == "exact" else pg.ALL[:10]
+    path, _, _ = pg.comfy_gguf(tmp_path / "m.gguf", peers.original_state(peer, ""), arch(peer),
+                               pick=pg.cycle(tuple(types)), source=source)
+    err = peers.parity(load_transformer(path), diffusers_gguf(peer, path, tmp_path, monkeypatch))
+    print(f"\n{arch(peer)} {case}: ours vs diffusers GGUFQuantizationConfig(compute_dtype=fp32): {err:.2e}")
+    assert err <= (TOL if case == "exact" else DIFFUSERS_FP16_DEQUANT)
+
+
+def test_q8_0_from_mmdit_quantize_in_diffusers_and_against_full_precision(peer, tmp_path, monkeypatch):
+    source = torch.float32 if arch(peer) == "sd3" else torch.bfloat16
+    src = peers.save_original(peer, tmp_path / "src.safetensors", with_extras=False, dtype=source)
+    out = tmp_path / "q8.gguf"
+    assert cli_main(["quantize", str(src), str(out), "--type", "Q8_0"]) == 0
+    model = load_transformer(out)
+    err = peers.parity(model, diffusers_gguf(peer, out, tmp_path, monkeypatch))
+    distance = peers.parity(model, peers.rounded(peer, source))
+    print(f"\n{arch(peer)} Q8_0 (mmdit quantize): vs diffusers {err:.2e}; vs the full-precision model {distance:.2e}")
+    assert err <= DIFFUSERS_FP16_DEQUANT
+    assert distance <= Q8_0_DISTANCE
+
+
+# ---- where a GGUF can be --------------------------------------------------------------------
+
+def test_gguf_from_a_folder_and_from_the_hub_cache(every_type, tmp_path, monkeypatch):
+    peer, path, _ = every_type
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "flux1-tiny-Q4_K_M.gguf").write_bytes(path.read_bytes())
+    model = load_transformer(folder)
+    assert model.source_files == [str(folder / "flux1-tiny-Q4_K_M.gguf")] and model.detected.family == "flux"
+    (folder / "flux1-tiny-Q8_0.gguf").write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match=r"holds several GGUF files .*; pass the one you mean"):
+        load_transformer(folder)
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    peers.fake_hub_cache(cache, "org/flux-tiny-gguf", {"flux1-tiny-Q8_0.gguf": path},
+                         not_downloaded=("flux1-tiny-Q4_0.gguf",))
+    model = load_transformer("org/flux-tiny-gguf/flux1-tiny-Q8_0.gguf")
+    assert model.detected.family == "flux" and model.source_files[0].endswith("flux1-tiny-Q8_0.gguf")
+
+
+def test_cost_benchmark_runs(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gguf_cost
+
+    out = gguf_cost.main(["--preset", "flux.1-dev", "--num-layers", "2", "--set", "axes_dim=(4,6,6)", "--set",
+                          "num_heads=2", "--set", "head_dim=16", "--set", "context_dim=24", "--set", "pooled_dim=20",
+                          "--device", "cpu", "--dtype", "fp32", "--resolution", "64", "--text-len", "5", "--iters",
+                          "1", "--warmup", "0", "--types", "Q8_0,BF16", "--dir", str(tmp_path),
+                          "--json", str(tmp_path / "cost.json")])
+    assert set(out["types"]) == {"Q8_0", "BF16"} and "dequant ms" in capsys.readouterr().out
+    for r in out["types"].values():
+        assert r["kept_layers"] > 0 and r["max_rel_err_vs_dense"] <= TOL

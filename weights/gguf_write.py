@@ -108,10 +108,11 @@ _SOURCE_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64":
                   "F8_E4M3": "float16", "F8_E5M2": "float16"}  # convert.py reads fp8 as fp16
 
 
-def quantize_file(source: str | os.PathLike, out: str | os.PathLike, target: str = "Q8_0") -> str:
+def quantize_file(source: str | os.PathLike, out: str | os.PathLike, target: str = "Q8_0", config=None) -> str:
     """Write the transformer in ``source`` (anything ``load_transformer`` reads: safetensors in
     either layout, ComfyUI scaled fp8, a diffusers folder, another GGUF) to ``out`` as a GGUF in
-    ComfyUI-GGUF's layout with 2-D weights in ``target``. Returns a summary line."""
+    ComfyUI-GGUF's layout with 2-D weights in ``target``. ``config``: as in ``load_transformer``.
+    Returns a summary line."""
     from functools import partial
 
     from ..models import transformer_for
@@ -128,7 +129,7 @@ def quantize_file(source: str | os.PathLike, out: str | os.PathLike, target: str
         raise ValueError(f"{out}: the output must be a .gguf file")
     src = resolve(source)
     ckpt = Canonical(src.open(), str(src.path))
-    det = detect(ckpt, src.config_json, where=str(src.path))
+    det = detect(ckpt, src.config_json, config, where=str(src.path))
     with torch.device("meta"):
         check_keys(transformer_for(det.config), ckpt, det, where=str(src.path))
     arch = ARCH.get(det.family, det.family)

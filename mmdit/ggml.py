@@ -55,15 +55,15 @@ OTHER_IDS = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # stored as typed tensors
 QUANTIZE = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # what ``quantize`` writes
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL / IQ4_XS
+_KPACK = [sum((k + 128) << (8 * j) for j, k in enumerate(KVALUES[i:i + 6])) for i in (0, 6, 12)]
 
 
 # ---- reading fields out of blocks (n, size) uint8 ------------------------------------------
 
 def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
-    """The fp16 at bytes ``at, at+1`` of each block, as fp32 (n, 1)."""
-    v = b[:, at].to(torch.int32) | (b[:, at + 1].to(torch.int32) << 8)
-    v = v - ((v >> 15) << 16)  # into int16's range, so the cast keeps the bits
-    return v.to(torch.int16).view(torch.float16).float()[:, None]
+    """The fp16 at bytes ``at, at+1`` of each block, as fp32 (n, 1). Every block size and fp16
+    offset is even, so the blocks reinterpret as fp16 pairs in place."""
+    return b.view(torch.float16)[:, at // 2:at // 2 + 1].float()
 
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,12 @@ def _bits(q: torch.Tensor) -> torch.Tensor:
 
 
 def _kvalues(q: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(KVALUES, dtype=torch.float32, device=q.device)[q.long()]
+    """KVALUES[q] as fp32. The table is built on q's device from Python ints (KVALUES + 128, a
+    byte each, packed 6 to an int): no tensor is copied from the host per call."""
+    i = torch.arange(16, device=q.device)
+    packed = torch.where(i < 6, _KPACK[0] >> (8 * i), torch.where(i < 12, _KPACK[1] >> (8 * (i - 6)),
+                                                                  _KPACK[2] >> (8 * (i - 12))))
+    return ((packed & 255) - 128).float()[q.long()]
 
 
 def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,31 +102,33 @@ def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- dequantize: blocks (n, size) uint8 -> (n, block) fp32 ---------------------------------
 
-def _q8_0(b):  # d @0, int8 q[32] @2:  x = q * d
-    return b[:, 2:34].view(torch.int8).float() * _f16(b, 0)
+def _q8_0(b):  # d @0, int8 q[32] @2:  x = q * d (int8 * fp32 is computed in fp32)
+    return b[:, 2:34].view(torch.int8) * _f16(b, 0)
 
 
 def _q4_0(b):  # d @0, nibbles @2 (byte j: v = j low, v = j + 16 high):  x = d * (q - 8)
-    q = _nibbles(b[:, 2:18]).reshape(-1, 32).to(torch.int8) - 8
-    return _f16(b, 0) * q.float()
+    return _f16(b, 0) * (_nibbles(b[:, 2:18]).reshape(-1, 32).view(torch.int8) - 8)
 
 
 def _q4_1(b):  # d @0, m @2, nibbles @4:  x = d * q + m
-    return _f16(b, 0) * _nibbles(b[:, 4:20]).reshape(-1, 32).float() + _f16(b, 2)
+    return _f16(b, 0) * _nibbles(b[:, 4:20]).reshape(-1, 32) + _f16(b, 2)
 
 
 def _q5(b, at):
-    """Q5_0 / Q5_1 5-bit values: the high bit of v is bit v of the u32 ``qh`` at ``at``."""
-    high = _bits(b[:, at:at + 4]).transpose(1, 2).reshape(-1, 32)  # bit (v % 8) of byte v // 8
-    return _nibbles(b[:, at + 4:at + 20]).reshape(-1, 32) | (high << 4)
+    """Q5_0 / Q5_1 5-bit values: the high bit of v is bit v of the u32 ``qh`` at ``at`` (even)."""
+    h = b.view(torch.int16)
+    qh = (h[:, at // 2].to(torch.int32) & 0xFFFF) | (h[:, at // 2 + 1].to(torch.int32) << 16)  # its bits
+    shifts = torch.arange(32, dtype=torch.int32, device=b.device)  # made on the device: no host copy
+    high = ((qh[:, None] >> shifts) & 1).to(torch.uint8) << 4
+    return _nibbles(b[:, at + 4:at + 20]).reshape(-1, 32) | high
 
 
 def _q5_0(b):  # d @0, qh @2, nibbles @6:  x = d * (q - 16)
-    return _f16(b, 0) * (_q5(b, 2).to(torch.int8) - 16).float()
+    return _f16(b, 0) * (_q5(b, 2).view(torch.int8) - 16)
 
 
 def _q5_1(b):  # d @0, m @2, qh @4, nibbles @8:  x = d * q + m
-    return _f16(b, 0) * _q5(b, 4).float() + _f16(b, 2)
+    return _f16(b, 0) * _q5(b, 4) + _f16(b, 2)
 
 
 def _q2_k(b):  # scales[16] @0 (low nibble scale, high min), q 2-bit [64] @16, d @80, dmin @82
@@ -180,7 +187,7 @@ def _iq4_nl(b):  # d @0, nibbles @2 indexing KVALUES:  x = d * K[q]
 def _iq4_xs(b):  # d @0, scales_h u16 @2, scales_l [4] @4, nibbles [128] @8; 8 sub-blocks of 32
     n = b.shape[0]
     low = _nibbles(b[:, 4:8]).transpose(1, 2).reshape(n, 8)  # sub-block j: nibble j % 2 of byte j // 2
-    h = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)
+    h = b.view(torch.int16)[:, 1].to(torch.int32) & 0xFFFF
     high = torch.stack([(h >> (2 * j)) & 3 for j in range(8)], dim=1).to(torch.uint8)
     dl = (_f16(b, 0) * ((low | (high << 4)).to(torch.int8) - 32).float()).reshape(n, 8, 1)
     q = _nibbles(b[:, 8:136].reshape(n, 8, 16)).reshape(n, 8, 32)

@@ -287,6 +287,76 @@ def test_comfy_gguf_loads_quantized_and_equals_its_values(peer, prefix, tmp_path
     assert err <= TOL
 
 
+def test_diffusers_named_gguf_joins_quantized_parts_row_wise(peer, tmp_path):
+    """A GGUF in diffusers' key layout goes through the same detection and key table: q / k / v
+    (FLUX: + proj_mlp) join into our fused Linears as bytes (rows are whole blocks), the 2-chunk
+    adaLN halves swap as rows; parts stored in different types are dequantized at load."""
+    sd = peers.diffusers_state(peer)
+    path, values, types = pg.comfy_gguf(tmp_path / "d.gguf", sd, arch(peer), pick=lambda n: "Q8_0" if "to_k" not in n
+                                        or ".0." not in n else "Q4_0")
+    model = load_transformer(path)
+    assert model.detected.layout == "diffusers"
+    fused = model.single_blocks[1].linear1 if arch(peer) == "flux" else model.joint_blocks[1].x_block.attn.qkv
+    assert isinstance(fused, ggml.GGUFLinear) and fused.qtype == "Q8_0"
+    first = model.double_blocks[0].img_attn.qkv if arch(peer) == "flux" else model.joint_blocks[0].x_block.attn.qkv
+    assert type(first) is torch.nn.Linear  # its to_k is Q4_0, to_q / to_v Q8_0
+    err = peers.parity(model, twin(peer, keymaps.from_diffusers(values, peers.family(peer), peers.hidden(peer))))
+    assert err <= TOL
+
+
+def test_files_without_an_image_architecture_tag_load_by_their_keys(tmp_path):
+    """stable-diffusion.cpp files have no general.architecture; ComfyUI-GGUF reads those (and its
+    'pig' / 'cow' tags) by their keys, and so does mmdit."""
+    peer = make_peer("flux")
+    for tag in (None, "pig"):
+        w = gguf.GGUFWriter(path=None, arch=tag or "flux")
+        if tag is None:
+            del w.kv_data[0]["general.architecture"]
+        for name, t in peers.original_state(peer, "").items():
+            w.add_tensor(name, t.numpy())
+        path = tmp_path / f"{tag}.gguf"
+        w.write_header_to_file(path=path), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+        assert GGUFFile(path).architecture == tag
+        assert peers.parity(load_transformer(path), peer) <= TOL
+
+
+def family_state(family: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A small random model of ``family`` in its original layout (our names), from its diffusers
+    peer, and the config fields its shapes can't tell (the RoPE split of a small head)."""
+    import peers_flux2
+    import peers_qwen
+
+    if family in ("sd3", "flux"):
+        return peers.original_state(make_peer("flux" if family == "flux" else "sd3.5"), ""), None
+    if family == "flux2":
+        return peers_flux2.bfl_state(peers_flux2.flux2_peer(), ""), None
+    peer = peers_qwen.qwen_peer() if family == "qwen-image" else peers_qwen.qwen21_peer()
+    return peers_qwen.original_state(peer, ""), {"axes_dim": tuple(peer.config.axes_dims_rope)}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2", "qwen-image", "qwen-image-2.1"])
+def test_every_family_round_trips_through_mmdit_quantize(family, tmp_path):
+    """No family has GGUF code of its own: its original names, detection and key table are the
+    safetensors loader's. A bf16 file quantized by ``mmdit quantize`` loads as the same family and
+    config, and every tensor holds what gguf-py's reader and dequantizer read from the file."""
+    from mmdit.weights.gguf_write import quantize_file
+
+    state, config = family_state(family)
+    src = peers.save(state, tmp_path / "src.safetensors", torch.bfloat16)
+    out = tmp_path / "m.gguf"
+    print("\n" + quantize_file(src, out, "Q5_1", config=config))
+    model, reference = load_transformer(out, config=config), load_transformer(src, config=config)
+    assert (model.detected.family, model.config) == (family, reference.config)
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == ARCH.get(family, family)
+    truth = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()) for t in reader.tensors}
+    kept = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, ggml.GGUFLinear)}
+    assert any(m.qtype == "Q5_1" for m in kept.values())
+    for k, v in model.state_dict().items():
+        got = kept[k].dequantized() if k in kept else v
+        assert torch.equal(got, truth[k].reshape(got.shape)), k
+
+
 def test_memory_is_the_files(peer, tmp_path):
     sd = peers.original_state(peer, "")
     for q in ("Q8_0", "Q4_0", "BF16"):
@@ -548,3 +618,28 @@ def test_cost_benchmark_runs(tmp_path, capsys):
     assert set(out["types"]) == {"Q8_0", "BF16"} and "dequant ms" in capsys.readouterr().out
     for r in out["types"].values():
         assert r["kept_layers"] > 0 and r["max_rel_err_vs_dense"] <= TOL
+
+
+def test_generate_with_a_gguf_and_text_encoders_from_a_folder(tmp_path, capsys):
+    """`mmdit quantize` of a diffusers transformer/ folder, then `generate --model FILE.gguf
+    --text-from FOLDER`: the same image as the same values held in full precision."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    folder, _ = peers.sd3_folder(tmp_path / "pipe")
+    out = tmp_path / "sd3-Q8_0.gguf"
+    assert cli_main(["quantize", str(folder / "transformer"), str(out), "--type", "Q8_0"]) == 0
+    model = load_transformer(out)
+    assert any(isinstance(m, ggml.GGUFLinear) and m.qtype == "Q8_0" for m in model.modules())
+    values = {k: v for k, v in model.state_dict().items()}
+    for n, m in model.named_modules():
+        if isinstance(m, ggml.GGUFLinear):
+            values[f"{n}.weight"] = m.dequantized()
+    single = tmp_path / "values.safetensors"
+    save_file({k: v.contiguous() for k, v in values.items()}, str(single))
+    common = ["--prompt", "a fox", "--steps", "2", "--height", "16", "--width", "16", "--seed", "1"]
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert cli_main(["generate", "--model", str(out), "--text-from", str(folder), *common, "--output", str(a)]) == 0
+    assert cli_main(["generate", "--model", str(single), "--text-from", str(folder), *common, "--output", str(b)]) == 0
+    assert f"text encoders, VAE and scheduler from {folder}" in capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

@@ -142,10 +142,11 @@ def report(out: dict) -> str:
              f"{'type':<6} {'gguf ms':>9} {'dense ms':>9} {'ratio':>6} {'dequant ms':>11} {'GiB gguf':>9} "
              f"{'/ dense':>8} {'/ file':>7} {'/ bf16':>7} {'err vs bf16':>12}"]
     for q, r in out["types"].items():
+        held = r["gguf_weight_bytes"]
         lines.append(f"{q:<6} {r['gguf_ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio']:>6.2f} {r['dequant_ms']:>11.1f} "
-                     f"{r['gguf_weight_bytes'] / 2 ** 30:>9.3f} {r['gguf_weight_bytes'] / r['dense_weight_bytes']:>8.3f} "
-                     f"{r['gguf_weight_bytes'] / r['file_tensor_bytes']:>7.3f} "
-                     f"{r['gguf_weight_bytes'] / r['bf16_weight_bytes']:>7.3f} {r['max_rel_err_vs_bf16_weights']:>12.2e}")
+                     f"{held / 2 ** 30:>9.3f} {held / r['dense_weight_bytes']:>8.3f} "
+                     f"{held / r['file_tensor_bytes']:>7.3f} "
+                     f"{held / r['bf16_weight_bytes']:>7.3f} {r['max_rel_err_vs_bf16_weights']:>12.2e}")
     return "\n".join(lines)
 
 

@@ -458,7 +458,7 @@ def _add_inspect(sub) -> None:
     p.set_defaults(run=run)
 
 
-QUANT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")  # = weights.gguf_write.TARGETS (no torch here)
+QUANT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")  # weights.gguf_write.TARGETS, without torch
 
 
 def _add_quantize(sub) -> None:

@@ -158,7 +158,8 @@ def test_reader_agrees_with_gguf_reader(tmp_path):
     w.add_bool("t.bool", True), w.add_string("t.str", "héllo"), w.add_array("t.ints", [1, -2, 3])
     w.add_array("t.strs", ["a", "bc"]), w.add_custom_alignment(64)
     tensors = {"w.q8": ("Q8_0", (5, 64)), "w.k4": ("Q4_K", (2, 512)), "w.bf16": ("BF16", (3, 7)),
-               "w.f16": ("F16", (2, 3, 5)), "w.f32": ("F32", (9,)), "w.iq4": ("IQ4_XS", (1, 256))}
+               "w.f16": ("F16", (2, 3, 5)), "w.f32": ("F32", (9,)), "w.iq4": ("IQ4_XS", (1, 256)),
+               "w.5d": ("F32", (2, 1, 3, 2, 2))}  # ComfyUI-GGUF's fix_5d_tensors.py writes 5-D ones
     for i, (name, (q, shape)) in enumerate(tensors.items()):
         w.add_tensor(name, pg.encode(rng.standard_normal(shape).astype(np.float32), q, seed=i), raw_dtype=T[q])
     path = tmp_path / "mixed.gguf"
@@ -173,7 +174,8 @@ def test_reader_agrees_with_gguf_reader(tmp_path):
         info = ours.tensors[t.name]
         assert info.shape == tuple(reversed(t.shape.tolist())) == tensors[t.name][1]
         assert info.type.name == t.tensor_type.name and info.start == t.data_offset and info.nbytes == t.n_bytes
-        assert np.array_equal(ours.stored(t.name).view(torch.uint8).numpy().reshape(-1), t.data.view(np.uint8).reshape(-1))
+        stored = ours.stored(t.name).view(torch.uint8).numpy().reshape(-1)
+        assert np.array_equal(stored, t.data.view(np.uint8).reshape(-1))
         values = GGUFCheckpoint(path)[t.name]
         assert np.array_equal(values.numpy(), gguf.quants.dequantize(t.data, t.tensor_type).reshape(info.shape))
 
@@ -188,7 +190,8 @@ def test_our_writer_is_byte_identical_to_gguf_writer(tmp_path):
     for n, q, _ in tensors:
         w.add_tensor(n, gguf.quants.quantize(data[n], T[q]), raw_dtype=T[q])
     w.write_header_to_file(path=tmp_path / "ref.gguf"), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    write_gguf(tmp_path / "ours.gguf", "sd3", 7, [(n, q, s, lambda n=n: torch.from_numpy(data[n])) for n, q, s in tensors])
+    write_gguf(tmp_path / "ours.gguf", "sd3", 7,
+               [(n, q, s, lambda n=n: torch.from_numpy(data[n])) for n, q, s in tensors])
     assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
 
 
@@ -212,7 +215,8 @@ MALFORMED = {  # what: (raw_gguf arguments, the one-line message)
     "unknown ggml type": (dict(infos=[("a", [4], 4, 0)]), r"tensor 'a' is stored as unknown GGML type id 4"),
     "unread ggml type": (dict(infos=[("a", [256], 16, 0)]), r"stored as GGML type IQ2_XXS, which mmdit does not read"),
     "ragged rows": (dict(infos=[("b", [40, 2], Q8, 0)]), r"'b' has rows of 40 values, not a multiple of the Q8_0"),
-    "misaligned offset": (dict(infos=[("a", [4], 0, 0), ("b", [32, 2], Q8, 16)]), r"'b' has data offset 16, expected 32"),
+    "misaligned offset": (dict(infos=[("a", [4], 0, 0), ("b", [32, 2], Q8, 16)]),
+                          r"'b' has data offset 16, expected 32"),
     "out of order": (dict(infos=[("b", [32, 2], Q8, 32), ("a", [4], 0, 0)]), r"'b' has data offset 32, expected 0"),
     "no dimensions": (dict(infos=[("a", [], 0, 0)]), r"tensor 'a' has 0 dimensions"),
     "six dimensions": (dict(infos=[("a", [1] * 6, 0, 0)]), r"tensor 'a' has 6 dimensions"),
@@ -357,6 +361,38 @@ def test_every_family_round_trips_through_mmdit_quantize(family, tmp_path):
         assert torch.equal(got, truth[k].reshape(got.shape)), k
 
 
+def test_comfy_orig_shape_metadata_restores_reshaped_tensors(tmp_path):
+    """ComfyUI-GGUF stores a tensor whose rows don't fit the K-quant blocks as (n / 256, 256) with
+    ``comfy.gguf.orig_shape.<name>`` (ARRAY of INT32, numpy order); the loader reshapes it back."""
+    peer = make_peer("sd3.5")
+    sd = peers.original_state(peer, "")
+    name = "x_embedder.proj.weight"  # (256, 16, 2, 2): a conv, rows of 2
+    shape = tuple(sd[name].shape)
+    w = gguf.GGUFWriter(path=None, arch="sd3")
+    w.add_array(f"comfy.gguf.orig_shape.{name}", list(shape))
+    for k, t in sd.items():
+        x = t.numpy()
+        if k == name:
+            w.add_tensor(k, pg.encode(x.reshape(-1, 256), "Q4_K"), raw_dtype=T.Q4_K)
+        else:
+            w.add_tensor(k, x)
+    path = tmp_path / "reshaped.gguf"
+    w.write_header_to_file(path=path), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ckpt = GGUFCheckpoint(path)
+    assert ckpt.shape(name) == shape and ckpt.stored(name) is None  # not kept as blocks
+    model = load_transformer(path)
+    stored = gguf.GGUFReader(path).tensors[[t.name for t in gguf.GGUFReader(path).tensors].index(name)]
+    want = torch.from_numpy(gguf.quants.dequantize(stored.data, T.Q4_K).reshape(shape).copy())
+    assert torch.equal(model.x_embedder.proj.weight, want)
+    bad = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(path=None, arch="sd3")
+    w.add_array(f"comfy.gguf.orig_shape.{name}", [3, 5])
+    w.add_tensor(name, sd[name].numpy().reshape(-1, 4))
+    w.write_header_to_file(path=bad), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(GGUFError, match=r"orig_shape.x_embedder.proj.weight is \(3, 5\), which does not hold"):
+        GGUFCheckpoint(bad)
+
+
 def test_memory_is_the_files(peer, tmp_path):
     sd = peers.original_state(peer, "")
     for q in ("Q8_0", "Q4_0", "BF16"):
@@ -412,7 +448,8 @@ def kohya_lora(model, rank=4, seed=3):
     g = torch.Generator().manual_seed(seed)
     return {f"lora_unet_{n.replace('.', '_')}.{leaf}": torch.randn(shape, generator=g) * 0.05
             for n, m in model.named_modules() if isinstance(m, ggml.GGUFLinear) and "_blocks." in n
-            for leaf, shape in (("lora_down.weight", (rank, m.in_features)), ("lora_up.weight", (m.out_features, rank)))}
+            for leaf, shape in (("lora_down.weight", (rank, m.in_features)),
+                                ("lora_up.weight", (m.out_features, rank)))}
 
 
 def test_lora_runs_unfused_beside_the_quantized_layers(every_type):
@@ -435,7 +472,8 @@ def test_lora_runs_unfused_beside_the_quantized_layers(every_type):
     print(f"\nLoRA on a GGUF model vs on the same values in fp32: {err:.2e}")
     assert err <= TOL and off <= TOL
     handle.remove()
-    assert type(model.double_blocks[0].img_attn.qkv) is ggml.GGUFLinear and model.double_blocks[0].img_attn.qkv.weight is blocks
+    back = model.double_blocks[0].img_attn.qkv
+    assert type(back) is ggml.GGUFLinear and back.weight is blocks
     with pytest.raises(ValueError, match=r"fuse=True can't merge a LoRA into weights kept quantized from a GGUF file "
                                          r"\(double_blocks.0.img_mod.lin \(Q8_0\), .*apply it unfused"):
         mmdit.apply_lora(model, lora, fuse=True)

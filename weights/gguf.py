@@ -47,7 +47,7 @@ LANGUAGE_TENSORS = ("blk.", "enc.blk.", "dec.blk.", "token_embd.", "output_norm.
 OTHER_IMAGE_ARCHS = {"sd1": "Stable Diffusion 1.x (a UNet)", "sdxl": "SDXL (a UNet)", "aura": "AuraFlow",
                      "hidream": "HiDream", "cosmos": "Cosmos", "ltxv": "LTX-Video", "hyvid": "HunyuanVideo",
                      "wan": "Wan", "lumina2": "Lumina 2 / Z-Image"}
-IMPLEMENTED = "the diffusion transformers mmdit implements (SD3 / SD3.5, FLUX.1 and the other families in weights/families)"
+IMPLEMENTED = "the diffusion transformers of weights/families (SD3 / SD3.5, FLUX.1, ...)"
 
 
 class GGUFError(CheckpointError):
@@ -128,6 +128,8 @@ class GGUFFile:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
+            if size < 4:
+                raise GGUFError(f"{path} is truncated: {size} bytes, less than a GGUF header; download it again")
             if head[:4] != MAGIC:
                 raise GGUFError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
             if size < 24:
@@ -211,6 +213,8 @@ class GGUFFile:
         info = self.tensors[name]
         dtype = PLAIN.get(info.type.name, torch.uint8)
         count = info.nbytes // dtype.itemsize
+        if count == 0:  # a tensor with a zero-sized axis
+            return torch.empty(info.type.stored_shape(info.shape), dtype=dtype)
         t = torch.frombuffer(self._map, dtype=dtype, count=count, offset=info.start)
         return t.view(info.type.stored_shape(info.shape))
 

@@ -50,8 +50,8 @@ def tensor_type(name: str, shape: tuple[int, ...], source: str, target: str, arc
     if len(shape) <= 1 or n <= SMALL:
         return "F16" if source == "float16" else "F32"
     base = target if target in ("BF16", "F16") else "BF16" if source == "bfloat16" else "F16"
-    t = TYPES[target]
-    if target in ("BF16", "F16") or len(shape) != 2 or shape[-1] % t.block or any(k in name for k in KEEP.get(arch, ())):
+    kept = any(k in name for k in KEEP.get(arch, ()))
+    if target in ("BF16", "F16") or len(shape) != 2 or shape[-1] % TYPES[target].block or kept:
         return base
     return target
 

@@ -172,7 +172,7 @@ def _patterns(repo: str, revision: str | None, token) -> list[str]:
     if not single and len(gguf) == 1:
         return gguf
     if not single and gguf:  # a repo of GGUF quantizations: one file each
-        raise CheckpointError(f"{repo} holds {len(gguf)} GGUF files ({', '.join(gguf[:6])}{', ...' * (len(gguf) > 6)}); "
-                              f"pass one as '{repo}/<file>.gguf'")
+        shown = ", ".join(gguf[:6]) + ", ..." * (len(gguf) > 6)
+        raise CheckpointError(f"{repo} holds {len(gguf)} GGUF files ({shown}); pass one as '{repo}/<file>.gguf'")
     raise CheckpointError(f"{repo} has no transformer/ folder and {len(single)} candidate top-level files "
                           f"{single}; pass one as '{repo}/<file>.safetensors'")

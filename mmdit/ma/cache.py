@@ -19,8 +19,8 @@ def cache_dir() -> Path:
 
 
 def checkpoint_hash(source: str | os.PathLike | Sequence[str | os.PathLike], probe_bytes: int = 1 << 16) -> str:
-    """sha256 over each weight file's header (safetensors, or GGUF's up to its data), size, and three ``probe_bytes``
-    slices of its data (start, middle, end): cheap (no full read), yet a fine-tune with the
+    """sha256 over each weight file's header (safetensors; GGUF's up to its data), size, and three
+    ``probe_bytes`` slices of its data (start, middle, end): cheap (no full read), yet a fine-tune with the
     same shapes gets a new key. ``source``: the weight files (a loaded model's
     ``source_files``), or anything ``load_transformer`` accepts, whose files are found the
     same way the loader finds them."""

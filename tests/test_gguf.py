@@ -681,3 +681,14 @@ def test_generate_with_a_gguf_and_text_encoders_from_a_folder(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(single), "--text-from", str(folder), *common, "--output", str(b)]) == 0
     assert f"text encoders, VAE and scheduler from {folder}" in capsys.readouterr().err
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.mark.slow
+def test_inductor_dequantizes_every_type_to_the_same_bits():
+    """One inductor graph per type (cold compiles: about a minute on 2 CPU cores)."""
+    for qtype in [q for q in pg.ALL if q not in ggml.PLAIN]:
+        torch._dynamo.reset()  # one code object, a graph per type: more than dynamo's recompile limit
+        blocks = torch.from_numpy(pg.random_blocks(qtype, 24, seed=5)).reshape(3, -1)
+        compiled = torch.compile(lambda b, q=qtype: ggml.dequantize(b, q), fullgraph=True)
+        assert torch.equal(compiled(blocks).view(torch.int32), ggml.dequantize(blocks, qtype).view(torch.int32)), qtype
+    torch._dynamo.reset()

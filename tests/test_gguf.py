@@ -327,6 +327,7 @@ def test_files_without_an_image_architecture_tag_load_by_their_keys(tmp_path):
 def family_state(family: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """A small random model of ``family`` in its original layout (our names), from its diffusers
     peer, and the config fields its shapes can't tell (the RoPE split of a small head)."""
+    import peers_chroma
     import peers_flux2
     import peers_qwen
 
@@ -334,11 +335,14 @@ def family_state(family: str) -> tuple[dict[str, torch.Tensor], dict | None]:
         return peers.original_state(make_peer("flux" if family == "flux" else "sd3.5"), ""), None
     if family == "flux2":
         return peers_flux2.bfl_state(peers_flux2.flux2_peer(), ""), None
+    if family == "chroma":
+        peer = peers_chroma.chroma_peer()
+        return peers_chroma.original_state(peer, ""), {"axes_dim": tuple(peer.config.axes_dims_rope)}
     peer = peers_qwen.qwen_peer() if family == "qwen-image" else peers_qwen.qwen21_peer()
     return peers_qwen.original_state(peer, ""), {"axes_dim": tuple(peer.config.axes_dims_rope)}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux2", "qwen-image", "qwen-image-2.1"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2", "chroma", "qwen-image", "qwen-image-2.1"])
 def test_every_family_round_trips_through_mmdit_quantize(family, tmp_path):
     """No family has GGUF code of its own: its original names, detection and key table are the
     safetensors loader's. A bf16 file quantized by ``mmdit quantize`` loads as the same family and

@@ -25,6 +25,6 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
     test) cd "$here" && exec "$venv/bin/python" -m pytest -q tests "$@" ;;
-    generate|inspect|analyze-ma|calibrate-ma|train) exec "$venv/bin/mmdit" "$cmd" "$@" ;;
-    *) echo "usage: bash run.sh test [pytest args] | bash run.sh generate|inspect|analyze-ma|calibrate-ma|train [args]" >&2; exit 2 ;;
+    generate|inspect|quantize|analyze-ma|calibrate-ma|train) exec "$venv/bin/mmdit" "$cmd" "$@" ;;
+    *) echo "usage: bash run.sh test [pytest args] | bash run.sh generate|inspect|quantize|analyze-ma|calibrate-ma|train [args]" >&2; exit 2 ;;
 esac

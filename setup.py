@@ -1,4 +1,9 @@
-from setuptools import setup
+from setuptools import find_packages, setup
+
+
+def tree(folder: str, name: str) -> list[str]:
+    return [name] + [f"{name}.{p}" for p in find_packages(folder)]
+
 
 # One distribution, one import root: the top-level kernels/, weights/ and samplers/
 # folders install as mmdit.kernels, mmdit.weights and mmdit.samplers.
@@ -7,7 +12,8 @@ setup(
     version="0.1.0",
     description="Standalone SD3 / SD3.5 / FLUX.1 MMDiT with Detail Guidance (massive-activation disruption)",
     python_requires=">=3.10",
-    packages=["mmdit", "mmdit.tiny", "mmdit.kernels", "mmdit.weights", "mmdit.samplers"],
+    packages=tree("mmdit", "mmdit") + tree("kernels", "mmdit.kernels") + tree("weights", "mmdit.weights")
+    + tree("samplers", "mmdit.samplers"),
     package_dir={
         "mmdit": "mmdit",
         "mmdit.kernels": "kernels",
@@ -27,7 +33,7 @@ setup(
     # torch references run), except by the tests, which run the kernels in Triton's interpreter.
     extras_require={
         "test": ["pytest>=8", "diffusers==0.42.1", "transformers>=4.45", "protobuf", "sentencepiece>=0.2",
-                 "matplotlib", "peft>=0.17", "triton>=3.0; platform_system == 'Linux'"],
+                 "matplotlib", "peft>=0.17", "gguf>=0.19", "triton>=3.0; platform_system == 'Linux'"],
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "plots": ["matplotlib"],
     },

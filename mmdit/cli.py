@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   mmdit generate --model stabilityai/stable-diffusion-3.5-medium --device cuda --prompt "a fox" --dg 2
   mmdit generate --prompt "a green circle on a yellow background" --image in.png --strength 0.6
   mmdit inspect sd3.5_medium.safetensors
+  mmdit quantize flux1-dev.safetensors flux1-dev-Q8_0.gguf --type Q8_0
   mmdit COMMAND --help      the options of one command"""
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="mmdit", description=__doc__.splitlines()[0], epilog=EXAMPLES, formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"mmdit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_inspect, _add_analyze, _add_calibrate, _add_train):
+    for add in (_add_generate, _add_inspect, _add_quantize, _add_analyze, _add_calibrate, _add_train):
         add(sub)
     args = parser.parse_args(argv)
     formatwarning = warnings.formatwarning  # warnings as one line each, like the errors
@@ -448,7 +449,7 @@ def _input_images(args) -> dict:
 
 def _add_inspect(sub) -> None:
     p = _command(sub, "inspect", "what a checkpoint is: layout, family, inferred config, dtype, size")
-    p.add_argument("path", help="a .safetensors file, an index.json, a diffusers folder or a hub repo id")
+    p.add_argument("path", help="a .safetensors or .gguf file, an index.json, a diffusers folder or a hub repo id")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", type=_config_override,
                    help="override an inferred config field, as load_transformer(config={...}) does, e.g. "
                         "--config axes_dim=8,28,28; repeatable")
@@ -475,6 +476,26 @@ def _config_override(text: str) -> tuple[str, object]:
         return key.strip(), ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return key.strip(), value
+
+
+QUANT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")  # weights.gguf_write.TARGETS, without torch
+
+
+def _add_quantize(sub) -> None:
+    p = _command(sub, "quantize", "write a transformer checkpoint as a GGUF file (ComfyUI-GGUF's layout)",
+                 "Write a transformer checkpoint as a GGUF file in ComfyUI-GGUF's layout (original names; "
+                 "2-D weights in --type; embedders, final layer and small tensors kept as ComfyUI-GGUF keeps them), "
+                 "readable by mmdit, ComfyUI-GGUF and diffusers' GGUFQuantizationConfig.")
+    p.add_argument("src", help="a .safetensors file (any layout), a diffusers folder or a hub repo id")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="Q8_0", choices=QUANT_TYPES, help="the type of the quantized weights")
+
+    def run(args):
+        from .weights.gguf_write import quantize_file
+
+        print(quantize_file(args.src, args.out, args.type))
+
+    p.set_defaults(run=run)
 
 
 def _ma_args(p) -> None:

@@ -32,7 +32,8 @@ PEFT's ``lora_B.bias``, LoHa / LoKr layers) are added to their parameters in pla
 
 Unfused (default): the Linear is replaced by a ``LoRALinear`` (a conv by a ``LoRAConv2d``)
 holding the same parameter objects under the same names (``weight``, ``bias``; fp8
-``weight_scale`` too) plus ``adapters``, a list of low-rank paths; the scale is a buffer, so
+``weight_scale`` too; a GGUF layer's quantized ``weight`` buffer, which only an unfused LoRA can sit
+beside) plus ``adapters``, a list of low-rank paths; the scale is a buffer, so
 ``set_scale`` changes no graph. Fused: the delta is added to the weights and the originals are
 kept on the CPU, so ``remove()`` restores them bit-exactly. Keys that match no layer, and rank /
 shape mismatches, are one error of at most three lines (``lora_formats.Problems``), raised
@@ -427,6 +428,14 @@ class LoRAHandle:
         self.diffs = diffs or {}  # our parameter name -> its full difference (fp32)
         self._before_diffs: dict[str, dict[str, torch.Tensor]] = {}
         self._pairs = pairs
+        in_place = list(pairs) * fuse + [p.rpartition(".")[0] for p in self.diffs if p.endswith(".weight")]
+        qtypes = {n: getattr(self.model.get_submodule(n), "qtype", None) for n in in_place}
+        kept = [f"{n} ({q})" for n, q in qtypes.items() if q]
+        if kept:  # GGUF blocks can't take a delta without re-quantizing them
+            raise ValueError(f"can't add to weights kept quantized from a GGUF file ({', '.join(kept[:3])}"
+                             f"{', ...' * (len(kept) > 3)}): apply a LoRA unfused (the default), whose low-rank "
+                             "path runs beside each quantized layer; full differences (.diff, LoHa, LoKr) need "
+                             "the model in full precision")
         dtype = _model_dtype(self.model)
         for name, (down, up) in pairs.items():
             lin = self.model.get_submodule(name)

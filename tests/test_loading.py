@@ -353,7 +353,7 @@ def _lora_residue(sd):
 
 
 REFUSED = {  # what: (make the file from a FLUX original-layout state dict, the message)
-    "gguf": (None, r"is a GGUF file: GGUF is not supported; use the bf16 or fp8 safetensors"),
+    "gguf": (None, r"is a GGUF file of version 0; mmdit reads versions 2 and 3"),  # GGUFs load: tests/test_gguf.py
     "bitsandbytes nf4": (_bnb_nf4, r"is a bitsandbytes NF4/FP4 quantized checkpoint .* not supported; use the bf16"),
     "optimum-quanto": (_quanto, r"is an optimum-quanto quantized checkpoint"),
     "chroma radiance": (lambda sd: {**sd, "nerf_blocks.0.norm.scale": torch.zeros(8)}, r"is Chroma1-Radiance"),

@@ -33,9 +33,6 @@ class Checkpoint(Mapping):
             try:
                 self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types with terse text
-                foreign = foreign_file(path)
-                if foreign:
-                    raise CheckpointError(foreign) from None
                 raise CheckpointError(f"{path} is not a readable safetensors file ({e}). "
                                       "Pass a .safetensors file, its *.index.json, or a folder holding them.") from None
         return self._handles[path]
@@ -91,7 +88,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpoint:
-    """A ``.safetensors`` file, a ``*.safetensors.index.json``, or a folder holding either.
+    """A ``.safetensors`` file, a ``*.safetensors.index.json``, a folder holding either, or a
+    ``.gguf`` file (``weights.gguf.GGUFCheckpoint``).
 
     In a folder, ``stem`` (e.g. ``diffusion_pytorch_model``) picks among several files.
     """
@@ -121,11 +119,12 @@ def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpo
         if missing:
             raise CheckpointError(f"{path} lists shards that are missing: {missing}")
         return Checkpoint(sorted(set(files.values())), files)
-    foreign = foreign_file(path)
-    if foreign:
-        raise CheckpointError(foreign)
+    from .gguf import GGUFCheckpoint, is_gguf
+
+    if is_gguf(path):
+        return GGUFCheckpoint(path)
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path} is not a .safetensors file; only safetensors checkpoints are "
+        raise CheckpointError(f"{path} is not a .safetensors file; only safetensors checkpoints (and GGUF) are "
                               "supported (convert .ckpt/.bin/.pt with safetensors.torch.save_file)")
     return Checkpoint([path])
 
@@ -159,19 +158,6 @@ def shard_set(files: list[Path]) -> tuple[list[Path], list[str]] | None:
     have = {int(m["i"]) for _, m in hits}
     missing = [f"{stem}-{i:0{width}d}-of-{n}.safetensors" for i in range(1, int(n) + 1) if i not in have]
     return sorted(f for f, _ in hits), missing
-
-
-def foreign_file(path: Path) -> str | None:
-    """A message if ``path`` is a file format we refuse by name (GGUF), else None."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        magic = b""
-    if path.suffix.lower() == ".gguf" or magic == b"GGUF":
-        return (f"{path} is a GGUF file: GGUF is not supported; use the bf16 or fp8 safetensors of the same "
-                "model (e.g. flux1-dev.safetensors or a ComfyUI fp8 file)")
-    return None
 
 
 def load_into(module: torch.nn.Module, tensors: Mapping[str, Callable[[], torch.Tensor]],

@@ -15,7 +15,8 @@
   ``(out,)``, one scale per row: read as ``weight.float() * scale[:, None]``, before any key-map
   op (qkv split, adaLN swap) sees the tensor.
 * FLUX RMSNorm weights saved as ``*_norm.weight`` (current ComfyUI) read as ``*_norm.scale``.
-* Formats this project does not load (GGUF, bitsandbytes NF4/FP4/int8, optimum-quanto,
+* GGUF files (``weights.gguf``) come through here too; ``stored()`` gives their blocks.
+* Formats this project does not load (bitsandbytes NF4/FP4/int8, optimum-quanto,
   int4 SVDQuant/GPTQ, Chroma1-Radiance, a LoRA adapter instead of a model) are one error that names
   them and says what to use instead.
 """
@@ -171,10 +172,11 @@ class Canonical(Mapping):
 
     @property
     def format(self) -> str | None:
-        """"scaled fp8 (ComfyUI)", "fp8 with per-row scales (BFL fp8r)" or None."""
+        """"scaled fp8 (ComfyUI)", "fp8 with per-row scales (BFL fp8r)", the file's own format
+        ("GGUF"), or None."""
         if self.row_scaled:
             return FORMAT_ROWS
-        return FORMAT if self.scales or self.marker else None
+        return FORMAT if self.scales or self.marker else getattr(self.ckpt, "format", None)
 
     def per_row(self, name: str) -> bool:
         """Whether ``name`` is stored with one scale per row."""
@@ -218,6 +220,11 @@ class Canonical(Mapping):
         if scale is None:
             return self.ckpt[stored], None
         return self.ckpt[stored], self.ckpt[scale].float().reshape(-1 if stored in self.row_scaled else ())
+
+    def stored(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """(type, the tensor as stored) for files that keep quantized blocks (GGUF), else None."""
+        get = getattr(self.ckpt, "stored", None)
+        return None if get is None else get(self._stored(name))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor as the model wants it: scaled fp8 dequantized as ``fp8.float() * scale``

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointError, foreign_file, open_checkpoint, read_json, shard_set
+from .checkpoint import CheckpointError, open_checkpoint, read_json, shard_set
 from .families import FAMILIES
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
@@ -24,7 +24,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")
 
 @dataclass(frozen=True)
 class Source:
-    """A local checkpoint: ``path`` is a .safetensors file, an index.json, or a folder."""
+    """A local checkpoint: ``path`` is a .safetensors or .gguf file, an index.json, or a folder."""
 
     path: Path
     stem: str | None = None  # in a folder: the file stem to open, e.g. "diffusion_pytorch_model"
@@ -41,7 +41,7 @@ def resolve(source: str | os.PathLike, *, revision: str | None = None, token: st
     if path.exists():
         return _local(path)
     text = str(source)
-    looks_like_file = text.count("/") == 1 and text.endswith((".safetensors", ".json", ".ckpt", ".bin", ".pt"))
+    looks_like_file = text.count("/") == 1 and text.endswith((".safetensors", ".json", ".ckpt", ".bin", ".pt", ".gguf"))
     if not REPO_ID.match(text) or text.startswith((".", "/", "~")) or looks_like_file:
         raise CheckpointError(f"{text} does not exist (not a file or folder, nor a hub repo id like 'org/name')")
     return _hub(text, revision, token)
@@ -67,8 +67,10 @@ def _local(path: Path) -> Source:
         return Source(path, None, _config_json(path))
     if not candidates:
         gguf = sorted(path.glob("*.gguf"))
+        if len(gguf) == 1:
+            return Source(gguf[0])
         if gguf:
-            raise CheckpointError(foreign_file(gguf[0]))
+            raise CheckpointError(f"{path} holds several GGUF files {[f.name for f in gguf]}; pass the one you mean")
         raise CheckpointError(f"{path} holds no .safetensors files (found {sorted(p.name for p in path.iterdir())})")
     raise CheckpointError(f"{path} holds several checkpoint files {[f.name for f in candidates]}; "
                           "pass the one you mean")
@@ -166,5 +168,11 @@ def _patterns(repo: str, revision: str | None, token) -> list[str]:
     single = [f for f in files if "/" not in f and f.endswith(".safetensors") and not NOT_TRANSFORMER.search(f)]
     if len(single) == 1:
         return single
+    gguf = [f for f in files if f.endswith(".gguf")]
+    if not single and len(gguf) == 1:
+        return gguf
+    if not single and gguf:  # a repo of GGUF quantizations: one file each
+        shown = ", ".join(gguf[:6]) + ", ..." * (len(gguf) > 6)
+        raise CheckpointError(f"{repo} holds {len(gguf)} GGUF files ({shown}); pass one as '{repo}/<file>.gguf'")
     raise CheckpointError(f"{repo} has no transformer/ folder and {len(single)} candidate top-level files "
                           f"{single}; pass one as '{repo}/<file>.safetensors'")

@@ -1,4 +1,5 @@
-"""``describe``: what a checkpoint is, from its header alone (no model is built, no tensor read)."""
+"""``describe``: what a checkpoint is, from its header alone (no model is built, no tensor read).
+For a GGUF: its version and architecture tag, and the bytes held in each GGML type."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,8 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
             n_buffers += n
         else:
             n_params += n
-        dtypes[_DTYPES.get(ckpt.dtype(k), ckpt.dtype(k))] += 1
+        gguf = ckpt.format == "GGUF"  # its GGML type names as they are: F32, BF16, Q8_0, ...
+        dtypes[ckpt.dtype(k) if gguf else _DTYPES.get(ckpt.dtype(k), ckpt.dtype(k))] += 1
     size = ckpt.nbytes()
     cfg = det.config
     fields = " ".join(f"{f.name}={_short(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg) if f.init)
@@ -52,8 +54,10 @@ def describe(source: str | os.PathLike, *, revision: str | None = None, token=No
         ("family", FAMILIES[det.family].NAME),
         ("preset", det.preset or "none (custom config)"),
         ("config", f"from {det.config_source}: hidden={cfg.hidden_size} {fields}"),
-        ("format", _format(ckpt, det.keys)),
+        ("format", ckpt.ckpt.describe() if ckpt.format == "GGUF" else _format(ckpt, det.keys)),
         ("dtype", ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())),
+        *([("bytes", ", ".join(f"{t} {_bytes(n)}" for t, n in ckpt.ckpt.bytes_per_type().items()))]
+          if ckpt.format == "GGUF" else []),
         ("parameters", f"{n_params:,}" + (f" (+ {n_buffers:,} in the stored pos_embed table)" if n_buffers else "")),
         ("tensors", str(len(det.keys))),
     ]

@@ -19,6 +19,7 @@ from .. import ma as _ma
 from ..models.flux import FluxConfig
 from ..models.sd3 import SD3Config
 from ..models import transformer_for
+from . import gguf as _gguf
 from . import keymaps
 from .checkpoint import CheckpointError, load_into, mismatches, shard_set
 from .detect import Detected, detect
@@ -34,7 +35,7 @@ def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float
                      config: SD3Config | FluxConfig | dict | None = None,
                      weight_dtype: torch.dtype | None = None, requires_grad: bool = False) -> nn.Module:
     """Load a transformer from a hub repo id, a diffusers folder (or its ``transformer/``), an
-    ``*.index.json``, or one ``.safetensors`` file in the original or the diffusers layout.
+    ``*.index.json``, or one ``.safetensors`` or ``.gguf`` file in the original or the diffusers layout.
 
     ``config``: a full config to use instead of the inferred one, or a dict of overrides
     (e.g. ``{"axes_dim": (8, 28, 28)}`` for a FLUX-like file with head_dim 64).
@@ -42,6 +43,8 @@ def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float
     (of an fp8 file: those it stores in fp8) in fp8 with a per-tensor scale (the file's, or
     computed at load), computing in ``dtype`` (``mmdit.fp8.FP8Linear``). None: every tensor
     in ``dtype`` (fp8 files, ComfyUI scaled fp8 included, are upcast).
+    A ``.gguf`` file keeps its Linear weights as it stores them (``mmdit.ggml.GGUFLinear``,
+    dequantized per layer in ``dtype``); its other tensors are dequantized into ``dtype``.
     ``requires_grad``: False (default) suits inference: no autograd graph is built even
     outside ``torch.no_grad()``; trainers pass True (or call ``model.requires_grad_()``).
     The model comes back in eval mode, with ``model.config``, ``model.detected`` (layout,
@@ -60,7 +63,12 @@ def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float
     thunks = {k: partial(_read, ckpt, r, dtype, hidden) for k, r in recipes.items()}
     shapes = {k: keymaps.combined_shape(r.op, [ckpt.shape(s) for s in r.keys]) for k, r in recipes.items()}
     cast = dtype
-    if weight_dtype is not None:
+    if ckpt.format == "GGUF":
+        if weight_dtype is not None:
+            raise ValueError(f"{src.path} is a GGUF file: its weights stay as it stores them (quantized); "
+                             "weight_dtype applies to safetensors files only")
+        cast = _gguf.keep_quantized(model, ckpt, recipes, thunks, shapes, dtype, hidden)
+    elif weight_dtype is not None:
         cast = _keep_fp8(model, ckpt, recipes, thunks, shapes, dtype, weight_dtype, hidden, device)
     load_into(model, thunks, shapes, dtype=cast, device=device, layout=_describe_layout(det))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

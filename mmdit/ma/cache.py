@@ -19,8 +19,8 @@ def cache_dir() -> Path:
 
 
 def checkpoint_hash(source: str | os.PathLike | Sequence[str | os.PathLike], probe_bytes: int = 1 << 16) -> str:
-    """sha256 over each weight file's safetensors header, size, and three ``probe_bytes``
-    slices of its data (start, middle, end): cheap (no full read), yet a fine-tune with the
+    """sha256 over each weight file's header (safetensors; GGUF's up to its data), size, and three
+    ``probe_bytes`` slices of its data (start, middle, end): cheap (no full read), yet a fine-tune with the
     same shapes gets a new key. ``source``: the weight files (a loaded model's
     ``source_files``), or anything ``load_transformer`` accepts, whose files are found the
     same way the loader finds them."""
@@ -33,11 +33,18 @@ def checkpoint_hash(source: str | os.PathLike | Sequence[str | os.PathLike], pro
         size = os.path.getsize(f)
         with open(f, "rb") as fh:
             head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= min(size - 8, 100_000_000):
-                raise ValueError(f"{f} is not a safetensors file (bad header length)")
-            h.update(head + fh.read(n) + str(size).encode())
-            start, end = 8 + n, size
+            if head[:4] == b"GGUF":  # GGUF: its header, metadata and tensor table, up to the data
+                from ..weights.gguf import GGUFFile
+
+                start = GGUFFile(f).data_start
+                h.update(head + fh.read(start - 8) + str(size).encode())
+            else:
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 0 < n <= min(size - 8, 100_000_000):
+                    raise ValueError(f"{f} is not a safetensors file (bad header length)")
+                h.update(head + fh.read(n) + str(size).encode())
+                start = 8 + n
+            end = size
             for at in (start, (start + end - probe_bytes) // 2, end - probe_bytes):
                 fh.seek(max(start, at))
                 h.update(fh.read(probe_bytes))

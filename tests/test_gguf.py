@@ -21,7 +21,8 @@ from mmdit.lora import LoRALinear
 from mmdit.weights import keymaps
 from mmdit.weights.checkpoint import CheckpointError
 from mmdit.weights.detect import detect
-from mmdit.weights.gguf import GGUFCheckpoint, GGUFError, GGUFFile, keep_quantized
+from mmdit.weights.gguf import GGUFCheckpoint, GGUFError, GGUFFile
+from mmdit.weights.transformer import keep_quantized
 from mmdit.weights.gguf_write import ARCH, TARGETS, tensor_type, write_gguf
 from mmdit.weights.transformer import load_transformer
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+# A plain checkout (mmdit not installed) imports mmdit from its root. Appended, not inserted: the
+# root's kernels/ must not shadow PyPI's `kernels`, which transformers >= 5.25 imports.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import mmdit  # noqa: E402
 from mmdit.models import flux, flux2  # noqa: E402

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # a plain checkout: appended, see common.py
 
 from mmdit import ma, tiny  # noqa: E402
 from mmdit.samplers import Guidance, sample, sd3_sigmas  # noqa: E402

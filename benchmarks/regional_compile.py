@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # a plain checkout: appended, see common.py
 
 import common  # noqa: E402
 import mmdit  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # a plain checkout: appended, see common.py
 
 import mmdit  # noqa: E402
 from mmdit.samplers import Guidance, guided_velocity  # noqa: E402

@@ -23,7 +23,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mmdit from this checkout
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # mmdit from this checkout unless installed; appended: its kernels/ must not shadow PyPI's
 
 OPS = ("norm_modulate", "gated_residual", "qk_norm_rope")
 # (name, D, heads, head_dim, RoPE): the widths the models launch, and an odd one.

@@ -15,6 +15,12 @@ from mmdit.cli import main
 from mmdit.tiny import load_tiny, save_tiny
 
 
+def _default_sigint():
+    """In the child: SIGINT's default action, even where the suite itself runs with SIGINT ignored
+    (a background job of a non-interactive shell), so Python installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(*args, cwd, **kw):
     return subprocess.run([sys.executable, "-m", "mmdit", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, **kw)
@@ -26,7 +32,7 @@ def test_ctrl_c_during_generate_is_one_line_and_leaves_no_file(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mmdit", "generate", "--prompt", "a red circle", "--steps", "1000",
                              "--output", "out.png"], cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=_default_sigint)
     deadline = time.time() + 120
     line = ""
     while "step" not in line and time.time() < deadline:  # sampling has started (a log: a line per 100 steps)
@@ -45,7 +51,7 @@ def test_ctrl_c_during_train_saves_a_checkpoint_that_resumes(tmp_path):
     args = ["train", "--out", "run", "--steps", "100000", "--batch-size", "2", "--size", "16", "--patch", "4",
             "--layers", "1", "--width", "32", "--log-every", "1", "--no-calibrate", "--threads", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "mmdit", *args], cwd=tmp_path, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
     deadline = time.time() + 120
     line = ""
     while not line.startswith("step 2/") and time.time() < deadline:

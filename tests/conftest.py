@@ -1,7 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the checkout on sys.path, where its top-level kernels/ (installed as
+# mmdit.kernels) would shadow PyPI's `kernels`, which transformers >= 5.25 requires and imports.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton kernels run in the interpreter on machines without CUDA; it is read at import time.
 if not torch.cuda.is_available():

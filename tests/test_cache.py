@@ -162,3 +162,69 @@ def test_a_cached_step_is_one_graph_and_compiles_to_the_eager_numbers(policy):
         compiled_state.at(sigmas[1])
         got = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
     assert rel_err(got, want) <= REL
+
+
+def cached_step(device="cpu", dtype=torch.float32):
+    """A FLUX CFG+DG step whose middle blocks are skipped (the first step computed the residuals)."""
+    model, x, cond, uncond, g = setup("flux")
+    model = model.to(device, dtype)
+    x = x.to(device, dtype)
+    cond, uncond = ({k: v.to(device, dtype) for k, v in c.items()} for c in (cond, uncond))
+    sigmas = sd3_sigmas(STEPS).tolist()
+    guide = Guidance(cfg=3.0, dg=1.5)
+    state = FirstBlockCache(ALL).start(sigmas, "flux")
+    with torch.no_grad():
+        state.at(sigmas[0])
+        guided_velocity(model, x, sigmas[0], cond, uncond, guide, g, cache=state)
+        state.at(sigmas[1])
+        want = guided_velocity(model, x, sigmas[1], cond, uncond, guide, g, cache=state)[0]
+
+    def step(x):
+        return guided_velocity(model, x, sigmas[1], cond, uncond, guide, g, cache=state)[0]
+
+    return step, x, want
+
+
+@pytest.mark.slow
+def test_inductor_reads_each_cached_stacks_decision_on_the_host():
+    """What docs/guidance.md says: inductor lowers the cache's torch.cond to a host-side
+    ``if pred.item():`` (one read per block stack; FLUX has two), and skips CUDA graphs for that graph."""
+    from torch._inductor.utils import run_and_get_code
+
+    step, x, want = cached_step()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, code = run_and_get_code(torch.compile(step, fullgraph=True), x)
+    reads = sum(line.strip().startswith("if ") and line.strip().endswith(".item():")
+                for source in code for line in source.splitlines())
+    assert reads == 2
+    assert rel_err(got, want) <= REL
+
+
+@pytest.mark.gpu
+def test_gpu_cached_step_under_cuda_graphs():
+    """The cached step as a CUDA graph: ``backend="cudagraphs"`` captures the torch.cond as a
+    conditional node (no host read when replayed); inductor's reduce-overhead gives the same
+    numbers without a CUDA graph for this graph (its cond reads the decision on the host)."""
+    from torch._dynamo.utils import counters
+
+    step, x, want = cached_step("cuda", torch.bfloat16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        graphed = torch.compile(step, fullgraph=True, backend="cudagraphs")
+        for _ in range(3):  # warm up, record, replay
+            out = graphed(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = graphed(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert rel_err(out.float(), want.float()) <= 2e-2  # bf16
+        torch._dynamo.reset()
+        counters.clear()
+        inductor = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            out = inductor(x)
+        assert rel_err(out.float(), want.float()) <= 2e-2
+        print(f"\ninductor reduce-overhead: {counters['inductor']['cudagraph_skips']} CUDA graph(s) skipped")

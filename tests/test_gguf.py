@@ -22,9 +22,9 @@ from mmdit.lora import LoRALinear  # noqa: E402
 from mmdit.weights import keymaps  # noqa: E402
 from mmdit.weights.checkpoint import CheckpointError  # noqa: E402
 from mmdit.weights.detect import detect  # noqa: E402
-from mmdit.weights.gguf import GGUFCheckpoint, GGUFError, GGUFFile, keep_quantized  # noqa: E402
+from mmdit.weights.gguf import GGUFCheckpoint, GGUFError, GGUFFile  # noqa: E402
 from mmdit.weights.gguf_write import ARCH, TARGETS, tensor_type, write_gguf  # noqa: E402
-from mmdit.weights.transformer import load_transformer  # noqa: E402
+from mmdit.weights.transformer import keep_quantized, load_transformer  # noqa: E402
 
 import peers  # noqa: E402
 import peers_gguf as pg  # noqa: E402

@@ -133,6 +133,7 @@ def check_guidance(ns: dict, printed: str) -> None:
     assert min(changed.values()) > 0.01, changed  # every setting changes the result
     assert ns["pixels"].shape == (1, 3, 64, 64) and 0 <= ns["pixels"].min() and ns["pixels"].max() <= 1
     assert ns["image"].size == (64, 64)
+    assert all(ns[k][0].shape == (64, 64, 3) for k in ("first_block", "tea"))  # step caching
     with torch.no_grad():
         v, plain = ns["v"].detach(), ns["model"](ns["x"], ns["sigma"], **ns["cond"])
     assert v.shape == (3, 3, 64, 64)
@@ -179,7 +180,7 @@ class Page:
 
 PAGES = {
     "README.md": Page(3, check_readme, ("flux", "pipeline")),  # text to image, the transformer alone, sampling
-    "docs/guidance.md": Page(1, check_guidance),  # the shipped tiny model, as written
+    "docs/guidance.md": Page(2, check_guidance),  # the shipped tiny model, as written; step caching
     "docs/image-modes.md": Page(1, check_image_modes),  # the shipped tiny model, as written
     "docs/checkpoints.md": Page(1, check_checkpoints, ("flux",)),
     "docs/distributed.md": Page(1, check_distributed, ("pipeline",)),

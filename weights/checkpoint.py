@@ -1,4 +1,4 @@
-"""Open safetensors checkpoints lazily and stream them into modules built on ``meta``."""
+"""Open safetensors (and GGUF) checkpoints lazily and stream them into modules built on ``meta``."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that can't be used as asked: the message says what and how to fix it."""
+from .errors import CheckpointError
+from .gguf import GGUFCheckpoint, is_gguf
 
 
 class Checkpoint(Mapping):
@@ -119,8 +118,6 @@ def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Checkpo
         if missing:
             raise CheckpointError(f"{path} lists shards that are missing: {missing}")
         return Checkpoint(sorted(set(files.values())), files)
-    from .gguf import GGUFCheckpoint, is_gguf
-
     if is_gguf(path):
         return GGUFCheckpoint(path)
     if path.suffix != ".safetensors":

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..ggml import BY_ID, OTHER_IDS, PLAIN, TYPES, GGMLType, dequantize
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -330,35 +330,3 @@ def is_gguf(path: Path) -> bool:
             return f.read(4) == MAGIC
     except OSError:
         return False
-
-
-# ---- loading: Linear weights stay as stored ------------------------------------------------
-
-def keep_quantized(model, ckpt, recipes: dict, thunks: dict, shapes: dict, dtype: torch.dtype, hidden: int):
-    """Swap each ``nn.Linear`` of ``model`` (on meta) whose weight the GGUF stores in a type other
-    than F32 for a ``GGUFLinear`` of that type, and make its ``weight`` thunk give the stored
-    blocks (diffusers-layout parts joined row-wise, as bytes: rows are whole blocks). Everything
-    else (norms, biases, embeddings, pos_embed, F32 and reshaped weights, and weights whose parts
-    differ in type) is dequantized at load into ``dtype``. Returns the per-name cast for
-    ``load_into``. On the CPU the kept weights are views of the file's memory map (no copy)."""
-    from ..fp8 import set_module
-    from ..ggml import GGUFLinear
-    from . import keymaps
-
-    kept = {}
-    for name, module in list(model.named_modules()):
-        if type(module) is not torch.nn.Linear:
-            continue
-        key = f"{name}.weight"
-        recipe = recipes[key]
-        stored = [ckpt.stored(k) for k in recipe.keys]
-        types = {s[0] for s in stored if s is not None}
-        if None in stored or len(types) != 1 or types == {"F32"}:
-            continue
-        qtype = types.pop()
-        set_module(model, name, GGUFLinear(module.in_features, module.out_features, module.bias is not None,
-                                           qtype=qtype, device="meta", bias_dtype=dtype))
-        thunks[key] = lambda r=recipe: keymaps.combine(r.op, [ckpt.stored(k)[1] for k in r.keys], hidden)
-        shapes[key] = TYPES[qtype].stored_shape(tuple(shapes[key]))
-        kept[key] = PLAIN.get(qtype, torch.uint8)
-    return lambda k: kept.get(k, dtype)

@@ -16,10 +16,10 @@ from torch import nn
 
 from .. import fp8 as _fp8
 from .. import ma as _ma
+from ..ggml import PLAIN, TYPES, GGUFLinear
 from ..models.flux import FluxConfig
 from ..models.sd3 import SD3Config
 from ..models import transformer_for
-from . import gguf as _gguf
 from . import keymaps
 from .checkpoint import CheckpointError, load_into, mismatches, shard_set
 from .detect import Detected, detect
@@ -67,7 +67,7 @@ def load_transformer(source: str | os.PathLike, dtype: torch.dtype = torch.float
         if weight_dtype is not None:
             raise ValueError(f"{src.path} is a GGUF file: its weights stay as it stores them (quantized); "
                              "weight_dtype applies to safetensors files only")
-        cast = _gguf.keep_quantized(model, ckpt, recipes, thunks, shapes, dtype, hidden)
+        cast = keep_quantized(model, ckpt, recipes, thunks, shapes, dtype, hidden)
     elif weight_dtype is not None:
         cast = _keep_fp8(model, ckpt, recipes, thunks, shapes, dtype, weight_dtype, hidden, device)
     load_into(model, thunks, shapes, dtype=cast, device=device, layout=_describe_layout(det))
@@ -160,3 +160,31 @@ def check_keys(model: nn.Module, ckpt: Canonical, det: Detected, where: str) -> 
         raise CheckpointError("\n  ".join([
             f"{where} does not match the transformer inferred from it (layout: {_describe_layout(det)}): {hints[0]}",
             *problems]))
+
+
+# ---- loading: Linear weights stay as stored ------------------------------------------------
+
+def keep_quantized(model, ckpt, recipes: dict, thunks: dict, shapes: dict, dtype: torch.dtype, hidden: int):
+    """Swap each ``nn.Linear`` of ``model`` (on meta) whose weight the GGUF stores in a type other
+    than F32 for a ``GGUFLinear`` of that type, and make its ``weight`` thunk give the stored
+    blocks (diffusers-layout parts joined row-wise, as bytes: rows are whole blocks). Everything
+    else (norms, biases, embeddings, pos_embed, F32 and reshaped weights, and weights whose parts
+    differ in type) is dequantized at load into ``dtype``. Returns the per-name cast for
+    ``load_into``. On the CPU the kept weights are views of the file's memory map (no copy)."""
+    kept = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear:
+            continue
+        key = f"{name}.weight"
+        recipe = recipes[key]
+        stored = [ckpt.stored(k) for k in recipe.keys]
+        types = {s[0] for s in stored if s is not None}
+        if None in stored or len(types) != 1 or types == {"F32"}:
+            continue
+        qtype = types.pop()
+        _fp8.set_module(model, name, GGUFLinear(module.in_features, module.out_features, module.bias is not None,
+                                           qtype=qtype, device="meta", bias_dtype=dtype))
+        thunks[key] = lambda r=recipe: keymaps.combine(r.op, [ckpt.stored(k)[1] for k in r.keys], hidden)
+        shapes[key] = TYPES[qtype].stored_shape(tuple(shapes[key]))
+        kept[key] = PLAIN.get(qtype, torch.uint8)
+    return lambda k: kept.get(k, dtype)

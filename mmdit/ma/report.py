@@ -261,7 +261,10 @@ def default_sigmas(model: nn.Module, steps: int, height: int, width: int) -> tor
 
 
 def _latent_shape(model: nn.Module, height: int, width: int) -> tuple[int, int, int]:
-    """(C, h, w) of a family's latents: 16 channels at 1/8 (Qwen-Image: its latent channels), 2.1's at 1/16."""
+    """(C, h, w) of a family's latents: 16 channels at 1/8 (Qwen-Image: its latent channels); FLUX.2's
+    patchified channels and 2.1's at 1/16."""
+    if model.config.family == "flux2":
+        return model.config.in_channels, math.ceil(height / 16), math.ceil(width / 16)
     c = getattr(model.config, "latent_channels", 16)
     if model.config.family == "qwen-image-2.1":
         return c, math.ceil(height / 16), math.ceil(width / 16)

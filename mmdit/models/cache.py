@@ -20,8 +20,9 @@ the row their copy started from) keep their own; the decision is one for the who
 only when every row is under the threshold (the largest change decides). A skipped middle still
 makes the rows a branch would have added there (as copies), so the output has the same rows.
 
-No host sync under ``torch.compile``: the decision is a device tensor and the middle is a
-``torch.cond``. Eager, the decision is read once per step (one ``bool`` of a 0-d tensor).
+One graph under ``torch.compile``: the decision is a device tensor and the middle is a
+``torch.cond`` (a CUDA conditional node under the ``cudagraphs`` backend; inductor reads its
+predicate on the host). Eager, the decision is read once per step (one ``bool`` of a 0-d tensor).
 """
 from __future__ import annotations
 

@@ -177,18 +177,24 @@ class DoubleStreamBlock(nn.Module):
         vec is what ``img_mod`` / ``txt_mod`` take, or ``(vec, mask)`` with a text padding mask
         (B, 1, 1, L + N) bool, True = attend (Chroma)."""
         vec, mask = vec if isinstance(vec, tuple) else (vec, None)
-        L = txt.shape[1]
-        img_msa, img_mlp = modulations(self.img_mod(vec), 6)
-        txt_msa, txt_mlp = modulations(self.txt_mod(vec), 6)
-        qi, ki, vi = self.img_attn.qkv_heads(norm_modulate(img, img_msa.shift, img_msa.scale), cos[L:], sin[L:])
-        qt, kt, vt = self.txt_attn.qkv_heads(norm_modulate(txt, txt_msa.shift, txt_msa.scale), cos[:L], sin[:L])
-        a = rows.attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), text=L, mask=mask)
-        at, ai = a.split([L, img.shape[1]], dim=1)
-        img = gated_residual(img, self.img_attn.proj(ai), img_msa.gate)  # img + gate * attn
-        txt = gated_residual(txt, self.txt_attn.proj(at), txt_msa.gate)
-        img = rows.residual(img, self.img_mlp(norm_modulate(img, img_mlp.shift, img_mlp.scale)), img_mlp.gate, "image")
-        txt = rows.residual(txt, self.txt_mlp(norm_modulate(txt, txt_mlp.shift, txt_mlp.scale)), txt_mlp.gate, "text")
-        return img, txt
+        return double_stream(self, img, txt, self.img_mod(vec), self.txt_mod(vec), cos, sin, rows, mask)
+
+
+def double_stream(block: nn.Module, img, txt, img_mod, txt_mod, cos, sin, rows: BlockRows = PLAIN, mask=None):
+    """The double block given each stream's 6 adaLN vectors, img_mod / txt_mod (B, 6D): FLUX.1 makes
+    them per block, FLUX.2 once for all blocks. ``block`` holds img_attn, txt_attn, img_mlp, txt_mlp."""
+    L = txt.shape[1]
+    img_msa, img_mlp = modulations(img_mod, 6)
+    txt_msa, txt_mlp = modulations(txt_mod, 6)
+    qi, ki, vi = block.img_attn.qkv_heads(norm_modulate(img, img_msa.shift, img_msa.scale), cos[L:], sin[L:])
+    qt, kt, vt = block.txt_attn.qkv_heads(norm_modulate(txt, txt_msa.shift, txt_msa.scale), cos[:L], sin[:L])
+    a = rows.attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), text=L, mask=mask)
+    at, ai = a.split([L, img.shape[1]], dim=1)
+    img = gated_residual(img, block.img_attn.proj(ai), img_msa.gate)  # img + gate * attn
+    txt = gated_residual(txt, block.txt_attn.proj(at), txt_msa.gate)
+    img = rows.residual(img, block.img_mlp(norm_modulate(img, img_mlp.shift, img_mlp.scale)), img_mlp.gate, "image")
+    txt = rows.residual(txt, block.txt_mlp(norm_modulate(txt, txt_mlp.shift, txt_mlp.scale)), txt_mlp.gate, "text")
+    return img, txt
 
 
 class SingleStreamBlock(nn.Module):

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import gated_residual, norm_modulate
+from ..kernels import norm_modulate
 from .attention import gather_tokens, shard_tokens
 from .base import Transformer
-from .flux import QKNorm, rope_angles
+from .flux import QKNorm, double_stream, rope_angles
 from .layers import modulations, split_heads, timestep_embedding
 from .rows import PLAIN, BlockRows, RowPlan, per_row
 
@@ -176,18 +176,7 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img, txt, cond, cos, sin, rows: BlockRows = PLAIN):
         """img (B, N, D), txt (B, L, D), cond (mod_img (B, 6D), mod_txt (B, 6D), ...),
         cos/sin (L + N, Dh/2) -> (img, txt)."""
-        L = txt.shape[1]
-        img_msa, img_mlp = modulations(cond[0], 6)
-        txt_msa, txt_mlp = modulations(cond[1], 6)
-        qi, ki, vi = self.img_attn.qkv_heads(norm_modulate(img, img_msa.shift, img_msa.scale), cos[L:], sin[L:])
-        qt, kt, vt = self.txt_attn.qkv_heads(norm_modulate(txt, txt_msa.shift, txt_msa.scale), cos[:L], sin[:L])
-        a = rows.attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), text=L)
-        at, ai = a.split([L, img.shape[1]], dim=1)
-        img = gated_residual(img, self.img_attn.proj(ai), img_msa.gate)  # img + gate * attn
-        txt = gated_residual(txt, self.txt_attn.proj(at), txt_msa.gate)
-        img = rows.residual(img, self.img_mlp(norm_modulate(img, img_mlp.shift, img_mlp.scale)), img_mlp.gate, "image")
-        txt = rows.residual(txt, self.txt_mlp(norm_modulate(txt, txt_mlp.shift, txt_mlp.scale)), txt_mlp.gate, "text")
-        return img, txt
+        return double_stream(self, img, txt, cond[0], cond[1], cos, sin, rows)
 
 
 class SingleStreamBlock(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ...models.chroma import ChromaConfig
-from ..checkpoint import CheckpointError, count_indexed, need_key
+from ..checkpoint import count_indexed, need_key
 from . import flux
 
 FAMILY = "chroma"
@@ -36,41 +36,17 @@ TABLE = [row for row in flux.TABLE if not row[0].startswith(_REMOVED)] + [
 
 
 def fields_from_shapes(s: Mapping, where: str) -> dict:
-    """Config fields from the shapes of our (original) names."""
-    need = lambda k: need_key(s, k, where, "Chroma")  # noqa: E731
-    H, c_in = need("img_in.weight")
-    norm = next((k for k in ("double_blocks.0.img_attn.norm.key_norm.scale", "single_blocks.0.norm.key_norm.scale")
-                 if k in s), "double_blocks.0.img_attn.norm.key_norm.scale")
-    head_dim = need(norm)[0]
-    if H % head_dim:
-        raise CheckpointError(f"{where}: hidden size {H} is not a multiple of head_dim {head_dim}")
-    approx_hidden, approx_in = need("distilled_guidance_layer.in_proj.weight")
-    fields = dict(num_double=count_indexed(s, "double_blocks.{}."), num_single=count_indexed(s, "single_blocks.{}."),
-                  num_heads=H // head_dim, head_dim=head_dim, in_channels=c_in,
-                  out_channels=need("final_layer.linear.weight")[0], context_dim=need("txt_in.weight")[1],
-                  approximator_in=approx_in, approximator_hidden=approx_hidden,
-                  approximator_layers=count_indexed(s, "distilled_guidance_layer.layers.{}."))
-    if "double_blocks.0.img_mlp.0.weight" in s:
-        fields["mlp_ratio"] = s["double_blocks.0.img_mlp.0.weight"][0] / H
-    elif "single_blocks.0.linear1.weight" in s:
-        fields["mlp_ratio"] = (s["single_blocks.0.linear1.weight"][0] - 3 * H) / H
-    if head_dim in flux.AXES:
-        fields["axes_dim"] = flux.AXES[head_dim]
-    return fields
+    """Config fields from the shapes of our (original) names: FLUX.1's blocks and the approximator."""
+    approx_hidden, approx_in = need_key(s, "distilled_guidance_layer.in_proj.weight", where, "Chroma")
+    return {**flux.block_fields(s, where, "Chroma"), "approximator_in": approx_in,
+            "approximator_hidden": approx_hidden,
+            "approximator_layers": count_indexed(s, "distilled_guidance_layer.layers.{}.")}
 
 
 def fields_from_json(cj: dict, where: str) -> dict:
     """Config fields from a diffusers ``ChromaTransformer2DModel`` config.json (None where it is silent)."""
-    get = lambda name, default=None: cj.get(name) if cj.get(name) is not None else default  # noqa: E731
-    if get("patch_size", 1) != 1:
-        raise CheckpointError(f"{where}: config.json patch_size={cj['patch_size']}; Chroma uses 1")
-    return dict(num_double=get("num_layers"), num_single=get("num_single_layers"),
-                num_heads=get("num_attention_heads"), head_dim=get("attention_head_dim"),
-                in_channels=get("in_channels"), out_channels=get("out_channels"),
-                context_dim=get("joint_attention_dim"),
-                axes_dim=tuple(cj["axes_dims_rope"]) if get("axes_dims_rope") else None,
-                approximator_in=get("approximator_num_channels"), approximator_hidden=get("approximator_hidden_dim"),
-                approximator_layers=get("approximator_layers"))
+    return {**flux.block_json(cj, where, "Chroma"), "approximator_in": cj.get("approximator_num_channels"),
+            "approximator_hidden": cj.get("approximator_hidden_dim"), "approximator_layers": cj.get("approximator_layers")}
 
 
 def finish_fields(fields: dict, where: str) -> dict:

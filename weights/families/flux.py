@@ -16,17 +16,8 @@ MARKERS = {"original": "img_in.weight", "diffusers": "x_embedder.weight"}
 DIFFUSERS_CLASSES = ("FluxTransformer2DModel",)
 AXES = {128: (16, 56, 56)}  # the RoPE split of head_dim used by every released FLUX.1
 
-TABLE = [
-    ("img_in.*", "x_embedder.*", "copy"),
-    ("txt_in.*", "context_embedder.*", "copy"),
-    ("time_in.in_layer.*", "time_text_embed.timestep_embedder.linear_1.*", "copy"),
-    ("time_in.out_layer.*", "time_text_embed.timestep_embedder.linear_2.*", "copy"),
-    ("vector_in.in_layer.*", "time_text_embed.text_embedder.linear_1.*", "copy"),
-    ("vector_in.out_layer.*", "time_text_embed.text_embedder.linear_2.*", "copy"),
-    ("guidance_in.in_layer.*", "time_text_embed.guidance_embedder.linear_1.*", "copy"),
-    ("guidance_in.out_layer.*", "time_text_embed.guidance_embedder.linear_2.*", "copy"),
-    ("double_blocks.{}.img_mod.lin.*", "transformer_blocks.{}.norm1.linear.*", "copy"),
-    ("double_blocks.{}.txt_mod.lin.*", "transformer_blocks.{}.norm1_context.linear.*", "copy"),
+# the double blocks' attention, the same in FLUX.2
+DOUBLE_ATTENTION = [
     ("double_blocks.{}.img_attn.qkv.*", ("transformer_blocks.{}.attn.to_q.*",
                                          "transformer_blocks.{}.attn.to_k.*",
                                          "transformer_blocks.{}.attn.to_v.*"), "qkv"),
@@ -39,6 +30,20 @@ TABLE = [
     ("double_blocks.{}.txt_attn.norm.key_norm.scale", "transformer_blocks.{}.attn.norm_added_k.weight", "copy"),
     ("double_blocks.{}.img_attn.proj.*", "transformer_blocks.{}.attn.to_out.0.*", "copy"),
     ("double_blocks.{}.txt_attn.proj.*", "transformer_blocks.{}.attn.to_add_out.*", "copy"),
+]
+
+TABLE = [
+    ("img_in.*", "x_embedder.*", "copy"),
+    ("txt_in.*", "context_embedder.*", "copy"),
+    ("time_in.in_layer.*", "time_text_embed.timestep_embedder.linear_1.*", "copy"),
+    ("time_in.out_layer.*", "time_text_embed.timestep_embedder.linear_2.*", "copy"),
+    ("vector_in.in_layer.*", "time_text_embed.text_embedder.linear_1.*", "copy"),
+    ("vector_in.out_layer.*", "time_text_embed.text_embedder.linear_2.*", "copy"),
+    ("guidance_in.in_layer.*", "time_text_embed.guidance_embedder.linear_1.*", "copy"),
+    ("guidance_in.out_layer.*", "time_text_embed.guidance_embedder.linear_2.*", "copy"),
+    ("double_blocks.{}.img_mod.lin.*", "transformer_blocks.{}.norm1.linear.*", "copy"),
+    ("double_blocks.{}.txt_mod.lin.*", "transformer_blocks.{}.norm1_context.linear.*", "copy"),
+    *DOUBLE_ATTENTION,
     ("double_blocks.{}.img_mlp.0.*", "transformer_blocks.{}.ff.net.0.proj.*", "copy"),
     ("double_blocks.{}.img_mlp.2.*", "transformer_blocks.{}.ff.net.2.*", "copy"),
     ("double_blocks.{}.txt_mlp.0.*", "transformer_blocks.{}.ff_context.net.0.proj.*", "copy"),
@@ -56,9 +61,9 @@ TABLE = [
 ]
 
 
-def fields_from_shapes(s: Mapping, where: str) -> dict:
-    """Config fields from the shapes of our (original) names."""
-    need = lambda k: need_key(s, k, where, "FLUX")  # noqa: E731
+def block_fields(s: Mapping, where: str, name: str) -> dict:
+    """The fields the FLUX.1 blocks tell, from the shapes of our (original) names (Chroma's too)."""
+    need = lambda k: need_key(s, k, where, name)  # noqa: E731
     H, c_in = need("img_in.weight")
     norm = next((k for k in ("double_blocks.0.img_attn.norm.key_norm.scale", "single_blocks.0.norm.key_norm.scale")
                  if k in s), "double_blocks.0.img_attn.norm.key_norm.scale")
@@ -68,8 +73,7 @@ def fields_from_shapes(s: Mapping, where: str) -> dict:
     fields = dict(num_double=count_indexed(s, "double_blocks.{}."), num_single=count_indexed(s, "single_blocks.{}."),
                   num_heads=H // head_dim, head_dim=head_dim, in_channels=c_in,
                   out_channels=need("final_layer.linear.weight")[0],  # < in_channels: Fill, Depth, Canny
-                  context_dim=need("txt_in.weight")[1], pooled_dim=need("vector_in.in_layer.weight")[1],
-                  guidance_embed="guidance_in.in_layer.weight" in s)
+                  context_dim=need("txt_in.weight")[1])
     if "double_blocks.0.img_mlp.0.weight" in s:
         fields["mlp_ratio"] = s["double_blocks.0.img_mlp.0.weight"][0] / H
     elif "single_blocks.0.linear1.weight" in s:
@@ -79,18 +83,28 @@ def fields_from_shapes(s: Mapping, where: str) -> dict:
     return fields
 
 
+def fields_from_shapes(s: Mapping, where: str) -> dict:
+    """Config fields from the shapes of our (original) names."""
+    return {**block_fields(s, where, "FLUX"), "pooled_dim": need_key(s, "vector_in.in_layer.weight", where, "FLUX")[1],
+            "guidance_embed": "guidance_in.in_layer.weight" in s}
+
+
+def block_json(cj: dict, where: str, name: str) -> dict:
+    """The block fields of a diffusers FLUX.1 / Chroma config.json (None where it is silent)."""
+    get = lambda key: cj.get(key)  # noqa: E731
+    if cj.get("patch_size") not in (None, 1):
+        raise CheckpointError(f"{where}: config.json patch_size={cj['patch_size']}; {name} uses 1")
+    return dict(num_double=get("num_layers"), num_single=get("num_single_layers"),
+                num_heads=get("num_attention_heads"), head_dim=get("attention_head_dim"),
+                in_channels=get("in_channels"), out_channels=get("out_channels"),
+                context_dim=get("joint_attention_dim"),
+                axes_dim=tuple(cj["axes_dims_rope"]) if get("axes_dims_rope") else None)
+
+
 def fields_from_json(cj: dict, where: str) -> dict:
     """Config fields from a diffusers transformer config.json (None where it is silent)."""
-    get = lambda name, default=None: cj.get(name) if cj.get(name) is not None else default  # noqa: E731
-    if get("patch_size", 1) != 1:
-        raise CheckpointError(f"{where}: config.json patch_size={cj['patch_size']}; FLUX.1 uses 1")
-    f = dict(num_double=get("num_layers"), num_single=get("num_single_layers"),
-             num_heads=get("num_attention_heads"), head_dim=get("attention_head_dim"),
-             in_channels=get("in_channels"), out_channels=get("out_channels"),
-             context_dim=get("joint_attention_dim"),
-             pooled_dim=get("pooled_projection_dim"), guidance_embed=get("guidance_embeds"),
-             axes_dim=tuple(cj["axes_dims_rope"]) if get("axes_dims_rope") else None)
-    return f
+    return {**block_json(cj, where, "FLUX.1"), "pooled_dim": cj.get("pooled_projection_dim"),
+            "guidance_embed": cj.get("guidance_embeds")}
 
 
 def example_axes(head_dim: int) -> tuple[int, int, int]:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from ...models.flux2 import Flux2Config
 from ..checkpoint import CheckpointError, count_indexed, need_key
+from . import flux
 
 FAMILY = "flux2"
 NAME = "FLUX.2"
@@ -29,18 +30,7 @@ TABLE = [
     ("double_stream_modulation_img.lin.*", "double_stream_modulation_img.linear.*", "copy"),
     ("double_stream_modulation_txt.lin.*", "double_stream_modulation_txt.linear.*", "copy"),
     ("single_stream_modulation.lin.*", "single_stream_modulation.linear.*", "copy"),
-    ("double_blocks.{}.img_attn.qkv.*", ("transformer_blocks.{}.attn.to_q.*",
-                                         "transformer_blocks.{}.attn.to_k.*",
-                                         "transformer_blocks.{}.attn.to_v.*"), "qkv"),
-    ("double_blocks.{}.txt_attn.qkv.*", ("transformer_blocks.{}.attn.add_q_proj.*",
-                                         "transformer_blocks.{}.attn.add_k_proj.*",
-                                         "transformer_blocks.{}.attn.add_v_proj.*"), "qkv"),
-    ("double_blocks.{}.img_attn.norm.query_norm.scale", "transformer_blocks.{}.attn.norm_q.weight", "copy"),
-    ("double_blocks.{}.img_attn.norm.key_norm.scale", "transformer_blocks.{}.attn.norm_k.weight", "copy"),
-    ("double_blocks.{}.txt_attn.norm.query_norm.scale", "transformer_blocks.{}.attn.norm_added_q.weight", "copy"),
-    ("double_blocks.{}.txt_attn.norm.key_norm.scale", "transformer_blocks.{}.attn.norm_added_k.weight", "copy"),
-    ("double_blocks.{}.img_attn.proj.*", "transformer_blocks.{}.attn.to_out.0.*", "copy"),
-    ("double_blocks.{}.txt_attn.proj.*", "transformer_blocks.{}.attn.to_add_out.*", "copy"),
+    *flux.DOUBLE_ATTENTION,
     ("double_blocks.{}.img_mlp.0.*", "transformer_blocks.{}.ff.linear_in.*", "copy"),
     ("double_blocks.{}.img_mlp.2.*", "transformer_blocks.{}.ff.linear_out.*", "copy"),
     ("double_blocks.{}.txt_mlp.0.*", "transformer_blocks.{}.ff_context.linear_in.*", "copy"),

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+import checkout  # noqa: E402
+checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
 
 import mmdit  # noqa: E402
 from results import INTERRUPTED, atomic, run_main, write_json  # noqa: E402,F401  (for every benchmark)

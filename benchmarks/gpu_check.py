@@ -48,7 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import results  # noqa: E402  (no torch in this process: the steps need the memory)
+import checkout  # noqa: E402  (no torch in this process: the steps need the memory)
+import results  # noqa: E402
 
 BUDGET = 470  # seconds on an H200 for every step: the run has 8 minutes, start and install included
 DRY_BUDGET = 120
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     budget = args.budget or (DRY_BUDGET if args.dry_run else BUDGET)
     env = {k: v for k, v in os.environ.items() if k not in ("MMDIT_KERNELS", "TRITON_INTERPRET")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # mmdit through a link, never the checkout root on the path: its kernels/ would shadow PyPI's kernels
+    env["PYTHONPATH"] = os.pathsep.join([str(checkout.import_folder()), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     if args.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even on a GPU machine

@@ -26,6 +26,8 @@ overhead (CFG+DG step / CFG step), the achieved TFLOP/s from a FLOP count as a f
 device's datasheet peak (MFU; listed devices only) and of a large square matmul measured in the
 same run, and on CUDA the peak memory of each step: the weights plus what the call allocates; for
 a CUDA graph, its private pool (the peak is reset before the capture and read after a replay).
+Also each case's first call ("first ms": compiles for its shapes, lazy init, a CUDA graph's
+warm-up and capture), which is what a cold run pays once.
 Each mode's results go to ``--json`` as soon as they are measured (written atomically); a mode or
 implementation that fails (a capture, a compile) is recorded with its error and the others run.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 
 import torch
@@ -184,11 +187,14 @@ def time_cases(cases, args, device, peak, matmul, models: dict, graphs: bool) ->
     times = {key: [] for key in fns}
     cpu_times = {key: [] for key in fns}
     errors, failed, peak_mb = {}, {}, {}
+    first = {}  # the first call's time: compiles (this case's shapes), lazy init, a graph's capture
     with torch.inference_mode():
         if graphs:
             for key, fn in list(fns.items()):
                 try:
+                    t0 = time.perf_counter()
                     fns[key], peak_mb[key] = cuda_graph(fn, device, models[key[1]])
+                    first[key] = time.perf_counter() - t0
                 except Exception as e:  # noqa: BLE001  e.g. a host sync inside diffusers' step
                     print(f"{key[1]} {key[0]}: no CUDA graph: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                     failed[key] = f"CUDA graph capture failed: {type(e).__name__}: {e}"
@@ -200,6 +206,7 @@ def time_cases(cases, args, device, peak, matmul, models: dict, graphs: bool) ->
                 outs = {}
                 for impl, fn in pair if it % 2 == 0 else pair[::-1]:
                     t, cpu, outs[impl] = common.timed(fn, device)
+                    first.setdefault((case.name, impl), t)
                     if it >= args.warmup:
                         times[case.name, impl].append(t)
                         cpu_times[case.name, impl].append(cpu)
@@ -222,6 +229,7 @@ def time_cases(cases, args, device, peak, matmul, models: dict, graphs: bool) ->
             ms = common.median_ms(times[key])
             flops = case.flops_ours if impl == "ours" else case.flops_peer
             r.update({f"{tag}_ms": ms, f"{tag}_all_ms": [1e3 * t for t in times[key]],
+                      f"{tag}_first_ms": 1e3 * first[key],
                       f"s_per_image_{tag}": ms * args.steps / 1e3 / args.batch, f"flops_{tag}": flops,
                       f"tflops_{tag}": flops / ms / 1e9, f"matmul_fraction_{tag}": flops / ms / 1e9 / matmul})
             if peak:
@@ -271,7 +279,7 @@ def report(out: dict, modes=None, header: bool = True) -> str:
             continue
         lines.append(f"-- {mode} --")
         lines.append(f"{'case':10s} {'impl':9s} {'rows':>6s} {'ms':>10s} {'s/img':>7s} {'TFLOP/s':>9s} {'of mm':>6s} "
-                     f"{'MFU':>6s} {'peak MiB':>9s} {'CPU ms':>9s}")
+                     f"{'MFU':>6s} {'peak MiB':>9s} {'CPU ms':>9s} {'first ms':>9s}")
         for name, r in m["results"].items():
             for tag in ("ours", "diffusers"):
                 if f"rows_{tag}" not in r:
@@ -284,7 +292,7 @@ def report(out: dict, modes=None, header: bool = True) -> str:
                 cpu = f"{r[f'{tag}_cpu_ms']:9.1f}" if f"{tag}_cpu_ms" in r else "-"
                 lines.append(f"{name:10s} {tag:9s} {r[f'rows_{tag}']:>6s} {r[f'{tag}_ms']:10.1f} "
                              f"{r[f's_per_image_{tag}']:7.2f} {r[f'tflops_{tag}']:9.3f} {r[f'matmul_fraction_{tag}']:6.3f} "
-                             f"{mfu:>6s} {mem:>9s} {cpu:>9s}")
+                             f"{mfu:>6s} {mem:>9s} {cpu:>9s} {r[f'{tag}_first_ms']:9.0f}")
             if "ratio" in r:
                 lines.append(f"{'':10s} ours/diffusers {r['ratio']:.3f}"
                              + (f" (CPU time {r['cpu_ratio']:.3f})" if "cpu_ratio" in r else "")

@@ -17,8 +17,10 @@ time limit; a step the remaining budget cannot afford is skipped and named:
                     bf16, a CFG and a CFG+DG step in the modes of LATENCY (compiled = regional)
   vs diffusers P    latency.py: ours and diffusers on the same weights, eager (needs diffusers)
   kernels           kernel_speed.py: the fused kernels vs torch at FLUX and SD3.5-large shapes
+  2-GPU ... parallel  latency.py --parallel branch / sequence over 2 ranks (NCCL), FLUX.1-dev: with 2 GPUs
 
-The limits (GPU seconds, below) add to 470 s: guesses until a GPU run measures them. Results go to
+The one-GPU steps' limits (GPU seconds, below) add to 470 s, the budget (the 2-GPU steps run in what is
+left): guesses until a GPU run measures them. Results go to
 OUT ($OUT, else ./out): gpu_check.json (each step's status, seconds and results, rewritten
 atomically after each step and whenever a running step writes new results), gpu_check.log
 (everything printed), inductor_code.txt (the smoke step's generated code). Exit status 1 if a step
@@ -70,7 +72,7 @@ class Step:
     limit: float  # seconds allowed
     argv: list
     json: Path | None = None  # where the step writes its results
-    needs: str | None = None  # "diffusers": skipped without it
+    needs: str | None = None  # "diffusers" or "2 gpus": skipped without it
 
 
 def plan(dry: bool, scratch: Path, out: Path) -> list[Step]:
@@ -106,6 +108,13 @@ def plan(dry: bool, scratch: Path, out: Path) -> list[Step]:
                                                      scratch / "kernels.json"]
                       + (["--small", "--warmup", "0", "--iters", "1"] if dry else ["--warmup", "3", "--iters", "10"]),
                       scratch / "kernels.json"))
+    for mode in ("branch", "sequence"):  # the NCCL path (the CPU tests use gloo): the step vs one rank
+        steps.append(Step(f"2-GPU {mode} parallel", 60, [*py, "-m", "torch.distributed.run", "--standalone",
+                                                        "--nproc-per-node", "2", "benchmarks/latency.py", "--parallel",
+                                                        mode, "--preset", "flux.1-dev", "--resolution", "1024",
+                                                        "--dtype", "bf16", "--cfg", "3.5", "--warmup", "2", "--iters", "5",
+                                                        "--json", scratch / f"parallel_{mode}.json"],
+                          scratch / f"parallel_{mode}.json", needs="2 gpus"))
     for s in steps:
         s.argv = [str(a) for a in s.argv]
     return steps
@@ -226,7 +235,8 @@ def main(argv=None) -> int:
     budget = args.budget or (DRY_BUDGET if args.dry_run else BUDGET)
     env = {k: v for k, v in os.environ.items() if k not in ("MMDIT_KERNELS", "TRITON_INTERPRET")}
     # mmdit through a link, never the checkout root on the path: its kernels/ would shadow PyPI's kernels
-    env["PYTHONPATH"] = os.pathsep.join([str(checkout.import_folder()), *filter(None, [os.environ.get("PYTHONPATH")])])
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    env["PYTHONPATH"] = os.pathsep.join([str(checkout.import_folder()), *inherited])
     env["PYTHONUNBUFFERED"] = "1"
     if args.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even on a GPU machine
@@ -249,6 +259,9 @@ def main(argv=None) -> int:
                 reason = "not in --only"
             elif step.needs == "diffusers" and not has_diffusers:
                 reason = "diffusers is not installed (bash benchmarks/gpu_wheels.sh where there is network; carry .whl)"
+            elif step.needs == "2 gpus" and (args.dry_run or len(summary["environment"].get("gpus", [])) < 2):
+                reason = ("needs 2 CUDA devices (a dry run has none)" if args.dry_run else
+                          f"needs 2 CUDA devices, {len(summary['environment'].get('gpus', []))} here")
             elif left < min(step.limit, 10):
                 reason = f"out of time ({left:.0f} s of the {budget:.0f} s budget left)"
             if reason:

@@ -91,6 +91,9 @@ def compile_models(ours, peer, how: str, backend: str):
     if how == "whole":
         return (torch.compile(ours, fullgraph=True, dynamic=False, backend=backend),
                 None if peer is None else torch.compile(peer, dynamic=False, backend=backend))
+    # one process runs every case (forward, CFG, CFG+DG, SLG: batch sizes, the fork block) through the
+    # same blocks' code, more variants than dynamo's default 8 per code object; a pipeline runs a few
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compile_regional(ours, backend=backend)
     if peer is not None:  # diffusers' block lists: transformer_blocks, single_transformer_blocks
         for name, blocks in peer.named_children():

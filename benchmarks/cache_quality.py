@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # a plain checkout: appended, see common.py
+import checkout  # noqa: E402
+checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
 
 import common  # noqa: E402
 import mmdit  # noqa: E402

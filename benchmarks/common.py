@@ -1,7 +1,7 @@
-"""Shared pieces of the benchmarks: configs, the diffusers peer with our weights, inputs,
-FLOP counts, device facts.
+"""Shared pieces of the benchmarks: configs, our model with random weights or the diffusers peer
+with our weights, inputs, FLOP counts, device facts, atomic JSON, Ctrl-C.
 
-diffusers is a benchmark-only peer: it is imported here, never by the library.
+diffusers is a benchmark-only peer: it is imported here (on first use), never by the library.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 import ast
 import dataclasses
 import datetime
-import json
+import importlib.metadata
 import platform
 import statistics
 import sys
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-# A plain checkout (mmdit not installed) imports mmdit from its root. Appended, not inserted: the
-# root's kernels/ must not shadow PyPI's `kernels`, which transformers >= 5.25 imports.
-sys.path.append(str(Path(__file__).resolve().parents[1]))
+import checkout  # noqa: E402
+checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
 
 import mmdit  # noqa: E402
+from results import INTERRUPTED, atomic, run_main, write_json  # noqa: E402,F401  (for every benchmark)
 from mmdit.models import flux, flux2  # noqa: E402
 from mmdit.models.config import ChromaConfig, Flux2Config, FluxConfig, QwenImageConfig, SD3Config  # noqa: E402
 from mmdit.samplers import default_layers  # noqa: E402
@@ -31,12 +31,15 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 # Reported MA channels (docs/architecture.md); used modulo the hidden size for narrower test configs.
 MA_HINTS = {1536: (810, 676), 2432: (676,), 3072: (154, 1446)}
-# Dense peak tensor/FP throughput in TFLOP/s, by a substring of the device name and dtype.
+# Dense (no sparsity) peak throughput from the vendors' datasheets in TFLOP/s, by a substring of
+# the device name (first match) and dtype. A device not listed gets MFU against the measured matmul only.
 PEAK_TFLOPS = [
     ("H200", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9}),
     ("H100 PCIe", {torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 51.2}),
-    ("H100", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9}),
+    ("H100", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9}),  # SXM
     ("A100", {torch.bfloat16: 312.0, torch.float16: 312.0, torch.float32: 19.5}),
+    ("L40S", {torch.bfloat16: 362.1, torch.float16: 362.1, torch.float32: 91.6}),
+    ("RTX 4090", {torch.bfloat16: 165.2, torch.float16: 165.2, torch.float32: 82.6}),
 ]
 
 
@@ -86,7 +89,20 @@ def config_dict(config) -> dict:
     return {"family": config.family, **dataclasses.asdict(config)}
 
 
-# ---- the diffusers peer and our model with the same weights --------------------------------
+# ---- our model alone, the diffusers peer and our model with the same weights ---------------
+
+def build_ours(config, device, dtype, seed: int = 0) -> torch.nn.Module:
+    """Our transformer for ``config`` with random weights, built on ``device`` in ``dtype`` (no
+    fp32 copy first: FLUX.2-dev is 128 GB in fp32)."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = mmdit.build_transformer(config, device=device, dtype=dtype)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval().requires_grad_(False)
+
 
 def peer_kwargs(config) -> dict:
     """diffusers constructor arguments for one of our configs (docs/architecture.md, configurations)."""
@@ -399,10 +415,9 @@ def device_name(device) -> str:
 
 
 def environment(device) -> dict:
-    try:
-        import diffusers
-        dv = diffusers.__version__
-    except ImportError:
+    try:  # the installed version, without importing it (seconds)
+        dv = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
         dv = None
     return {"device": device_name(device), "torch": torch.__version__, "diffusers": dv,
             "python": platform.python_version(),
@@ -464,7 +479,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclasses.dataclass
 class Case:
-    """One step both ways: ``ours()`` and ``peer()`` each return the guided velocity."""
+    """One step both ways: ``ours()`` and ``peer()`` each return the guided velocity (``peer``
+    None: ours alone)."""
 
     name: str
     rows_ours: str  # batch rows, for the table
@@ -475,11 +491,14 @@ class Case:
     peer: object
 
 
-def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int, text_len: int = 0) -> None:
+def attach_dg(ours, runner: PeerRunner | None, config, fork_block: int, batch: int, text_len: int = 0) -> None:
     """Our MA spec and the peer's DG hook on block m (the last ``batch`` of 3 * batch rows);
-    ``text_len``: the text tokens before the image's in a FLUX.2 or Chroma single block's output."""
+    ``text_len``: the text tokens before the image's in a FLUX.2 or Chroma single block's output.
+    ``runner`` None: ours alone."""
     channels = ma_channels(config)
     ours.ma = mmdit.MASpec(channels, block=fork_block)
+    if runner is None:
+        return
     if runner.hook is not None:
         runner.hook.remove()
     device = next(runner.peer.parameters()).device
@@ -487,17 +506,21 @@ def attach_dg(ours, runner: PeerRunner, config, fork_block: int, batch: int, tex
         zero_ma_hook(batch, torch.tensor(channels, device=device), text_len))
 
 
-def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
+def build_cases(ours, runner: PeerRunner | None, config, inp: Inputs, fork_block: int, cfg: float = 4.5,
                 dg: float = 2.0, names=("forward", "cfg", "cfg_dg"), slg: float = 2.8,
                 slg_layers: tuple[int, ...] = ()) -> list[Case]:
     """forward (B rows); CFG step ([uncond | cond], 2B rows); CFG+DG step: ours one call with
     ``fork`` ([uncond | cond] forked at block m into [uncond | cond | cond_disrupted]); the
     diffusers way a batch of 3B rows with a forward hook on block m zeroing the MA channels of
-    the last B rows' image tokens at that block's output (registered here on the peer)."""
+    the last B rows' image tokens at that block's output (registered here on the peer).
+    ``runner`` None: ours alone (every case's ``peer`` is None)."""
     B = inp.x.shape[0]
     shape = tuple(inp.x.shape)
     n_img, n_txt = tokens(config, shape[2:]), inp.context.shape[1]
-    if runner.hook is None:
+    if runner is None:
+        runner = _Alone()
+        attach_dg(ours, None, config, fork_block, B, n_txt)
+    elif runner.hook is None:
         attach_dg(ours, runner, config, fork_block, B, n_txt)
     out = []
     call = call_ours
@@ -535,7 +558,21 @@ def build_cases(ours, runner: PeerRunner, config, inp: Inputs, fork_block: int, 
                         forward_flops(config, n_img, n_txt, 2 * B, fork_block, B),
                         forward_flops(config, n_img, n_txt, 3 * B), ours_dg, peer_dg))
     out += slg_cases(ours, runner, config, inp, fork_block, cfg, dg, names, slg, slg_layers)
+    if isinstance(runner, _Alone):
+        out = [dataclasses.replace(case, peer=None) for case in out]
     return out
+
+
+class _Alone:
+    """Stands in for a PeerRunner when ours runs alone: its calls are built, never made."""
+    flux = False
+    hook = None
+
+    def prepare(self, inp):
+        return None
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("no peer: ours alone")
 
 
 def slg_cases(ours, runner, config, inp: Inputs, fork_block: int, cfg: float, dg: float, names, slg: float,
@@ -589,12 +626,6 @@ def slg_cases(ours, runner, config, inp: Inputs, fork_block: int, cfg: float, dg
                         forward_flops(config, n_img, n_txt, 2 * B, fork_block, B, branches=(slg_branch,)),
                         forward_flops(config, n_img, n_txt, 3 * B) + skip_flops, ours_dg_slg, peer_dg_slg))
     return out
-
-
-def write_json(path, out: dict) -> None:
-    """The result dict as indented JSON at ``path`` (folders created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def describe_model(out: dict) -> str:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # a plain checkout: appended, see common.py
+import checkout  # noqa: E402
+checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
 
 from mmdit import ma, tiny  # noqa: E402
 from mmdit.samplers import Guidance, sample, sd3_sigmas  # noqa: E402

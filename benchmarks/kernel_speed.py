@@ -20,7 +20,8 @@ import torch
 
 if not torch.cuda.is_available():  # the interpreter must be chosen before triton.jit runs
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # a plain checkout: appended, see common.py
+import checkout  # noqa: E402
+checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
 
 import common  # noqa: E402
 from mmdit.kernels import gated_residual, norm_modulate, qk_norm_rope  # noqa: E402

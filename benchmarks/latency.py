@@ -1,10 +1,11 @@
-"""Latency of one transformer step, ours vs diffusers, same weights, same inputs, one process.
+"""Latency and memory of one transformer step: ours alone, or ours vs diffusers on the same
+weights and inputs, in one process.
 
+    python benchmarks/latency.py --preset flux.1-dev --dtype bf16 --ours-only \\
+        --modes eager,compiled,cudagraphs --json flux.json                  # GPU, ours alone
+    python benchmarks/latency.py --preset flux.1-dev --resolution 1024 --dtype bf16     # GPU, vs diffusers
     python benchmarks/latency.py --preset sd3.5-medium --num-layers 4 --resolution 384 \\
         --text-len 333 --dtype fp32 --iters 5 --json latency.json          # CPU
-    python benchmarks/latency.py --preset flux.1-dev --resolution 1024 --dtype bf16     # GPU
-
-    python benchmarks/latency.py --preset flux.1-dev --dtype bf16 --modes eager,compiled,cudagraphs  # GPU
     python benchmarks/latency.py --preset chroma --num-layers 4 --resolution 384 --dtype fp32 --iters 5
         # Chroma (CPU): T5 only, a text mask; diffusers' ChromaTransformer2DModel with the same mask (bool)
 
@@ -13,25 +14,37 @@
 
 Cases: one forward (batch B); one CFG step (2B rows); one CFG+DG step, ours as one call
 forking the cond rows at block m, diffusers as 3B rows with a hook zeroing the MA channels at
-block m. Modes: eager, torch.compile (ours with fullgraph=True) and, on CUDA, torch.compile
-with CUDA graphs; each mode compiles both models. Calls are interleaved (the order alternates
-every iteration) after warm-up, CUDA is synchronized around each call, and each time is the
-median (on CPU also the median process CPU time, steadier than wall time on a machine shared
-with other jobs). Also printed: seconds per image (the step times ``--steps``), the DG overhead
-(CFG+DG step / CFG step) of both, the achieved TFLOP/s from a FLOP count as a fraction of
-this device's measured matmul rate (a GEMM of the MLP's shape) and, on GPU, MFU and peak memory.
+block m. ``--ours-only``: our model alone with random weights from the preset (no diffusers).
+Modes, run in this order: eager; compiled (torch.compile, ``--compile regional``: every block
+compiled in place, blocks of a kind sharing the code, ours with fullgraph, diffusers' block lists
+the same way; ``--compile whole``: the whole models); cudagraphs (CUDA only: the compiled step
+recorded once as a CUDA graph, ``torch.cuda.graph``, and replayed). Calls are interleaved (the
+order alternates every iteration) after warm-up, CUDA is synchronized around each call, and each
+time is the median (on CPU also the median process CPU time, steadier than wall time on a
+machine shared with other jobs). Also: seconds per image (the step times ``--steps``), the DG
+overhead (CFG+DG step / CFG step), the achieved TFLOP/s from a FLOP count as a fraction of this
+device's datasheet peak (MFU; listed devices only) and of a large square matmul measured in the
+same run, and on CUDA the peak memory of each step: the weights plus what the call allocates; for
+a CUDA graph, its private pool (the peak is reset before the capture and read after a replay).
+Also each case's first call ("first ms": compiles for its shapes, lazy init, a CUDA graph's
+warm-up and capture), which is what a cold run pays once.
+Each mode's results go to ``--json`` as soon as they are measured (written atomically); a mode or
+implementation that fails (a capture, a compile) is recorded with its error and the others run.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+import traceback
 
 import torch
 
 import common
 from mmdit.checks import PARALLEL  # noqa: E402  (common puts the checkout on sys.path)
+from mmdit.compiled import compile_regional  # noqa: E402
 
-
-MODES = {"eager": None, "compiled": {}, "cudagraphs": {"mode": "reduce-overhead"}}
+MODES = ("eager", "compiled", "cudagraphs")  # the order they run in: compiling changes the models in place
 
 
 def parse(argv=None):
@@ -43,14 +56,17 @@ def parse(argv=None):
     p.add_argument("--cfg", type=float, default=4.5)
     p.add_argument("--dg", type=float, default=2.0)
     p.add_argument("--cases", default="forward,cfg,cfg_dg",
-                   help="comma-separated subset of forward, cfg, cfg_dg, cfg_slg, cfg_dg_slg (SLG: SD3 presets)")
+                   help="comma-separated subset of forward, cfg, cfg_dg, cfg_slg, cfg_dg_slg (SLG vs diffusers: SD3)")
     p.add_argument("--slg", type=float, default=2.8)
     p.add_argument("--slg-layers", default=None,
                    help="blocks SLG skips, e.g. 7,8,9 (default: 3 blocks from 30%% of the depth, never the last; SD3.5's 7-9 of 24)")
-    p.add_argument("--modes", default="eager",
-                   help="comma-separated: eager, compiled (torch.compile, both models), cudagraphs "
-                        "(torch.compile mode='reduce-overhead', CUDA only)")
+    p.add_argument("--modes", default="eager", help=f"comma-separated subset of {', '.join(MODES)} (cudagraphs: CUDA only)")
+    p.add_argument("--compile", choices=("regional", "whole"), default="regional",
+                   help="what the compiled modes compile: each block (default; minutes less for deep models) or the whole model")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled modes")
+    p.add_argument("--ours-only", action="store_true", help="our model alone, random weights from the preset (no diffusers)")
+    p.add_argument("--mm-size", type=int, default=None,
+                   help="side of the square matmul timed as this device's measured peak (default: 8192 on CUDA, 512 elsewhere)")
     p.add_argument("--steps", type=int, default=28, help="steps per image, for the seconds-per-image column")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
@@ -65,14 +81,26 @@ def parse(argv=None):
     bad = [m for m in modes if m not in MODES]
     if bad or ("cudagraphs" in modes and not args.device.startswith("cuda")):
         raise SystemExit(f"--modes {args.modes}: choose from {list(MODES)} (cudagraphs needs --device cuda)")
+    args.modes = ",".join(m for m in MODES if m in modes)
     return args
 
 
-def compiled(model, mode: str, fullgraph: bool, backend: str):
-    """The model as ``mode`` runs it; ours must trace as one graph, diffusers may break."""
-    if MODES[mode] is None:
-        return model
-    return torch.compile(model, fullgraph=fullgraph, backend=backend, **MODES[mode])
+def compile_models(ours, peer, how: str, backend: str):
+    """(ours, peer) as the compiled modes run them: ``regional`` compiles each block in place (ours
+    with fullgraph; diffusers' blocks may break), ``whole`` wraps each model."""
+    if how == "whole":
+        return (torch.compile(ours, fullgraph=True, dynamic=False, backend=backend),
+                None if peer is None else torch.compile(peer, dynamic=False, backend=backend))
+    # one process runs every case (forward, CFG, CFG+DG, SLG: batch sizes, the fork block) through the
+    # same blocks' code, more variants than dynamo's default 8 per code object; a pipeline runs a few
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compile_regional(ours, backend=backend)
+    if peer is not None:  # diffusers' block lists: transformer_blocks, single_transformer_blocks
+        for name, blocks in peer.named_children():
+            if isinstance(blocks, torch.nn.ModuleList) and name.endswith("blocks"):
+                for block in blocks:
+                    block.compile(dynamic=False, backend=backend)
+    return ours, peer
 
 
 def run(args, on_mode=None) -> dict:
@@ -87,140 +115,202 @@ def run(args, on_mode=None) -> dict:
     m = config.total_blocks // 2 if args.fork_block is None else args.fork_block
     slg_layers = common.slg_layers(config.total_blocks, args.slg_layers)
 
-    peer = common.build_peer(config, device, dtype, args.seed)
-    ours = common.ours_from_peer(peer, config)
-    runner = common.PeerRunner(peer, config)
+    if args.ours_only:
+        peer = runner = None
+        ours = common.build_ours(config, device, dtype, args.seed)
+    else:
+        peer = common.build_peer(config, device, dtype, args.seed)
+        ours = common.ours_from_peer(peer, config)
+        runner = common.PeerRunner(peer, config)
+    models = {"ours": ours, "diffusers": peer}
     inp = common.make_inputs(config, args.batch, (H // 8, W // 8), text_len, device, dtype)
     common.attach_dg(ours, runner, config, m, args.batch, text_len)  # before compiling: dynamo sees the hook
     n_img = common.tokens(config, (H // 8, W // 8))
-    matmul = common.matmul_tflops(device, dtype, args.batch * (n_img + text_len), config.hidden_size,
-                                  int(config.hidden_size * config.mlp_ratio))
-    dev_name = common.device_name(device)
-    peak = common.peak_tflops(dev_name, dtype) if device.type == "cuda" else None
+    n = args.mm_size or (8192 if device.type == "cuda" else 512)
+    matmul = common.matmul_tflops(device, dtype, n, n, n)
+    peak = common.peak_tflops(common.device_name(device), dtype) if device.type == "cuda" else None
     out = {"benchmark": "latency", **common.environment(device), "preset": args.preset,
-            "config": common.config_dict(config), "dtype": str(dtype).removeprefix("torch."),
-            "resolution": [H, W], "batch": args.batch, "text_len": text_len, "image_tokens": n_img,
-            "fork_block": m, "slg_layers": list(slg_layers), "ma_channels": common.ma_channels(config), "cfg": args.cfg, "dg": args.dg,
-            "steps": args.steps, "backend": args.backend, "warmup": args.warmup, "iters": args.iters, "peak_tflops": peak,
-            "matmul_tflops": matmul, "modes": {}}
+           "config": common.config_dict(config), "dtype": str(dtype).removeprefix("torch."),
+           "resolution": [H, W], "batch": args.batch, "text_len": text_len, "image_tokens": n_img,
+           "fork_block": m, "slg_layers": list(slg_layers), "ma_channels": common.ma_channels(config), "cfg": args.cfg,
+           "dg": args.dg, "steps": args.steps, "compile": args.compile, "backend": args.backend,
+           "ours_only": args.ours_only, "warmup": args.warmup, "iters": args.iters, "peak_tflops": peak,
+           "matmul_tflops": matmul, "matmul_shape": [n, n, n], "modes": {}}
+    step_ours, step_peer = ours, peer
     for mode in args.modes.split(","):
-        torch._dynamo.reset()
-        runner.peer = compiled(peer, mode, False, args.backend)
-        cases = common.build_cases(compiled(ours, mode, True, args.backend), runner, config, inp, m, args.cfg, args.dg,
-                                   args.cases.split(","), args.slg, slg_layers)
-        out["modes"][mode] = time_cases(cases, args, device, peak, matmul, {"ours": ours, "diffusers": peer},
-                                        cudagraphs=mode == "cudagraphs")
+        try:
+            if mode != "eager" and step_ours is ours:  # once: cudagraphs records the compiled step
+                step_ours, step_peer = compile_models(ours, peer, args.compile, args.backend)
+            if runner is not None:
+                runner.peer = step_peer
+            cases = common.build_cases(step_ours, runner, config, inp, m, args.cfg, args.dg, args.cases.split(","),
+                                       args.slg, slg_layers)
+            out["modes"][mode] = time_cases(cases, args, device, peak, matmul, models, graphs=mode == "cudagraphs")
+        except Exception as e:  # noqa: BLE001  one mode's failure must not lose the others' results
+            traceback.print_exc()
+            out["modes"][mode] = {"error": f"{type(e).__name__}: {e}"}
         if on_mode is not None:
             on_mode(out, mode)
-    runner.peer = peer
+    if runner is not None:
+        runner.peer = peer
     return out
 
 
-def time_cases(cases, args, device, peak, matmul, models: dict, cudagraphs: bool) -> dict:
-    """Interleaved timing of every case, ours and diffusers; -> {"results": {case: ...}, ...}."""
-    times = {c.name: {"ours": [], "diffusers": []} for c in cases}
-    cpu_times = {c.name: {"ours": [], "diffusers": []} for c in cases}
-    errors, peak_mb = {}, {}
+def cuda_graph(fn, device, model) -> tuple[object, float]:
+    """(replay, peak MiB): ``fn``'s work recorded once as a CUDA graph (after two warm-up calls on a
+    side stream: compiles, lazy init); ``replay()`` runs it again on the same inputs and returns the
+    recorded output. The peak is the model's weights plus the most the capture and a replay held above
+    what was allocated before: the graph's private pool included."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn(), fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    common.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    graph.replay()
+    common.synchronize(device)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    peak = (weights + torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+    def replay():
+        graph.replay()
+        return result
+    return replay, peak
+
+
+def time_cases(cases, args, device, peak, matmul, models: dict, graphs: bool) -> dict:
+    """Interleaved timing of every case, ours (and diffusers); -> {"results": {case: ...}, ...}."""
+    impls = ("ours",) if cases[0].peer is None else ("ours", "diffusers")
+    fns = {(c.name, impl): c.ours if impl == "ours" else c.peer for c in cases for impl in impls}
+    times = {key: [] for key in fns}
+    cpu_times = {key: [] for key in fns}
+    errors, failed, peak_mb = {}, {}, {}
+    first = {}  # the first call's time: compiles (this case's shapes), lazy init, a graph's capture
     with torch.inference_mode():
+        if graphs:
+            for key, fn in list(fns.items()):
+                try:
+                    t0 = time.perf_counter()
+                    fns[key], peak_mb[key] = cuda_graph(fn, device, models[key[1]])
+                    first[key] = time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001  e.g. a host sync inside diffusers' step
+                    print(f"{key[1]} {key[0]}: no CUDA graph: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    failed[key] = f"CUDA graph capture failed: {type(e).__name__}: {e}"
+                    del fns[key]
+                    torch.cuda.synchronize(device)
         for it in range(args.warmup + args.iters):
             for case in cases:
-                pair = [("ours", case.ours), ("diffusers", case.peer)]
+                pair = [(impl, fns[case.name, impl]) for impl in impls if (case.name, impl) in fns]
                 outs = {}
                 for impl, fn in pair if it % 2 == 0 else pair[::-1]:
-                    if cudagraphs:  # a new step for the CUDA-graph trees: earlier outputs may be overwritten
-                        torch.compiler.cudagraph_mark_step_begin()
                     t, cpu, outs[impl] = common.timed(fn, device)
+                    first.setdefault((case.name, impl), t)
                     if it >= args.warmup:
-                        times[case.name][impl].append(t)
-                        cpu_times[case.name][impl].append(cpu)
-                if case.name not in errors:
+                        times[case.name, impl].append(t)
+                        cpu_times[case.name, impl].append(cpu)
+                if len(outs) == 2 and case.name not in errors:
                     errors[case.name] = common.rel_err(outs["ours"], outs["diffusers"])
                 del outs
-        if device.type == "cuda":
-            for case in cases:
-                for impl, fn in (("ours", case.ours), ("diffusers", case.peer)):
-                    peak_mb[case.name, impl] = common.peak_memory_mb(fn, device, models[impl])
+        if device.type == "cuda" and not graphs:
+            for key, fn in fns.items():
+                peak_mb[key] = common.peak_memory_mb(fn, device, models[key[1]])
 
     results = {}
     for case in cases:
-        t = times[case.name]
-        ours_ms, peer_ms = common.median_ms(t["ours"]), common.median_ms(t["diffusers"])
-        r = {"rows_ours": case.rows_ours, "rows_diffusers": case.rows_peer,
-             "ours_ms": ours_ms, "diffusers_ms": peer_ms, "ratio": ours_ms / peer_ms,
-             "ours_all_ms": [1e3 * s for s in t["ours"]], "diffusers_all_ms": [1e3 * s for s in t["diffusers"]],
-             "s_per_image_ours": ours_ms * args.steps / 1e3 / args.batch,
-             "s_per_image_diffusers": peer_ms * args.steps / 1e3 / args.batch,
-             "flops_ours": case.flops_ours, "flops_diffusers": case.flops_peer,
-             "tflops_ours": case.flops_ours / ours_ms / 1e9, "tflops_diffusers": case.flops_peer / peer_ms / 1e9,
-             "max_rel_err": errors[case.name]}
-        r["matmul_fraction_ours"] = r["tflops_ours"] / matmul
-        r["matmul_fraction_diffusers"] = r["tflops_diffusers"] / matmul
-        if device.type == "cpu":  # less sensitive than wall time to other jobs on a shared machine
-            c = cpu_times[case.name]
-            r["ours_cpu_ms"], r["diffusers_cpu_ms"] = common.median_ms(c["ours"]), common.median_ms(c["diffusers"])
-            r["cpu_ratio"] = r["ours_cpu_ms"] / r["diffusers_cpu_ms"]
-        if peak:
-            r["mfu_ours"] = r["tflops_ours"] / peak
-            r["mfu_diffusers"] = r["tflops_diffusers"] / peak
-        if peak_mb:
-            r["peak_mb_ours"], r["peak_mb_diffusers"] = peak_mb[case.name, "ours"], peak_mb[case.name, "diffusers"]
+        r = {}
+        for impl in impls:
+            key, tag = (case.name, impl), "ours" if impl == "ours" else "diffusers"
+            r[f"rows_{tag}"] = case.rows_ours if impl == "ours" else case.rows_peer
+            if key in failed:
+                r[f"error_{tag}"] = failed[key]
+                continue
+            ms = common.median_ms(times[key])
+            flops = case.flops_ours if impl == "ours" else case.flops_peer
+            r.update({f"{tag}_ms": ms, f"{tag}_all_ms": [1e3 * t for t in times[key]],
+                      f"{tag}_first_ms": 1e3 * first[key],
+                      f"s_per_image_{tag}": ms * args.steps / 1e3 / args.batch, f"flops_{tag}": flops,
+                      f"tflops_{tag}": flops / ms / 1e9, f"matmul_fraction_{tag}": flops / ms / 1e9 / matmul})
+            if peak:
+                r[f"mfu_{tag}"] = r[f"tflops_{tag}"] / peak
+            if key in peak_mb:
+                r[f"peak_mb_{tag}"] = peak_mb[key]
+            if device.type == "cpu":  # less sensitive than wall time to other jobs on a shared machine
+                r[f"{tag}_cpu_ms"] = common.median_ms(cpu_times[key])
+        if "ours_ms" in r and "diffusers_ms" in r:
+            r["ratio"] = r["ours_ms"] / r["diffusers_ms"]
+            r["max_rel_err"] = errors[case.name]
+            if device.type == "cpu":
+                r["cpu_ratio"] = r["ours_cpu_ms"] / r["diffusers_cpu_ms"]
         results[case.name] = r
     out = {"results": results}
-    if "cfg" in results and "cfg_dg" in results:
-        dg, cfg = results["cfg_dg"], results["cfg"]
-        out["dg_overhead"] = {
-            "ours": dg["ours_ms"] / cfg["ours_ms"], "diffusers": dg["diffusers_ms"] / cfg["diffusers_ms"],
-            "flop_model_ours": dg["flops_ours"] / cfg["flops_ours"],
-            "flop_model_diffusers": dg["flops_diffusers"] / cfg["flops_diffusers"],
-        }
-        if device.type == "cpu":
-            out["dg_overhead"]["ours_cpu"] = dg["ours_cpu_ms"] / cfg["ours_cpu_ms"]
-            out["dg_overhead"]["diffusers_cpu"] = dg["diffusers_cpu_ms"] / cfg["diffusers_cpu_ms"]
+    dg, cfg = results.get("cfg_dg", {}), results.get("cfg", {})
+    overhead = {}
+    for impl in ("ours", "diffusers"):
+        if f"{impl}_ms" in dg and f"{impl}_ms" in cfg:
+            overhead[impl] = dg[f"{impl}_ms"] / cfg[f"{impl}_ms"]
+            overhead[f"flop_model_{impl}"] = dg[f"flops_{impl}"] / cfg[f"flops_{impl}"]
+            if device.type == "cpu":
+                overhead[f"{impl}_cpu"] = dg[f"{impl}_cpu_ms"] / cfg[f"{impl}_cpu_ms"]
+    if overhead:
+        out["dg_overhead"] = overhead
     return out
 
 
 def report(out: dict, modes=None, header: bool = True) -> str:
-    """The header and the table of each of ``modes`` (default: all)."""
-    lines = [] if not header else [common.describe_model(out) + f", "
-             f"{out['resolution'][0]}x{out['resolution'][1]} ({out['image_tokens']} image + {out['text_len']} "
-             f"text tokens), batch {out['batch']}, fork block {out['fork_block']}",
-             f"device: {out['device']}; torch {out['torch']}, diffusers {out['diffusers']}; "
-             f"median of {out['iters']} after {out['warmup']} warm-up, interleaved; "
-             f"measured {out['dtype']} matmul rate {out['matmul_tflops']:.4g} TFLOP/s"]
+    """The header and the table of each of ``modes`` (default: all): a row per case and
+    implementation, then ours / diffusers where both ran."""
+    peak = out["peak_tflops"]
+    lines = [] if not header else [
+        common.describe_model(out) + f", {out['resolution'][0]}x{out['resolution'][1]} ({out['image_tokens']} image + "
+        f"{out['text_len']} text tokens), batch {out['batch']}, fork block {out['fork_block']}"
+        + (", ours alone (random weights)" if out["ours_only"] else ", ours and diffusers on the same weights"),
+        f"device: {out['device']}; torch {out['torch']}, diffusers {out['diffusers']}; median of {out['iters']} after "
+        f"{out['warmup']} warm-up, interleaved; compiled: {out['compile']} ({out['backend']})",
+        f"MFU: against the datasheet peak, {peak:.4g} TFLOP/s" if peak else "MFU: no datasheet peak for this device",
+        f"measured {out['dtype']} matmul {'x'.join(map(str, out['matmul_shape']))}: {out['matmul_tflops']:.4g} TFLOP/s "
+        "(the 'of mm' column)"]
     for mode, m in out["modes"].items():
         if modes is not None and mode not in modes:
             continue
-        first = next(iter(m["results"].values()))
-        mfu, cpu, mem = "mfu_ours" in first, "cpu_ratio" in first, "peak_mb_ours" in first
+        if "error" in m:
+            lines.append(f"-- {mode} -- FAILED: {m['error']}")
+            continue
         lines.append(f"-- {mode} --")
-        head = f"{'case':8s} {'rows ours/diff':>15s} {'ours ms':>10s} {'diffusers ms':>13s} {'ours/diff':>10s} " \
-               f"{'s/img ours':>11s} {'diff':>7s} {'TFLOP/s ours':>13s} {'diff':>7s} {'of matmul':>10s}" + \
-               (f" {'MFU ours':>9s} {'diff':>6s}" if mfu else "") + (f" {'peak MB ours':>13s} {'diff':>7s}" if mem else "") + \
-               (f" {'CPU-time ratio':>15s}" if cpu else "") + f" {'max rel err':>12s}"
-        lines.append(head)
+        lines.append(f"{'case':10s} {'impl':9s} {'rows':>6s} {'ms':>10s} {'s/img':>7s} {'TFLOP/s':>9s} {'of mm':>6s} "
+                     f"{'MFU':>6s} {'peak MiB':>9s} {'CPU ms':>9s} {'first ms':>9s}")
         for name, r in m["results"].items():
-            row = f"{name:8s} {r['rows_ours'] + ' / ' + r['rows_diffusers']:>15s} {r['ours_ms']:10.1f} " \
-                  f"{r['diffusers_ms']:13.1f} {r['ratio']:10.3f} {r['s_per_image_ours']:11.2f} " \
-                  f"{r['s_per_image_diffusers']:7.2f} {r['tflops_ours']:13.3f} {r['tflops_diffusers']:7.3f} " \
-                  f"{r['matmul_fraction_ours']:10.3f}"
-            if mfu:
-                row += f" {100 * r['mfu_ours']:8.1f}% {100 * r['mfu_diffusers']:5.1f}%"
-            if mem:
-                row += f" {r['peak_mb_ours']:13.0f} {r['peak_mb_diffusers']:7.0f}"
-            if cpu:
-                row += f" {r['cpu_ratio']:15.3f}"
-            lines.append(row + f" {r['max_rel_err']:12.2e}")
-        if "dg_overhead" in m:
-            o = m["dg_overhead"]
-            lines.append(f"DG overhead (CFG+DG step / CFG step): ours {o['ours']:.3f}x "
-                         f"(FLOP model {o['flop_model_ours']:.3f}x), diffusers {o['diffusers']:.3f}x "
-                         f"(FLOP model {o['flop_model_diffusers']:.3f}x)"
-                         + (f"; by CPU time: ours {o['ours_cpu']:.3f}x, diffusers {o['diffusers_cpu']:.3f}x"
-                            if "ours_cpu" in o else ""))
+            for tag in ("ours", "diffusers"):
+                if f"rows_{tag}" not in r:
+                    continue
+                if f"error_{tag}" in r:
+                    lines.append(f"{name:10s} {tag:9s} {r[f'rows_{tag}']:>6s} {r[f'error_{tag}']}")
+                    continue
+                mfu = f"{100 * r[f'mfu_{tag}']:5.1f}%" if f"mfu_{tag}" in r else "-"
+                mem = f"{r[f'peak_mb_{tag}']:9.0f}" if f"peak_mb_{tag}" in r else "-"
+                cpu = f"{r[f'{tag}_cpu_ms']:9.1f}" if f"{tag}_cpu_ms" in r else "-"
+                lines.append(f"{name:10s} {tag:9s} {r[f'rows_{tag}']:>6s} {r[f'{tag}_ms']:10.1f} "
+                             f"{r[f's_per_image_{tag}']:7.2f} {r[f'tflops_{tag}']:9.3f} {r[f'matmul_fraction_{tag}']:6.3f} "
+                             f"{mfu:>6s} {mem:>9s} {cpu:>9s} {r[f'{tag}_first_ms']:9.0f}")
+            if "ratio" in r:
+                lines.append(f"{'':10s} ours/diffusers {r['ratio']:.3f}"
+                             + (f" (CPU time {r['cpu_ratio']:.3f})" if "cpu_ratio" in r else "")
+                             + f", max rel err {r['max_rel_err']:.2e}")
+        o = m.get("dg_overhead", {})
+        parts = [f"{impl} {o[impl]:.3f}x (FLOP model {o[f'flop_model_{impl}']:.3f}x"
+                 + (f", CPU time {o[f'{impl}_cpu']:.3f}x" if f"{impl}_cpu" in o else "") + ")"
+                 for impl in ("ours", "diffusers") if impl in o]
+        if parts:
+            lines.append("DG overhead (CFG+DG step / CFG step): " + ", ".join(parts))
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """0, or 1 if a mode or an implementation failed (its error is in the results)."""
     args = parse(argv)
     if args.parallel:
         import parallel_latency
@@ -230,17 +320,20 @@ def main(argv=None):
             print(parallel_latency.report(out), flush=True)
             if args.json:
                 common.write_json(args.json, out)
-        return
+        return 0
     shown = []
 
     def show(out, mode):  # each mode as soon as it is measured: a time limit keeps what finished
         print(report(out, [mode], header=not shown), flush=True)
         shown.append(mode)
+        if args.json:
+            common.write_json(args.json, out)
 
     out = run(args, show)
-    if args.json:
-        common.write_json(args.json, out)
+    failed = [mode for mode, m in out["modes"].items()
+              if "error" in m or any(k.startswith("error_") for r in m["results"].values() for k in r)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

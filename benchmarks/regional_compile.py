@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # a plain checkout: appended, see common.py
+import checkout  # noqa: E402
+checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
 
 import common  # noqa: E402
 import mmdit  # noqa: E402

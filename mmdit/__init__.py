@@ -20,7 +20,7 @@ package): kernels/__init__.py then hands back ``mmdit.kernels`` instead of a sec
 import importlib as _importlib
 import os as _os
 
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+_root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))  # through a link to mmdit/ too
 if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")) and _root not in __path__:
     __path__.append(_root)
 

@@ -1,11 +1,19 @@
-"""fp8 weights in memory: ``FP8Linear`` keeps a Linear's weight in float8 with a per-tensor scale
-(or a per-row one, ``(out,)``, as BFL's "fp8r" files store them).
+"""fp8 weights in memory: ``FP8Linear`` keeps a Linear's weight in float8 with an fp32 scale, per
+tensor (a scalar) or per output row, ``(out,)``, as BFL's "fp8r" files store them.
 
-``y = x @ (w_fp8 * scale)^T + b`` (per row: ``scale[:, None]``). The weight is dequantized per
-layer on the fly (``w * scale`` in the input's dtype), which is exact in fp32 and works on every
-device; the full-precision weight exists only inside one layer's forward. On CUDA with compute
-capability >= 8.9, ``matmul="scaled_mm"`` (opt-in) instead quantizes the input (per tensor; per
-token for per-row weight scales) and multiplies in fp8 with ``torch._scaled_mm`` (faster, less exact).
+``y = x @ (w_fp8 * scale)^T + b`` (per row: ``scale[:, None]``), computed one of two ways:
+
+- ``"scaled_mm"``: x is quantized to fp8 per row (``max|x_row| / max(fp8)``, computed each call) and
+  multiplied in fp8 by ``torch._scaled_mm`` with row-wise scales, x's ``(M, 1)`` and the weight's
+  ``(1, N)``, both fp32, applied to the fp32 accumulator; fast accumulation, then the bias. On fp8
+  tensor cores (CUDA compute capability >= 8.9) this is the fast path: half the bytes of the weight
+  read and twice bf16's matmul rate. x's rounding to fp8 costs accuracy (tests/test_fp8.py bounds it).
+- ``"dequant"``: ``F.linear(x, (w_fp8.float() * scale).to(x.dtype), b)``: the scale stays fp32, the
+  product is rounded once to x's dtype; exact in fp32 and runs on every device. The full-precision
+  weight exists only inside one layer's forward.
+
+``"auto"`` (the default) takes ``scaled_mm`` for bf16 / fp16 inputs on a device with fp8 tensor cores
+(dimensions multiples of 16), else ``dequant``: fp32 inputs ask for exactness.
 
 The state-dict names stay those of the Linear (``weight``, ``bias``) plus ``weight_scale``
 (the ComfyUI name), so a model is swapped from outside: ``quantize_linears(model)``.
@@ -17,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
+MATMULS = ("auto", "scaled_mm", "dequant")
+FAST_INPUTS = (torch.bfloat16, torch.float16)  # the input dtypes "auto" multiplies in fp8
 # Linears left in full precision: the output projection and its adaLN (BFL / Stability: final_layer;
 # Qwen-Image: norm_out, proj_out)
 KEEP = ("final_layer.", "norm_out.", "proj_out")
@@ -36,50 +46,63 @@ def _rows(scale: torch.Tensor) -> torch.Tensor:
     return scale[:, None] if scale.dim() == 1 else scale
 
 
-def _scaled_mm_ok(device: torch.device, in_features: int, out_features: int) -> bool:
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-            and in_features % 16 == 0 and out_features % 16 == 0 and hasattr(torch, "_scaled_mm"))
-
-
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight * scale`` (a per-row scale: ``scale[:, None]``) computed in ``dtype``: exactly
-    ``weight.float() * scale`` for fp32; for bf16 / fp16 the product is taken in that dtype (as
-    ComfyUI does), a third of the memory traffic of going through fp32."""
-    return weight.to(dtype) * _rows(scale).to(dtype)
+    """``weight.float() * scale`` (a per-row scale: ``scale[:, None]``), rounded once to ``dtype``.
+    The scale is never rounded to ``dtype`` first: a bf16 scale alone would be off by up to 2^-9."""
+    return (weight.float() * _rows(scale).float()).to(dtype)
+
+
+@torch.compiler.assume_constant_result
+def fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether ``device`` multiplies fp8 on tensor cores: CUDA with compute capability >= 8.9
+    (Ada, Hopper, Blackwell). A constant to torch.compile: no graph break, no guard per call."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def use_scaled_mm(matmul: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The way ``matmul`` ("auto", "scaled_mm", "dequant") multiplies ``x`` by ``weight`` (out, in)."""
+    if matmul == "auto":
+        return (x.dtype in FAST_INPUTS and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+                and fp8_tensor_cores(x.device))
+    return matmul == "scaled_mm"
+
+
+def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (weight * scale)^T + bias`` multiplied in fp8: x quantized per row, row-wise fp32 scales
+    applied to the accumulator by ``torch._scaled_mm``, the output in x's dtype."""
+    top = torch.finfo(weight.dtype).max
+    N = weight.shape[0]
+    flat = x.reshape(-1, x.shape[-1])  # (M, K)
+    x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / top).clamp(min=1e-12)  # (M, 1) fp32
+    x8 = (flat / x_scale).clamp(-top, top).to(weight.dtype)  # (M, K) fp8
+    w_scale = scale.float().reshape(1, -1).expand(1, N).contiguous()  # (1, N) fp32, per tensor or per row
+    out_dtype = torch.bfloat16 if x.is_cuda else x.dtype  # CUDA's row-wise kernels write bf16
+    y = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
+                         use_fast_accum=True).to(x.dtype)  # (M, N)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], N)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               matmul: str = "dequant") -> torch.Tensor:
-    """``x @ (weight * scale)^T + bias`` in x's dtype; ``matmul="scaled_mm"`` on CUDA multiplies in
-    fp8 with the input quantized per tensor (scale = max|x| / max(fp8)); with a per-row weight
-    scale, per token (torch's row-wise scaled_mm: scales (M, 1) and (1, N), a bf16 product)."""
-    bias = None if bias is None else bias.to(x.dtype)
-    if matmul == "scaled_mm" and x.is_cuda:
-        top = torch.finfo(weight.dtype).max
-        flat = x.reshape(-1, x.shape[-1]).float()
-        rows = scale.dim() == 1
-        x_scale = ((flat.abs().amax(dim=1, keepdim=True) if rows else flat.abs().amax()) / top).clamp(min=1e-12)
-        x8 = (flat / x_scale).clamp(-top, top).to(weight.dtype)
-        if rows:
-            y = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=scale[None, :].float(),
-                                 out_dtype=torch.bfloat16).to(x.dtype)
-            y = y if bias is None else y + bias
-        else:
-            y = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=scale, bias=bias, out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+               matmul: str = "auto") -> torch.Tensor:
+    """``x @ (weight * scale)^T + bias`` in x's dtype, the way ``matmul`` says (module docstring)."""
+    if use_scaled_mm(matmul, x, weight):
+        return scaled_mm_linear(x, weight, scale, bias)
+    return F.linear(x, dequantize(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 class FP8Linear(nn.Module):
     """A Linear whose weight is float8 with an fp32 ``weight_scale``, per tensor (a scalar) or, with
-    ``per_row``, one per output row (out,); computes in x's dtype."""
+    ``per_row``, one per output row (out,); computes in x's dtype, ``matmul`` one of ``MATMULS``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
-                 dtype: torch.dtype = FP8, bias_dtype: torch.dtype = torch.float32, matmul: str = "dequant",
+                 dtype: torch.dtype = FP8, bias_dtype: torch.dtype = torch.float32, matmul: str = "auto",
                  per_row: bool = False):
         super().__init__()
-        if matmul not in ("dequant", "scaled_mm"):
-            raise ValueError(f"matmul must be 'dequant' or 'scaled_mm', got {matmul!r}")
+        if matmul not in MATMULS:
+            raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
@@ -90,7 +113,7 @@ class FP8Linear(nn.Module):
         self.matmul = matmul
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, dtype: torch.dtype = FP8, matmul: str = "dequant") -> FP8Linear:
+    def from_linear(cls, linear: nn.Module, dtype: torch.dtype = FP8, matmul: str = "auto") -> FP8Linear:
         """Quantize a Linear (its bias keeps its dtype)."""
         q, scale = quantize(linear.weight, dtype)
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", dtype=dtype,
@@ -127,17 +150,12 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_linears(model: nn.Module, dtype: torch.dtype = FP8, keep: tuple[str, ...] = KEEP,
-                     matmul: str = "dequant") -> list[str]:
+                     matmul: str = "auto") -> list[str]:
     """Swap every Linear but those under ``keep`` for an ``FP8Linear`` (weights quantized per
-    tensor). ``matmul="auto"`` picks ``scaled_mm`` where it is available (fp8 activations:
-    faster, less exact), else ``dequant``. Returns the names swapped."""
+    tensor; ``matmul`` as FP8Linear's). Returns the names swapped."""
     names = linear_names(model, keep)
     for name in names:
-        lin = model.get_submodule(name)
-        how = matmul
-        if how == "auto":
-            how = "scaled_mm" if _scaled_mm_ok(lin.weight.device, lin.in_features, lin.out_features) else "dequant"
-        set_module(model, name, FP8Linear.from_linear(lin, dtype, how))
+        set_module(model, name, FP8Linear.from_linear(model.get_submodule(name), dtype, matmul))
     return names
 
 

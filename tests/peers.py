@@ -1,6 +1,8 @@
 """diffusers peers with random weights, and writers for every checkpoint layout.
 
-Test-only (imports diffusers). Other tests may reuse these:
+Test-only. diffusers is imported on first use (``diffusers()``): where it is not installed (the
+GPU machine), the files that import this module still collect and a test that builds a peer is
+skipped with ``REASON``. Other tests may reuse these:
 
     peer = sd3_peer(num_layers=2, qk_norm=True, dual=(0,))
     save_original(peer, tmp / "sd3.safetensors")          # Stability all-in-one layout
@@ -10,17 +12,23 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import inspect
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import save_file
 
 from helpers import write_clip_tokenizer, write_t5_tokenizer
 from mmdit.weights import keymaps
+
+if TYPE_CHECKING:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+REASON = "needs diffusers, the tests' reference peer (pip install -e '.[test]'; on a GPU machine: benchmarks/gpu_wheels.sh)"
 
 STD = 0.05  # noise added to every weight and buffer, so zero/one inits don't hide wiring mistakes
 # Small stand-ins for the other components of all-in-one files (never loaded by load_transformer).
@@ -35,6 +43,17 @@ FLUX_EXTRAS = {"vae.decoder.conv_in.weight": (8, 16, 3, 3),
                "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (8,)}
 
 
+def diffusers():
+    """The diffusers package, imported now; the calling test is skipped with ``REASON`` where it is missing."""
+    return pytest.importorskip("diffusers", reason=REASON)
+
+
+def single_file_utils():
+    """diffusers' single-file converters (``diffusers.loaders.single_file_utils``)."""
+    diffusers()
+    return importlib.import_module("diffusers.loaders.single_file_utils")
+
+
 def randomize(model: torch.nn.Module, seed: int, std: float = STD) -> torch.nn.Module:
     """Add N(0, std) noise to every parameter and buffer (pos_embed, zero-init adaLN, norms)."""
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +66,7 @@ def randomize(model: torch.nn.Module, seed: int, std: float = STD) -> torch.nn.M
 def sd3_peer(num_layers=2, heads=2, head_dim=64, qk_norm=False, dual=(), pos_max=8, context_dim=40,
              pooled_dim=24, seed=0) -> SD3Transformer2DModel:
     torch.manual_seed(seed)
-    peer = SD3Transformer2DModel(
+    peer = diffusers().SD3Transformer2DModel(
         sample_size=2 * pos_max, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=context_dim,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_dim, pos_embed_max_size=pos_max,
@@ -58,7 +77,7 @@ def sd3_peer(num_layers=2, heads=2, head_dim=64, qk_norm=False, dual=(), pos_max
 def flux_peer(num_double=1, num_single=2, heads=2, head_dim=128, guidance=True, context_dim=40,
               pooled_dim=24, axes=(16, 56, 56), seed=0) -> FluxTransformer2DModel:
     torch.manual_seed(seed)
-    peer = FluxTransformer2DModel(
+    peer = diffusers().FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=num_double, num_single_layers=num_single,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=context_dim,
         pooled_projection_dim=pooled_dim, guidance_embeds=guidance, axes_dims_rope=tuple(axes))
@@ -66,7 +85,7 @@ def flux_peer(num_double=1, num_single=2, heads=2, head_dim=128, guidance=True, 
 
 
 def family(peer) -> str:
-    return "sd3" if isinstance(peer, SD3Transformer2DModel) else "flux"
+    return "sd3" if type(peer).__name__ == "SD3Transformer2DModel" else "flux"
 
 
 def hidden(peer) -> int:
@@ -204,6 +223,7 @@ def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: st
 def _flux_converter(inner_dim: int):
     """diffusers' BFL -> diffusers converter hard-codes ``inner_dim = 3072`` for the split of
     ``linear1``; recompile its own source with the width of a small test model instead."""
+    sfu = single_file_utils()
     src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
     assert src.count("inner_dim = 3072") == 1, "diffusers changed its FLUX converter; update this shim"
     namespace = dict(vars(sfu))
@@ -214,7 +234,7 @@ def _flux_converter(inner_dim: int):
 def diffusers_convert(original: dict[str, torch.Tensor], fam: str, width: int = 3072) -> dict[str, torch.Tensor]:
     """Run diffusers' single-file converter on an original-layout state dict (prefix allowed;
     other components must be removed first)."""
-    sd = dict(original)
+    sd, sfu = dict(original), single_file_utils()
     if fam == "sd3":
         return sfu.convert_sd3_transformer_checkpoint_to_diffusers(sd)
     convert = sfu.convert_flux_transformer_checkpoint_to_diffusers if width == 3072 else _flux_converter(width)
@@ -224,15 +244,15 @@ def diffusers_convert(original: dict[str, torch.Tensor], fam: str, width: int = 
 # ---- full-size shapes without allocating ---------------------------------------------------
 
 FULL = {
-    "sd3-medium": (SD3Transformer2DModel, dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+    "sd3-medium": ("SD3Transformer2DModel", dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
                                                pos_embed_max_size=192)),
-    "sd3.5-medium": (SD3Transformer2DModel, dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+    "sd3.5-medium": ("SD3Transformer2DModel", dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
                                                  pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
                                                  qk_norm="rms_norm")),
-    "sd3.5-large": (SD3Transformer2DModel, dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+    "sd3.5-large": ("SD3Transformer2DModel", dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
                                                 pos_embed_max_size=192, qk_norm="rms_norm")),
-    "flux.1-dev": (FluxTransformer2DModel, dict(guidance_embeds=True)),
-    "flux.1-schnell": (FluxTransformer2DModel, dict(guidance_embeds=False)),
+    "flux.1-dev": ("FluxTransformer2DModel", dict(guidance_embeds=True)),
+    "flux.1-schnell": ("FluxTransformer2DModel", dict(guidance_embeds=False)),
 }
 SD3_COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
                   joint_attention_dim=4096, pooled_projection_dim=2048)
@@ -241,11 +261,11 @@ SD3_COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16
 @functools.lru_cache(maxsize=None)
 def full_size(name: str):
     """(diffusers state dict on meta, its config dict) for an official model, built on ``meta``."""
-    cls, kw = FULL[name]
-    if cls is SD3Transformer2DModel:
+    cls, kw = FULL[name]  # the diffusers class's name, its arguments
+    if cls == "SD3Transformer2DModel":
         kw = {**SD3_COMMON, **kw}
     with torch.device("meta"):
-        peer = cls(**kw)
+        peer = getattr(diffusers(), cls)(**kw)
     return dict(peer.state_dict()), dict(peer.config)
 
 
@@ -276,6 +296,7 @@ def t5(d_model, vocab, seed):
 
 
 def vae(scaling, shift, seed):
+    diffusers()
     from diffusers import AutoencoderKL
 
     model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
@@ -293,6 +314,7 @@ def tokenizer_files(root, names_pads):
 def sd3_folder(root, **transformer):
     """A tiny SD3.5-medium-like pipeline (dual attention in block 0, qk norm); ``transformer``
     overrides the transformer's config (e.g. SD3-medium: no qk norm, no dual attention)."""
+    diffusers()
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -313,6 +335,7 @@ def sd3_folder(root, **transformer):
 
 
 def flux_folder(root):
+    diffusers()
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTokenizer, T5TokenizerFast
 

@@ -12,14 +12,16 @@ import functools
 import inspect
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import ChromaTransformer2DModel
-from diffusers.loaders import single_file_utils as sfu
 
 from mmdit.weights import keymaps
 
 import peers
+
+if TYPE_CHECKING:
+    from diffusers import ChromaTransformer2DModel
 
 FAMILY = "chroma"
 EXTRAS = {"text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": (8,),  # stand-ins, never loaded
@@ -33,7 +35,7 @@ def chroma_peer(num_double=1, num_single=2, heads=2, head_dim=16, context_dim=32
     """A random diffusers Chroma transformer. ``official_eps``: its approximator RMSNorms use eps 1e-6 as
     the official model (and ours) do, instead of diffusers' ``nn.RMSNorm`` default (the dtype's epsilon)."""
     torch.manual_seed(seed)
-    peer = ChromaTransformer2DModel(
+    peer = peers.diffusers().ChromaTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=num_double, num_single_layers=num_single,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=context_dim,
         axes_dims_rope=tuple(axes), approximator_num_channels=approx_in, approximator_hidden_dim=approx_hidden,
@@ -127,6 +129,7 @@ def save_diffusers_folder(peer, folder: Path, max_shard_size=None, pipeline: boo
 def _converter(inner_dim: int):
     """diffusers' Chroma converter hard-codes ``inner_dim = 3072`` for the split of ``linear1``;
     recompile its own source with a small model's width (as peers does for FLUX.1)."""
+    sfu = peers.single_file_utils()
     src = inspect.getsource(sfu.convert_chroma_transformer_checkpoint_to_diffusers)
     assert src.count("inner_dim = 3072") == 1, "diffusers changed its Chroma converter; update this shim"
     namespace = dict(vars(sfu))
@@ -136,6 +139,7 @@ def _converter(inner_dim: int):
 
 def diffusers_convert(original: dict[str, torch.Tensor], width: int = 3072) -> dict[str, torch.Tensor]:
     """diffusers' single-file converter on an official-layout state dict (``model.diffusion_model.`` allowed)."""
+    sfu = peers.single_file_utils()
     convert = sfu.convert_chroma_transformer_checkpoint_to_diffusers if width == 3072 else _converter(width)
     return convert(dict(original))
 
@@ -144,7 +148,7 @@ def diffusers_convert(original: dict[str, torch.Tensor], width: int = 3072) -> d
 def full_size():
     """(diffusers state dict on meta, its config) of the released Chroma, built on ``meta``."""
     with torch.device("meta"):
-        peer = ChromaTransformer2DModel()
+        peer = peers.diffusers().ChromaTransformer2DModel()
     return dict(peer.state_dict()), dict(peer.config)
 
 
@@ -159,6 +163,7 @@ def _t5(d_model: int, vocab: int, seed: int):
 
 
 def _vae(seed: int):
+    peers.diffusers()
     from diffusers import AutoencoderKL
 
     model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
@@ -171,6 +176,7 @@ def _vae(seed: int):
 def pipeline_folder(root: Path):
     """A tiny ChromaPipeline saved to ``root/pipe`` (T5 of width 32, 1 double + 2 single blocks, the 2x VAE;
     the scheduler with the dynamic shift of the official sampler). Returns (folder, the pipeline)."""
+    peers.diffusers()
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
     from transformers import T5TokenizerFast
 

@@ -1,5 +1,5 @@
 """FLUX.2 peers: diffusers' ``Flux2Transformer2DModel`` with random weights, run in our call
-convention, and its checkpoints in BFL's layout. Test-only (imports diffusers).
+convention, and its checkpoints in BFL's layout. Test-only (imports diffusers on first use: ``peers.diffusers()``).
 
     peer = flux2_peer(num_double=1, num_single=2, guidance=True)
     x, sigma, ctx, guidance, refs = inputs(peer, refs=((1, 4, 3),))
@@ -11,13 +11,16 @@ from __future__ import annotations
 import functools
 import json
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import Flux2Transformer2DModel
-from diffusers.loaders import single_file_utils as sfu
 
 from mmdit.weights import keymaps
 
-from peers import randomize, save  # noqa: F401  (save: re-exported for the tests)
+from peers import diffusers, randomize, save, single_file_utils  # noqa: F401  (save: re-exported for the tests)
+
+if TYPE_CHECKING:
+    from diffusers import Flux2Transformer2DModel
 
 FAMILY = "flux2"
 
@@ -26,7 +29,7 @@ def flux2_peer(num_double=1, num_single=2, heads=2, head_dim=128, axes=None, con
                guidance=True, seed=0) -> Flux2Transformer2DModel:
     """A small diffusers FLUX.2 (no biases; SwiGLU 3x; 4 equal RoPE axes unless ``axes``)."""
     torch.manual_seed(seed)
-    peer = Flux2Transformer2DModel(
+    peer = diffusers().Flux2Transformer2DModel(
         patch_size=1, in_channels=in_channels, num_layers=num_double, num_single_layers=num_single,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=context_dim,
         axes_dims_rope=tuple(axes or (head_dim // 4,) * 4), guidance_embeds=guidance)
@@ -107,7 +110,7 @@ def bfl_state(peer, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def diffusers_convert(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' own BFL -> diffusers converter; it does not strip a prefix, so pass bare keys."""
-    return sfu.convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    return single_file_utils().convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
 
 
 # ---- full-size shapes without allocating ---------------------------------------------------
@@ -125,7 +128,7 @@ FULL = {
 def full_size(name: str):
     """(diffusers state dict on meta, its config dict) for an official FLUX.2, built on ``meta``."""
     with torch.device("meta"):
-        peer = Flux2Transformer2DModel(**FULL[name])
+        peer = diffusers().Flux2Transformer2DModel(**FULL[name])
     return dict(peer.state_dict()), dict(peer.config)
 
 
@@ -165,6 +168,7 @@ PIPE = dict(num_double=1, num_single=1, heads=2, head_dim=128, in_channels=16)
 
 def scheduler():
     """The FLUX.2 repos' scheduler config (FLUX.1-dev's); the pipelines pass mu, so its shifts go unused."""
+    diffusers()
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -179,6 +183,7 @@ def pipeline_folder(root, kind: str, is_distilled: bool | None = None, seed: int
     (8 pixels per token) with random BatchNorm statistics. Returns (folder, the diffusers pipeline)."""
     from pathlib import Path
 
+    diffusers()
     from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
     import peers_lm as P

@@ -202,6 +202,7 @@ def bfl_control(model, rank=4, seed=10):
 def kohya_flux_converter(hidden: int, mlp: int):
     """diffusers' kohya FLUX converter hard-codes the FLUX.1 widths for ``linear1``; recompile its
     own source with the test model's (as peers does for the checkpoint converter)."""
+    peers.diffusers()
     from diffusers.loaders import lora_conversion_utils as lcu
 
     src = inspect.getsource(lcu._convert_kohya_flux_lora_to_diffusers)
@@ -228,6 +229,7 @@ def diffusers_reads(peer, sd: dict[str, torch.Tensor], scale: float, converter=N
 def bfl_control_converter(num_double: int, num_single: int, hidden: int):
     """diffusers' BFL Control LoRA converter hard-codes FLUX.1's 19 + 38 blocks and width 3072;
     recompile its own source with the test model's."""
+    peers.diffusers()
     from diffusers.loaders import lora_conversion_utils as lcu
 
     src = inspect.getsource(lcu._convert_bfl_flux_control_lora_to_diffusers)
@@ -244,6 +246,7 @@ def bfl_control_converter(num_double: int, num_single: int, hidden: int):
 def diffusers_control(peer, sd: dict[str, torch.Tensor], scale: float):
     """A copy of the peer after diffusers' ``FluxControlPipeline.load_lora_weights`` (the FLUX LoRA
     mixin on a holder of the transformer alone): x_embedder widened, norms replaced, LoRA at ``scale``."""
+    peers.diffusers()
     from diffusers.loaders import FluxLoraLoaderMixin
     from diffusers.loaders import lora_pipeline
 

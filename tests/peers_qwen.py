@@ -1,5 +1,5 @@
 """Qwen-Image 1.0 and 2.1 diffusers peers with random weights, run in our call convention, and
-writers for their checkpoint layouts. Test-only (imports diffusers).
+writers for their checkpoint layouts. Test-only (imports diffusers on first use: ``peers.diffusers()``).
 
     peer = qwen_peer()                               # QwenImageTransformer2DModel, tiny
     x, sigma, context, mask = qwen_inputs(4, 24)     # latent channels, context width
@@ -13,13 +13,16 @@ writers for their checkpoint layouts. Test-only (imports diffusers).
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import QwenImage21Transformer2DModel, QwenImageTransformer2DModel
 
 from mmdit.weights import keymaps
 
 import peers
+
+if TYPE_CHECKING:
+    from diffusers import QwenImage21Transformer2DModel, QwenImageTransformer2DModel
 
 QWEN = dict(num_layers=2, heads=2, head_dim=16, context_dim=24, latent=4, axes=(8, 4, 4))
 QWEN21 = dict(num_layers=2, heads=2, head_dim=16, context_dim=32, latent=8, axes=(4, 6, 6))
@@ -28,7 +31,7 @@ QWEN21 = dict(num_layers=2, heads=2, head_dim=16, context_dim=32, latent=8, axes
 def qwen_peer(num_layers=2, heads=2, head_dim=16, context_dim=24, latent=4, axes=(8, 4, 4),
               seed=0) -> QwenImageTransformer2DModel:
     torch.manual_seed(seed)
-    peer = QwenImageTransformer2DModel(
+    peer = peers.diffusers().QwenImageTransformer2DModel(
         patch_size=2, in_channels=4 * latent, out_channels=latent, num_layers=num_layers, attention_head_dim=head_dim,
         num_attention_heads=heads, joint_attention_dim=context_dim, guidance_embeds=False, axes_dims_rope=tuple(axes))
     return peers.randomize(peer, seed)
@@ -37,7 +40,7 @@ def qwen_peer(num_layers=2, heads=2, head_dim=16, context_dim=24, latent=4, axes
 def qwen21_peer(num_layers=2, heads=2, head_dim=16, context_dim=32, latent=8, axes=(4, 6, 6), mlp_ratio=3,
                 causal_condition=True, seed=0) -> QwenImage21Transformer2DModel:
     torch.manual_seed(seed)
-    peer = QwenImage21Transformer2DModel(
+    peer = peers.diffusers().QwenImage21Transformer2DModel(
         patch_size=1, in_channels=latent, out_channels=latent, num_layers=num_layers, attention_head_dim=head_dim,
         num_attention_heads=heads, context_in_dim=context_dim, mlp_ratio=mlp_ratio, axes_dims_rope=tuple(axes),
         eps=1e-6, causal_condition=causal_condition)
@@ -45,7 +48,7 @@ def qwen21_peer(num_layers=2, heads=2, head_dim=16, context_dim=32, latent=8, ax
 
 
 def family(peer) -> str:
-    return "qwen-image" if isinstance(peer, QwenImageTransformer2DModel) else "qwen-image-2.1"
+    return "qwen-image" if type(peer).__name__ == "QwenImageTransformer2DModel" else "qwen-image-2.1"
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def with_weights(peer, ours: dict[str, torch.Tensor]):
 
 def full_size(name: str):
     """(diffusers state dict on meta, its config dict) of the released transformer, built on meta."""
-    cls = QwenImageTransformer2DModel if name == "qwen-image" else QwenImage21Transformer2DModel
+    cls = getattr(peers.diffusers(), "QwenImageTransformer2DModel" if name == "qwen-image" else "QwenImage21Transformer2DModel")
     with torch.device("meta"):
         peer = cls()
     return dict(peer.state_dict()), dict(peer.config)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusers import FlowMatchEulerDiscreteScheduler
-
+import peers
 import peers_lm as P
 import peers_qwen as pq
 import peers_vae as pv
@@ -23,8 +22,9 @@ SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
 TEXT_DIM = 32  # the tiny Qwen2.5-VL / Qwen3-VL hidden size = the transformers' context width
 
 
-def scheduler() -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(**SCHEDULER)
+def scheduler():
+    """diffusers' FlowMatchEulerDiscreteScheduler with Qwen-Image's settings."""
+    return peers.diffusers().FlowMatchEulerDiscreteScheduler(**SCHEDULER)
 
 
 def qwen_folder(root: Path):
@@ -32,6 +32,7 @@ def qwen_folder(root: Path):
     real template's tokenizer, the 1.0 transformer (2 blocks, 16 latent channels; one head of the
     released 128, so a single file of it loads without a config.json), the Wan-2.1 VAE (8x, random
     latent statistics). Returns (folder, the pipeline)."""
+    peers.diffusers()
     from diffusers import QwenImagePipeline
 
     tok = P.write_qwen_tokenizer(Path(root) / "tok", P.QWEN3_TEMPLATE)
@@ -47,6 +48,7 @@ def qwen21_folder(root: Path):
     RGBA VAE) and its folder, written component by component: its processor is the text-only
     stand-in (the real Qwen3VLProcessor needs torchvision), saved as the tokenizer it wraps in
     ``processor/``, as on the hub. Returns (folder, the pipeline)."""
+    peers.diffusers()
     from diffusers import QwenImage21Pipeline
 
     folder = Path(root) / "pipe21"

@@ -1,16 +1,21 @@
 """diffusers VAE peers for FLUX.2 and Qwen-Image (random weights, tiny configs), the pipelines'
 latent normalisation written as diffusers' pipelines write it, and writers for every layout.
 
-Test-only (imports diffusers). Used by tests/test_vae_flux2.py and tests/test_vae_qwen.py.
+Test-only (imports diffusers on first use: ``peers.diffusers()``). Used by tests/test_vae_flux2.py and tests/test_vae_qwen.py.
 """
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLQwenImage21
-from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
 from helpers import save_safetensors
 from mmdit.weights.wan_vae import wan_key
+from peers import diffusers
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLQwenImage21
 
 STD = 0.1  # noise on every float weight, so ones / zeros inits (RMS gammas, biases) don't hide wiring
 
@@ -29,6 +34,12 @@ def _stats(n: int, seed: int) -> tuple[list[float], list[float]]:
     return torch.randn(n, generator=g).tolist(), (0.5 + 2 * torch.rand(n, generator=g)).tolist()
 
 
+def _flux2_pipeline():
+    """diffusers' Flux2Pipeline class (its latent patchify helpers)."""
+    diffusers()
+    return importlib.import_module("diffusers.pipelines.flux2.pipeline_flux2").Flux2Pipeline
+
+
 # --- FLUX.2 ---------------------------------------------------------------------------------------
 
 def flux2_peer(channels=(32, 64, 64), latent=4, groups=32, seed=0) -> AutoencoderKLFlux2:
@@ -36,7 +47,7 @@ def flux2_peer(channels=(32, 64, 64), latent=4, groups=32, seed=0) -> Autoencode
     32 groups as the real VAE: GroupNorm groups cannot be read off a file without config.json."""
     torch.manual_seed(seed)
     n = len(channels)
-    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+    vae = diffusers().AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                              block_out_channels=channels, layers_per_block=1, latent_channels=latent,
                              norm_num_groups=groups, sample_size=32)
     _randomize(vae, seed)
@@ -51,7 +62,7 @@ def flux2_peer(channels=(32, 64, 64), latent=4, groups=32, seed=0) -> Autoencode
 @torch.no_grad()
 def flux2_encode(vae: AutoencoderKLFlux2, x: torch.Tensor) -> torch.Tensor:
     """Flux2Pipeline._encode_vae_image: posterior mode, 2x2 patchify, BatchNorm statistics."""
-    z = Flux2Pipeline._patchify_latents(vae.encode(x).latent_dist.mode())
+    z = _flux2_pipeline()._patchify_latents(vae.encode(x).latent_dist.mode())
     mean = vae.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
     return (z - mean) / std
@@ -62,7 +73,7 @@ def flux2_decode(vae: AutoencoderKLFlux2, z: torch.Tensor) -> torch.Tensor:
     """Flux2Pipeline's decode (after unpacking the tokens): undo the statistics, unpatchify, decode."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-    return vae.decode(Flux2Pipeline._unpatchify_latents(z * std + mean)).sample
+    return vae.decode(_flux2_pipeline()._unpatchify_latents(z * std + mean)).sample
 
 
 # --- Qwen-Image 1.0 / 2.1 -------------------------------------------------------------------------
@@ -73,7 +84,7 @@ def qwen_peer(base=8, z=16, dim_mult=(1, 2, 4, 4), res=2, temporal=(False, True,
     shortcut at Wan's upsamples.4; random latents_mean / latents_std."""
     torch.manual_seed(seed)
     mean, std = _stats(z, seed + 1)
-    vae = AutoencoderKLQwenImage(base_dim=base, z_dim=z, dim_mult=list(dim_mult), num_res_blocks=res,
+    vae = diffusers().AutoencoderKLQwenImage(base_dim=base, z_dim=z, dim_mult=list(dim_mult), num_res_blocks=res,
                                  temperal_downsample=list(temporal), latents_mean=mean, latents_std=std)
     return _randomize(vae, seed)
 
@@ -83,7 +94,7 @@ def qwen21_peer(base=8, decoder_base=12, z=64, dim_mult=(1, 1, 1, 1, 1), res=1, 
     """The notes' tiny 2.1 config with the real z (so the preset statistics fit a config-less file)."""
     torch.manual_seed(seed)
     mean, std = _stats(z, seed + 1)
-    vae = AutoencoderKLQwenImage21(base_dim=base, decoder_base_dim=decoder_base, z_dim=z, dim_mult=list(dim_mult),
+    vae = diffusers().AutoencoderKLQwenImage21(base_dim=base, decoder_base_dim=decoder_base, z_dim=z, dim_mult=list(dim_mult),
                                    num_res_blocks=res, temperal_downsample=list(temporal), latents_mean=mean,
                                    latents_std=std)
     return _randomize(vae, seed)
@@ -110,7 +121,7 @@ def qwen_decode(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def qwen_arch(vae) -> str:
-    return "qwen-image-2.1" if isinstance(vae, AutoencoderKLQwenImage21) else "qwen-image"
+    return "qwen-image-2.1" if type(vae).__name__ == "AutoencoderKLQwenImage21" else "qwen-image"
 
 
 def to_wan(vae, time_axis: bool = False) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ def test_every_official_variant_is_classified(name):
 def test_diffusers_config_json_is_read_instead_of_shapes(name):
     dsd, config = peers.full_size(name)
     det = detect({k: tuple(v.shape) for k, v in dsd.items()},
-                 config_json={**config, "_class_name": peers.FULL[name][0].__name__})
+                 config_json={**config, "_class_name": peers.FULL[name][0]})
     assert det.config_source == "config.json"
     assert det.config == mmdit.PRESETS[name] and det.preset == name
 

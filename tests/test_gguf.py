@@ -8,26 +8,26 @@ blocks, which gguf-py cannot quantize to). The truth for every value is
 """
 import struct
 
-import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 
-import mmdit
-from mmdit import fp8, ggml
-from mmdit.cli import QUANT_TYPES, main as cli_main
-from mmdit.lora import LoRALinear
-from mmdit.weights import keymaps
-from mmdit.weights.checkpoint import CheckpointError
-from mmdit.weights.detect import detect
-from mmdit.weights.gguf import GGUFCheckpoint, GGUFError, GGUFFile
-from mmdit.weights.transformer import keep_quantized
-from mmdit.weights.gguf_write import ARCH, TARGETS, tensor_type, write_gguf
-from mmdit.weights.transformer import load_transformer
+gguf = pytest.importorskip("gguf", reason="needs gguf-py, the reference reader (pip install -e '.[test]')")
+T = gguf.GGMLQuantizationType
 
-import peers
-import peers_gguf as pg
+import mmdit  # noqa: E402
+from mmdit import fp8, ggml  # noqa: E402
+from mmdit.cli import QUANT_TYPES, main as cli_main  # noqa: E402
+from mmdit.lora import LoRALinear  # noqa: E402
+from mmdit.weights import keymaps  # noqa: E402
+from mmdit.weights.checkpoint import CheckpointError  # noqa: E402
+from mmdit.weights.detect import detect  # noqa: E402
+from mmdit.weights.gguf import GGUFCheckpoint, GGUFError, GGUFFile  # noqa: E402
+from mmdit.weights.gguf_write import ARCH, TARGETS, tensor_type, write_gguf  # noqa: E402
+from mmdit.weights.transformer import keep_quantized, load_transformer  # noqa: E402
+
+import peers  # noqa: E402
+import peers_gguf as pg  # noqa: E402
 
 TOL = 1e-5  # fp32 parity, max|a - b| / max|b| of the velocities
 # diffusers dequantizes Q*/K types in fp16 arithmetic (d.view(fp16) * q stays fp16), ours in fp32

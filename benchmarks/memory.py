@@ -6,7 +6,7 @@ peak allocated memory of one step.
 It first saves a random diffusers checkpoint of the config (``save_pretrained``; in --dir, or a
 temporary folder), then loads it --repeats times each way, alternating, every load in a fresh
 subprocess: ours with ``mmdit.load_transformer(folder)``, diffusers with
-``SD3Transformer2DModel/FluxTransformer2DModel.from_pretrained(folder)``. After loading, each
+the saved ``_class_name``'s ``from_pretrained(folder)`` (``FluxTransformer2DModel``, ...). After loading, each
 child reads every weight once (a sum), so lazily mapped weights count as resident for both.
 Reported (medians): peak RSS of the child (VmHWM), the part of it above the RSS right
 after imports (what loading added), and the load time. On CUDA, loads go to the GPU and the
@@ -70,11 +70,10 @@ def child(args) -> dict:
     """Load ``args.path`` one way and return the measurements (runs in its own process)."""
     device, dtype = torch.device(args.device), common.DTYPES[args.dtype]
     if args.child == "diffusers":
-        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+        import diffusers
         from diffusers.utils import logging
         logging.set_verbosity_error()
-        family = json.loads((args.path / "config.json").read_text())["_class_name"]
-        cls = FluxTransformer2DModel if family.startswith("Flux") else SD3Transformer2DModel
+        cls = getattr(diffusers, json.loads((args.path / "config.json").read_text())["_class_name"])  # as saved
         from diffusers.utils import is_accelerate_available
         mode = {"low_cpu_mem_usage": is_accelerate_available()}  # diffusers' default: meta init needs accelerate
 

@@ -18,7 +18,7 @@ from torch import nn
 from .attention import gather_tokens, shard_tokens
 from .base import Transformer
 from .flux import DoubleStreamBlock, SingleStreamBlock, image_ids, pack, rope_angles
-from .layers import FinalLayer, MLPEmbedder, timestep_embedding
+from .layers import FinalLayer, MLPEmbedder, rope_axes, timestep_embedding
 from .rows import RowPlan
 
 
@@ -42,9 +42,7 @@ class ChromaConfig:
     family: str = field(default="chroma", init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
-        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
-            raise ValueError(f"axes_dim {self.axes_dim} must be even numbers summing to head_dim {self.head_dim}")
+        object.__setattr__(self, "axes_dim", rope_axes(self.axes_dim, self.head_dim))
         if self.out_channels is None:
             object.__setattr__(self, "out_channels", self.in_channels)
         if self.in_channels % 4 or self.in_channels != self.out_channels:

@@ -18,7 +18,7 @@ from ..kernels import norm_modulate
 from .attention import gather_tokens, shard_tokens
 from .base import Transformer
 from .flux import QKNorm, double_stream, rope_angles
-from .layers import modulations, split_heads, timestep_embedding
+from .layers import modulations, rope_axes, split_heads, timestep_embedding
 from .rows import PLAIN, BlockRows, RowPlan, per_row
 
 REF_INDEX = 10  # reference image i (0-based) has time id REF_INDEX * (i + 1)
@@ -41,9 +41,7 @@ class Flux2Config:
     family: str = field(default="flux2", init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
-        if len(self.axes_dim) != 4 or sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
-            raise ValueError(f"axes_dim {self.axes_dim} must be 4 even numbers summing to head_dim {self.head_dim}")
+        object.__setattr__(self, "axes_dim", rope_axes(self.axes_dim, self.head_dim, 4))
 
     @property
     def hidden_size(self) -> int:

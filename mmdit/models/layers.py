@@ -11,6 +11,16 @@ from torch import nn
 from ..kernels import norm_modulate
 
 
+def rope_axes(axes_dim, head_dim: int, count: int | None = None) -> tuple[int, ...]:
+    """A config's RoPE split of head_dim as a tuple, checked: ``count`` (any number if None) even
+    numbers summing to head_dim."""
+    axes = tuple(axes_dim)
+    if sum(axes) != head_dim or any(d % 2 for d in axes) or count not in (None, len(axes)):
+        raise ValueError(f"axes_dim {axes} must be {'' if count is None else f'{count} '}even numbers summing "
+                         f"to head_dim {head_dim}")
+    return axes
+
+
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
                        scale: float = 1.0) -> torch.Tensor:
     """Sinusoidal embedding, cos first: t (B,) -> (B, dim), fp32 (same as SD3, BFL, diffusers).

@@ -17,7 +17,7 @@ from ..kernels import gated_residual, norm_modulate, qk_norm_rope
 from .attention import gather_tokens, shard_tokens
 from .base import Transformer
 from .flux import pack
-from .layers import gelu_tanh, modulations, timestep_embedding
+from .layers import gelu_tanh, modulations, rope_axes, timestep_embedding
 from .rows import PLAIN, BlockRows, RowPlan
 
 FP16_MAX = 65504.0  # both Qwen-Image models clip the residual stream to this in fp16
@@ -39,9 +39,7 @@ class QwenImageConfig:
     family: str = field(default="qwen-image", init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
-        if sum(self.axes_dim) != self.head_dim or len(self.axes_dim) != 3 or any(d % 2 for d in self.axes_dim):
-            raise ValueError(f"axes_dim {self.axes_dim} must be 3 even numbers summing to head_dim {self.head_dim}")
+        object.__setattr__(self, "axes_dim", rope_axes(self.axes_dim, self.head_dim, 3))
         if self.in_channels != 4 * self.out_channels:
             raise ValueError(f"in_channels={self.in_channels} must be 4 x out_channels={self.out_channels} "
                              "(the latents packed 2x2)")

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..kernels import gated_residual, norm_modulate, qk_norm_rope
 from .base import Transformer
-from .layers import gelu_tanh, timestep_embedding
+from .layers import gelu_tanh, rope_axes, timestep_embedding
 from .qwen_image import TimeTextEmbed, Weight, clip_fp16, grid_positions, rope_angles, text_positions
 from .rows import PLAIN, BlockRows, RowPlan
 
@@ -47,9 +47,7 @@ class QwenImage21Config:
     family: str = field(default="qwen-image-2.1", init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
-        if sum(self.axes_dim) != self.head_dim or len(self.axes_dim) != 3 or any(d % 2 for d in self.axes_dim):
-            raise ValueError(f"axes_dim {self.axes_dim} must be 3 even numbers summing to head_dim {self.head_dim}")
+        object.__setattr__(self, "axes_dim", rope_axes(self.axes_dim, self.head_dim, 3))
         if self.num_layers < 1 or self.num_heads < 1:
             raise ValueError(f"num_layers={self.num_layers} and num_heads={self.num_heads} must be >= 1")
 

@@ -35,6 +35,8 @@ import torch
 import checkout  # noqa: E402
 checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
 
+import common  # noqa: E402
+
 from mmdit import ma, tiny  # noqa: E402
 from mmdit.samplers import Guidance, sample, sd3_sigmas  # noqa: E402
 from mmdit.tiny import shapes  # noqa: E402
@@ -268,4 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_main(main)

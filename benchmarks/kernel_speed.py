@@ -193,4 +193,4 @@ def main(argv=None):
         print(f"wrote {args.json}")
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

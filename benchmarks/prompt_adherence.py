@@ -14,7 +14,11 @@ import sys
 
 import torch
 
-from mmdit import tiny
+import checkout  # noqa: E402
+checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
+
+import common  # noqa: E402
+from mmdit import tiny  # noqa: E402
 from mmdit.tiny import shapes
 
 
@@ -72,4 +76,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_main(main)

@@ -80,4 +80,4 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse())
+    common.run_main(lambda: run(parse()))

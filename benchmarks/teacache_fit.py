@@ -23,6 +23,8 @@ import torch
 import checkout  # noqa: E402
 checkout.import_folder()  # this checkout's mmdit, its root kept off sys.path (kernels/)
 
+import common  # noqa: E402
+
 import mmdit  # noqa: E402
 from mmdit.samplers import Guidance, guided_velocity  # noqa: E402
 
@@ -87,4 +89,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -66,6 +66,35 @@ def test_ctrl_c_during_train_saves_a_checkpoint_that_resumes(tmp_path):
     assert "resumed" in resumed.stdout
 
 
+def _interrupt(monkeypatch, stage: str):
+    """Ctrl-C in the MA commands' long parts: the second sampling step, or probing the samples."""
+    from mmdit.ma import report
+
+    real, calls = getattr(report, stage), []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if stage != "sample" or len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(report, stage, interrupted)
+
+
+@pytest.mark.parametrize("command,stage", [("analyze-ma", "sample"), ("analyze-ma", "collect"),
+                                           ("calibrate-ma", "sample"), ("calibrate-ma", "find_massive")])
+def test_ctrl_c_in_the_ma_commands_is_one_line_and_writes_nothing(command, stage, tiny_folder, tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.setenv("MMDIT_CACHE", str(tmp_path / "cache"))
+    config = (tiny_folder / "config.json").read_bytes()
+    _interrupt(monkeypatch, stage)
+    extra = ["--out", str(tmp_path / "report")] if command == "analyze-ma" else []
+    assert main([command, "--model", str(tiny_folder), "--steps", "4", "--ratio", "3", *extra]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [f"mmdit {command}: interrupted"]
+    assert not (tmp_path / "report").exists() and not (tmp_path / "cache").exists()
+    assert (tiny_folder / "config.json").read_bytes() == config  # no spec stored
+
+
 @pytest.fixture
 def tiny_folder(tmp_path):
     shipped = load_tiny()

@@ -91,7 +91,6 @@ def analyze(model: nn.Module, samples: Mapping, out_dir, *, uncond=None,
     channels: MA channels to follow (default: those ``ma.select_massive`` flags at block m).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     m = default_block(model.config) if block is None else block
     stats = collect(model, samples, uncond)
     keys = list(stats)
@@ -140,6 +139,7 @@ def analyze(model: nn.Module, samples: Mapping, out_dir, *, uncond=None,
                                 "gate_abs_median_channel": mean_over["gate"].abs().median(1).values.tolist()}
     if control:
         report["control"] = _control(model, samples, keys[0], channels, m)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run stopped while probing leaves no folder
     if plots:
         report["figures"] = _plot(report, mag, mean_over, out_dir)
     (out_dir / "ma_report.json").write_text(json.dumps(report, indent=1))

@@ -24,7 +24,7 @@ export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"  # as `activate` would
 cmd="${1:-}"
 shift || true
 case "$cmd" in
-    test) cd "$here" && exec "$venv/bin/python" -m pytest -q tests "$@" ;;
+    test) cd "$here" && exec "$venv/bin/python" -m pytest -q -n 2 tests "$@" ;;  # the 2 cores of CI, one test each
     generate|inspect|quantize|analyze-ma|calibrate-ma|train) exec "$venv/bin/mmdit" "$cmd" "$@" ;;
     *) echo "usage: bash run.sh test [pytest args] | bash run.sh generate|inspect|quantize|analyze-ma|calibrate-ma|train [args]" >&2; exit 2 ;;
 esac

@@ -55,12 +55,13 @@ def kernel_op(name: str, fake):
     On GPUs it is a ``torch.library.triton_op``: torch.compile sees the Triton kernels it
     launches (``launch``), so inductor schedules them inside the graph and a CUDA graph can
     capture the whole step. The interpreter cannot run on the tensors tracing uses, and without
-    triton there is nothing to see: there it is an opaque custom op whose ``fake`` (same
-    signature, empty outputs) gives the shapes.
+    triton or a GPU there is nothing to see: there it is an opaque custom op whose ``fake`` (same
+    signature, empty outputs) gives the shapes (and ``import mmdit`` does not pay the 1 s that
+    ``triton_op`` takes to import inductor).
     """
     def register(fn):
         qualname = f"mmdit::{name}"
-        if HAS_TRITON and not INTERPRET:
+        if HAS_TRITON and not INTERPRET and torch.cuda.is_available():
             return torch.library.triton_op(qualname, fn, mutates_args=())
         op = torch.library.custom_op(qualname, fn, mutates_args=())
         op.register_fake(fake)

@@ -288,3 +288,16 @@ def identity_everywhere(model, layers, rows):
         original = blocks[i].forward
         blocks[i].forward = lambda *args, original=original, **kw: original(*args, rows=BlockRows(((0, rows),)))
     return model
+
+
+def compile_whole(fn, *args, backend="aot_eager", **kwargs):
+    """``fn(*args, **kwargs)`` compiled as one graph, and its output. ``fullgraph=True`` raises on
+    any graph break and the counting backend asserts a single graph: what ``torch._dynamo.explain``
+    proves (no break, one graph), in one trace instead of explain's plus the compile's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    out = torch.compile(fn, fullgraph=True, backend=counter)(*args, **kwargs)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs"
+    return out

@@ -259,7 +259,7 @@ def test_run_sh_runs_commands_in_the_callers_folder(tmp_path):
 
     assert run("generate", "--output", "rel.png").stdout.strip() == f"mmdit in {user}: generate --output rel.png"
     assert run("inspect", "my.safetensors").stdout.strip() == f"mmdit in {user}: inspect my.safetensors"
-    assert run("test", "-k", "x").stdout.strip() == f"python in {co}: -m pytest -q tests -k x"  # the suite's home
+    assert run("test", "-k", "x").stdout.strip() == f"python in {co}: -m pytest -q -n 2 tests -k x"  # the suite's home
     bad = run("bogus")
     assert bad.returncode == 2 and "usage: bash run.sh" in bad.stderr
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("bash run.sh test")

@@ -9,7 +9,7 @@ import torch
 import mmdit
 from mmdit.branches import Branch, IdentityAttention, SkipLayers
 from mmdit.samplers import Guidance, guided_velocity
-from helpers import inputs, rel_err, tiny
+from helpers import compile_whole, inputs, rel_err, tiny
 
 pytestmark = pytest.mark.slow  # compiles, several processes or subprocesses
 
@@ -35,23 +35,14 @@ def step_inputs(model, B=2, seed=2):
     return x[:B], cond, uncond, 3.5 if model.config.family == "flux" else None
 
 
-def one_graph(fn, *args, **kwargs):
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(fn)(*args, **kwargs)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
-
-
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_is_one_graph_and_compiles_fullgraph(family, rows):
     model = with_spec(family)
     x, sigma, ctx, pooled, g = inputs(model)
     kw = dict(guidance=g, **ROWS[rows])
-    one_graph(model, x, sigma, ctx, pooled, **kw)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        assert rel_err(compiled(x, sigma, ctx, pooled, **kw), model(x, sigma, ctx, pooled, **kw)) <= REL
+        assert rel_err(compile_whole(model, x, sigma, ctx, pooled, **kw), model(x, sigma, ctx, pooled, **kw)) <= REL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -65,10 +56,9 @@ def test_cfg_dg_step_is_one_graph_and_inductor_matches_eager(family):
     def step(x):
         return guided_velocity(model, x, 0.7, cond, uncond, rule, flux_g)[0]
 
-    one_graph(step, x)
     with torch.no_grad():
         eager = step(x)
-        compiled = torch.compile(step, fullgraph=True)(x)
+        compiled = compile_whole(step, x, backend="inductor")
     assert rel_err(compiled, eager) <= REL
 
 
@@ -79,10 +69,9 @@ def test_triton_path_is_one_graph(monkeypatch, family):
     model = with_spec(family)
     x, sigma, ctx, pooled, g = inputs(model, B=2, H=4, W=6)
     kw = dict(guidance=g, fork=slice(1, 2))
-    one_graph(model, x, sigma, ctx, pooled, **kw)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = compile_whole(model, x, sigma, ctx, pooled, **kw)  # with grad: the kernels' autograd traced too
     with torch.no_grad():
-        assert rel_err(compiled(x, sigma, ctx, pooled, **kw), model(x, sigma, ctx, pooled, **kw)) <= REL
+        assert rel_err(compiled, model(x, sigma, ctx, pooled, **kw)) <= REL
 
 
 def test_bool_masks_equal_static_rows():

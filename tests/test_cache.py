@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mmdit
-from helpers import inputs, rel_err, tiny
+from helpers import compile_whole, inputs, rel_err, tiny
 from mmdit.models.cache import FirstBlockCache, TeaCache, parse
 from mmdit.samplers import Guidance, guided_velocity, sample, sd3_sigmas
 
@@ -155,12 +155,7 @@ def test_a_cached_step_is_one_graph_and_compiles_to_the_eager_numbers(policy):
             return guided_velocity(model, x, sigmas[1], cond, uncond, guide, g, cache=compiled_state)[0]
 
         compiled_state.at(sigmas[1])
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(step)(x)
-        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-        torch._dynamo.reset()
-        compiled_state.at(sigmas[1])
-        got = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+        got = compile_whole(step, x)
     assert rel_err(got, want) <= REL
 
 

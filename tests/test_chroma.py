@@ -12,6 +12,7 @@ from mmdit.models.rows import BlockRows
 from mmdit.samplers import Guidance, guided_velocity
 from mmdit.weights import keymaps
 
+from helpers import compile_whole
 import peers_chroma as pc
 
 TOL = 1e-5  # fp32 parity, max|ours - peer| / max|peer|
@@ -178,12 +179,9 @@ def test_forward_is_one_graph_with_and_without_the_fork(shallow):
     fork = {"fork": slice(1, 3)}
     for kw in ({}, fork, {"fork": slice(2, 3), "branches": (Branch(slice(2, 3), SkipLayers((0,))),
                                                              Branch(slice(2, 3), IdentityAttention((1,))))}):
-        one_graph(model, x, sigma, ctx, context_mask=mask, **kw)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        got, want = compiled(x, sigma, ctx, context_mask=mask, **fork), model(x, sigma, ctx, context_mask=mask, **fork)
-    assert pc.rel(got, want) <= REL
+        with torch.no_grad():
+            got = compile_whole(model, x, sigma, ctx, backend="eager", context_mask=mask, **kw)
+            assert pc.rel(got, model(x, sigma, ctx, context_mask=mask, **kw)) <= REL, kw
 
 
 def test_cfg_dg_step_is_one_graph(shallow):

@@ -690,10 +690,14 @@ def test_generate_with_a_gguf_and_text_encoders_from_a_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_inductor_dequantizes_every_type_to_the_same_bits():
-    """One inductor graph per type (cold compiles: about a minute on 2 CPU cores)."""
-    for qtype in [q for q in pg.ALL if q not in ggml.PLAIN]:
-        torch._dynamo.reset()  # one code object, a graph per type: more than dynamo's recompile limit
-        blocks = torch.from_numpy(pg.random_blocks(qtype, 24, seed=5)).reshape(3, -1)
-        compiled = torch.compile(lambda b, q=qtype: ggml.dequantize(b, q), fullgraph=True)
-        assert torch.equal(compiled(blocks).view(torch.int32), ggml.dequantize(blocks, qtype).view(torch.int32)), qtype
+    """Every type's dequantization in one inductor graph (one lowering, a kernel or more per type)."""
+    qtypes = [q for q in pg.ALL if q not in ggml.PLAIN]
+    blocks = [torch.from_numpy(pg.random_blocks(q, 24, seed=5)).reshape(3, -1) for q in qtypes]
+
+    def every_type(*blocks):
+        return [ggml.dequantize(b, q) for b, q in zip(blocks, qtypes)]
+
+    torch._dynamo.reset()
+    for qtype, got, want in zip(qtypes, torch.compile(every_type, fullgraph=True)(*blocks), every_type(*blocks)):
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), qtype
     torch._dynamo.reset()

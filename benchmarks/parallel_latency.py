@@ -28,6 +28,13 @@ GUIDANCE = {"cfg": lambda a: Guidance(cfg=a.cfg), "cfg_dg": lambda a: Guidance(c
 
 def run(args) -> dict:
     rank, size = parallel.init(args.device)
+    try:
+        return measure(args, rank, size)
+    finally:  # leave the group before exiting: gloo's threads, torn down at interpreter exit, can abort
+        parallel.close()
+
+
+def measure(args, rank: int, size: int) -> dict:
     device, dtype = torch.device(parallel.local_device(args.device)), common.DTYPES[args.dtype]
     config = common.config_from_args(args)
     H, _, W = args.resolution.lower().partition("x")

@@ -69,7 +69,7 @@ def test_no_cuda_device_without_dry_run(tmp_path):
     assert proc.returncode == 2 and "use --dry-run" in proc.stdout
 
 
-@pytest.mark.slow  # about 100 s on 2 cores: every step, a dozen processes
+@pytest.mark.slow  # 80-100 s on 2 cores: every step, a dozen processes
 def test_dry_run_every_step(tmp_path):
     proc, out = dry_run(tmp_path)
     assert proc.returncode == 0, proc.stdout[-5000:]

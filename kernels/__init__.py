@@ -1,7 +1,8 @@
 """Fused kernels of the MMDiT blocks: Triton on CUDA, a plain-torch reference elsewhere.
 
 Each op lives in its own file with its Triton kernels, its torch reference and its autograd
-(a ``torch.library.triton_op`` with ``register_autograd``, so torch.compile sees the kernels);
+(on a GPU a ``torch.library.triton_op`` with ``register_autograd``, so torch.compile sees the
+kernels; elsewhere an opaque custom op);
 ``dispatch`` decides which one runs (``MMDIT_KERNELS=torch|triton``).
 """
 if __name__ != "mmdit.kernels":

@@ -176,3 +176,34 @@ def test_one_transformer_file_with_its_text_encoders_from_a_folder(tmp_path, cap
     assert main(["generate", "--model", str(single), *common, "--output", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass text_from= (CLI: --text-from REPO_OR_FOLDER)" in err
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    """A diffusers SD3 pipeline folder (random weights), as `save_pretrained` writes it."""
+    import peers
+
+    return peers.sd3_folder(tmp_path_factory.mktemp("sd3"))[0]
+
+
+@pytest.mark.parametrize("name,damage,named", [
+    ("transformer/diffusion_pytorch_model.safetensors", lambda b: b[:3000], "is not a readable safetensors file"),
+    ("text_encoder/model.safetensors", lambda b: b[:3000], "is not a readable safetensors file"),
+    ("transformer/config.json", lambda b: b"{ not json", "is not valid JSON"),
+    ("model_index.json", lambda b: b"{ not json", "is not valid JSON"),
+])
+def test_a_damaged_diffusers_folder_is_one_line_naming_the_file(pipeline_folder, tmp_path, capsys, name, damage,
+                                                                named):
+    """The same checks as for single files and tiny folders, for a pipeline folder's parts."""
+    path = pipeline_folder / name
+    good = path.read_bytes()
+    path.write_bytes(damage(good))
+    try:
+        out = tmp_path / "x.png"
+        assert main(["generate", "--model", str(pipeline_folder), "--prompt", "x", "--steps", "2",
+                     "--output", str(out)]) == 2
+    finally:
+        path.write_bytes(good)
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and f"{path} {named}" in err and "Traceback" not in err, err
+    assert not out.exists()

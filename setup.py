@@ -33,7 +33,8 @@ setup(
     # torch references run), except by the tests, which run the kernels in Triton's interpreter.
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "diffusers==0.42.1", "transformers>=4.45", "protobuf",
-                 "sentencepiece>=0.2", "matplotlib", "peft>=0.17", "gguf>=0.19", "triton>=3.0; platform_system == 'Linux'"],
+                 "sentencepiece>=0.2", "matplotlib", "peft>=0.17", "gguf>=0.19",
+                 "triton>=3.0; platform_system == 'Linux'"],
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "plots": ["matplotlib"],
     },

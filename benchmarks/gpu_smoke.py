@@ -18,7 +18,8 @@ full width on CUDA, a CFG+DG step (``samplers.guided_velocity``, the fork at blo
 
 On a CPU (``--device cpu``, tiny widths) the same runs with the kernels as opaque custom ops in
 Triton's interpreter (``torch.ops.mmdit.*`` in inductor's C++ wrapper), no sync mode, and step 3
-replays the code of step 2 (no CUDA graph to record; a second compile would change nothing). Exit status 1 if a check fails.
+replays the code of step 2 (no CUDA graph to record; a second compile would change nothing).
+Exit status 1 if a check fails.
 """
 from __future__ import annotations
 

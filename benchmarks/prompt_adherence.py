@@ -10,7 +10,6 @@ uses noise seed i.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 

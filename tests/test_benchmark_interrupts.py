@@ -16,7 +16,8 @@ SCRIPTS = sorted(p for p in BENCH.glob("*.py") if 'if __name__ == "__main__":' i
 
 def main_block(path: Path) -> ast.If:
     tree = ast.parse(path.read_text())
-    return next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'")
+    return next(node for node in tree.body
+                if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'")
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
@@ -40,7 +41,8 @@ def test_ctrl_c_during_a_benchmark_is_one_line_and_leaves_no_result(tmp_path):
     """A real SIGINT once the first row is printed: exit 130, one line on stderr, no JSON (written only
     complete) and no partial file beside it."""
     args = [sys.executable, str(BENCH / "cache_quality.py"), "--seeds", "0", "--steps", "8",
-            "--fbcache", "0", "0.1", "0.2", "0.3", "0.4", "--teacache", "0.1", "0.3", "0.6", "--json", str(tmp_path / "cq.json")]
+            "--fbcache", "0", "0.1", "0.2", "0.3", "0.4", "--teacache", "0.1", "0.3", "0.6",
+            "--json", str(tmp_path / "cq.json")]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_default_sigint)
     deadline = time.time() + 120

@@ -290,6 +290,14 @@ def identity_everywhere(model, layers, rows):
     return model
 
 
+def one_graph(fn, *args, **kwargs):
+    """``torch._dynamo.explain``: ``fn(*args, **kwargs)`` traces with no graph break, as one graph."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args, **kwargs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def compile_whole(fn, *args, backend="aot_eager", **kwargs):
     """``fn(*args, **kwargs)`` compiled as one graph, and its output. ``fullgraph=True`` raises on
     any graph break and the counting backend asserts a single graph: what ``torch._dynamo.explain``

@@ -12,7 +12,7 @@ from mmdit.models.rows import BlockRows
 from mmdit.samplers import Guidance, guided_velocity
 from mmdit.weights import keymaps
 
-from helpers import compile_whole
+from helpers import compile_whole, one_graph
 import peers_chroma as pc
 
 TOL = 1e-5  # fp32 parity, max|ours - peer| / max|peer|
@@ -155,13 +155,6 @@ def test_dg_slg_pag_branches_equal_separate_forwards(pair):
     assert pc.rel(out[:3], plain) <= TOL
     for got, want in ((out[3:5], dg), (out[5:7], skip), (out[7:9], pag_ref)):
         assert pc.rel(got, want) <= TOL and pc.rel(got, plain[src]) > 1e-3
-
-
-def one_graph(fn, *args, **kwargs):
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(fn)(*args, **kwargs)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from mmdit.branches import Branch, IdentityAttention, MADisruption, SkipLayers
 from mmdit.models.rows import BlockRows
 from mmdit.samplers import Guidance, guided_velocity
 
+from helpers import one_graph
 import peers_flux2 as P
 
 TOL = 1e-5  # fp32, the same computation in two arrangements
@@ -149,13 +150,6 @@ def test_dg_slg_pag_in_one_call_equal_each_alone():
 ROWS = {"plain": {}, "fork": {"fork": slice(1, 3)},
         "dg_slg_pag": {"fork": slice(2, 3), "branches": (Branch(slice(2, 3), SkipLayers((0, 2))),
                                                          Branch(slice(2, 3), IdentityAttention((1,))))}}
-
-
-def one_graph(fn, *args, **kwargs):
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(fn)(*args, **kwargs)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
 
 
 @pytest.mark.parametrize("rows", ROWS)

@@ -46,6 +46,7 @@ def close() -> None:
     import torch.distributed as dist
 
     if _JOINED and dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it (a rank aborted at exit)
         dist.destroy_process_group()
     _JOINED = False
 
